@@ -1,0 +1,589 @@
+//! Configuration: the keys of PROTOCOL.md § Configuration contract, read from a TOML file,
+//! overridden by `RELAY_<SECTION>__<KEY>` environment variables, validated before any port is
+//! bound. Every bad key is reported on its own line, so an operator fixes them in one pass.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::domain::ExchangeId;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub streams: StreamsConfig,
+    pub exchanges: ExchangesConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP/WebSocket listener binds.
+    pub listen: String,
+    /// PROTOCOL.md's per-client cap, also announced in `connected`.
+    pub max_subscriptions_per_client: usize,
+    /// Global WebSocket cap; beyond it upgrades get 503 + Retry-After.
+    pub max_connections: usize,
+    /// Largest client frame accepted; larger ones close the connection with 1009.
+    pub max_message_bytes: usize,
+    /// Per-IP WebSocket cap; beyond it upgrades get 429 + Retry-After.
+    pub max_connections_per_ip: usize,
+    /// Sustained client request rate (token refill per second).
+    pub client_requests_per_second: u32,
+    /// Requests a client may send at once before the rate applies.
+    pub client_request_burst: u32,
+    /// An HTTP request's headers must arrive whole within this (slowloris).
+    pub header_read_timeout_ms: u64,
+    /// Allowed `Origin` headers; empty allows any (CLI clients send none).
+    pub allowed_origins: Vec<String>,
+    /// How often the relay pings each client (WebSocket ping frame).
+    pub ping_interval_ms: u64,
+    /// A client that sends nothing at all (not even a pong) for this long is closed as dead.
+    pub client_timeout_ms: u64,
+    /// Frames a client may have queued before it counts as a slow consumer (see `hub::outbox`).
+    pub client_queue_capacity: usize,
+    /// How long shutdown waits for clients and upstreams to close before giving up.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:3000".into(),
+            max_subscriptions_per_client: 50,
+            max_connections: 10_000,
+            max_message_bytes: 65_536,
+            max_connections_per_ip: 1_000,
+            client_requests_per_second: 10,
+            client_request_burst: 20,
+            header_read_timeout_ms: 10_000,
+            allowed_origins: Vec::new(),
+            ping_interval_ms: 20_000,
+            client_timeout_ms: 60_000,
+            client_queue_capacity: 1_024,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen
+            .parse()
+            .map_err(|_| format!("'{}' is not an address like 0.0.0.0:3000", self.listen))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret; ignored when `jwt_public_key_file` is set.
+    pub jwt_secret: String,
+    /// PEM public key (RSA or EC P-256) for RS256/ES256 tokens.
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    /// Clock skew tolerated on `exp`/`nbf`; jsonwebtoken's own default (60 s) is far too lax.
+    pub jwt_leeway_secs: u64,
+    /// Bearer key for `POST /api/v1/publish`.
+    pub publish_api_key: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: "change-me".into(),
+            jwt_public_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway_secs: 2,
+            publish_api_key: "change-me-too".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// How long an unused upstream stream lingers before it is closed, so a client that
+    /// resubscribes at once (page reload) does not cost an upstream round trip.
+    pub close_delay_ms: u64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            close_delay_ms: 3_000,
+        }
+    }
+}
+
+impl StreamsConfig {
+    pub fn close_delay(&self) -> Duration {
+        Duration::from_millis(self.close_delay_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(from = "RawExchanges")]
+pub struct ExchangesConfig {
+    /// The exchange meant by a channel without `@exchange`.
+    pub default: ExchangeId,
+    pub binance: ExchangeConfig,
+    pub coinbase: ExchangeConfig,
+    pub kraken: ExchangeConfig,
+}
+
+impl Default for ExchangesConfig {
+    fn default() -> Self {
+        RawExchanges::default().into()
+    }
+}
+
+impl ExchangesConfig {
+    pub fn get(&self, id: ExchangeId) -> &ExchangeConfig {
+        match id {
+            ExchangeId::Binance => &self.binance,
+            ExchangeId::Coinbase => &self.coinbase,
+            ExchangeId::Kraken => &self.kraken,
+        }
+    }
+
+    pub fn get_mut(&mut self, id: ExchangeId) -> &mut ExchangeConfig {
+        match id {
+            ExchangeId::Binance => &mut self.binance,
+            ExchangeId::Coinbase => &mut self.coinbase,
+            ExchangeId::Kraken => &mut self.kraken,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExchangeConfig {
+    pub enabled: bool,
+    pub ws_url: String,
+    pub rest_url: String,
+}
+
+impl ExchangeConfig {
+    /// The real exchanges: what users deploy.
+    pub fn for_exchange(id: ExchangeId) -> ExchangeConfig {
+        let (ws, rest) = match id {
+            ExchangeId::Binance => ("wss://stream.binance.com:9443", "https://api.binance.com"),
+            ExchangeId::Coinbase => (
+                "wss://advanced-trade-ws.coinbase.com",
+                "https://api.coinbase.com",
+            ),
+            ExchangeId::Kraken => ("wss://ws.kraken.com/v2", "https://api.kraken.com"),
+        };
+        ExchangeConfig {
+            enabled: true,
+            ws_url: ws.into(),
+            rest_url: rest.into(),
+        }
+    }
+}
+
+/// `[exchanges]` as written: absent keys are filled with each exchange's own defaults.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawExchanges {
+    default: Option<ExchangeId>,
+    binance: RawExchange,
+    coinbase: RawExchange,
+    kraken: RawExchange,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawExchange {
+    enabled: Option<bool>,
+    ws_url: Option<String>,
+    rest_url: Option<String>,
+}
+
+impl RawExchange {
+    fn resolve(self, id: ExchangeId) -> ExchangeConfig {
+        let own = ExchangeConfig::for_exchange(id);
+        ExchangeConfig {
+            enabled: self.enabled.unwrap_or(own.enabled),
+            ws_url: self.ws_url.unwrap_or(own.ws_url),
+            rest_url: self.rest_url.unwrap_or(own.rest_url),
+        }
+    }
+}
+
+impl From<RawExchanges> for ExchangesConfig {
+    fn from(raw: RawExchanges) -> Self {
+        ExchangesConfig {
+            default: raw.default.unwrap_or(ExchangeId::Binance),
+            binance: raw.binance.resolve(ExchangeId::Binance),
+            coinbase: raw.coinbase.resolve(ExchangeId::Coinbase),
+            kraken: raw.kraken.resolve(ExchangeId::Kraken),
+        }
+    }
+}
+
+/// A configuration that could not be used: one line per bad key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .problems.join("\n  "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: String) -> ConfigError {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (a missing file is an error only when `required`), applies `env` overrides
+    /// (`RELAY_SECTION__KEY=value` pairs) and validates the result.
+    pub fn load(
+        path: &Path,
+        required: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(ConfigError::one(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        Config::from_toml(&text, env)
+    }
+
+    /// Parses TOML text with `env` overrides applied, then validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::one(format!("config is not valid TOML: {e}"))
+        })?;
+        let mut raw_env = BTreeMap::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("RELAY_") else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            if path.iter().any(String::is_empty) {
+                continue;
+            }
+            set_path(&mut table, &path, env_value(&value));
+            raw_env.insert(path.join("."), value);
+        }
+
+        let mut problems = Vec::new();
+        check_keys(&mut table, &raw_env, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::one(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let s = &self.server;
+        if let Err(e) = s.listen_addr() {
+            p.push(format!("server.listen: {e}"));
+        }
+        let positive: [(&str, u64); 10] = [
+            (
+                "max_subscriptions_per_client",
+                s.max_subscriptions_per_client as u64,
+            ),
+            ("max_connections", s.max_connections as u64),
+            ("max_message_bytes", s.max_message_bytes as u64),
+            ("max_connections_per_ip", s.max_connections_per_ip as u64),
+            (
+                "client_requests_per_second",
+                u64::from(s.client_requests_per_second),
+            ),
+            ("client_request_burst", u64::from(s.client_request_burst)),
+            ("header_read_timeout_ms", s.header_read_timeout_ms),
+            ("ping_interval_ms", s.ping_interval_ms),
+            ("client_timeout_ms", s.client_timeout_ms),
+            ("client_queue_capacity", s.client_queue_capacity as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                p.push(format!("server.{key}: must be greater than 0"));
+            }
+        }
+        if s.max_message_bytes < 128 {
+            p.push("server.max_message_bytes: must be at least 128".into());
+        }
+        if s.client_timeout_ms <= s.ping_interval_ms {
+            p.push(format!(
+                "server.client_timeout_ms: must be longer than server.ping_interval_ms ({}), or live clients are dropped between pings",
+                s.ping_interval_ms
+            ));
+        }
+        for origin in &s.allowed_origins {
+            if url::Url::parse(origin).is_err() {
+                p.push(format!(
+                    "server.allowed_origins: '{origin}' is not an origin like https://app.example.com"
+                ));
+            }
+        }
+        let a = &self.auth;
+        if a.jwt_public_key_file.is_none() && a.jwt_secret.is_empty() {
+            p.push("auth.jwt_secret: must not be empty (or set auth.jwt_public_key_file)".into());
+        }
+        if a.publish_api_key.is_empty() {
+            p.push("auth.publish_api_key: must not be empty".into());
+        }
+        for id in ExchangeId::ALL {
+            let cfg = self.exchanges.get(id);
+            check_url(&mut p, id, "ws_url", &cfg.ws_url, &["ws", "wss"]);
+            check_url(&mut p, id, "rest_url", &cfg.rest_url, &["http", "https"]);
+        }
+        if !self.exchanges.get(self.exchanges.default).enabled {
+            p.push(format!(
+                "exchanges.default: '{}' is disabled (exchanges.{}.enabled = false)",
+                self.exchanges.default, self.exchanges.default
+            ));
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: p })
+        }
+    }
+}
+
+fn check_url(p: &mut Vec<String>, id: ExchangeId, key: &str, value: &str, schemes: &[&str]) {
+    match url::Url::parse(value) {
+        Ok(u) if schemes.contains(&u.scheme()) => {}
+        Ok(u) => p.push(format!(
+            "exchanges.{id}.{key}: scheme '{}' is not one of {}",
+            u.scheme(),
+            schemes.join(", ")
+        )),
+        Err(e) => p.push(format!(
+            "exchanges.{id}.{key}: '{value}' is not a URL ({e})"
+        )),
+    }
+}
+
+/// An environment value as TOML (`50`, `true`, `["a"]`), else as a plain string.
+fn env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut cur = table;
+    for part in parents {
+        let entry = cur
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else {
+            return;
+        };
+        cur = next;
+    }
+    cur.insert(last.clone(), value);
+}
+
+/// Checks every key on its own, so that one bad key does not hide the next.
+fn check_keys(
+    table: &mut toml::Table,
+    raw_env: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    for (section, value) in table.iter_mut() {
+        let toml::Value::Table(keys) = value else {
+            problems.push(format!("{section}: must be a table ([{section}])"));
+            continue;
+        };
+        match section.as_str() {
+            "server" => check_each::<ServerConfig>(section, keys, raw_env, problems),
+            "auth" => check_each::<AuthConfig>(section, keys, raw_env, problems),
+            "streams" => check_each::<StreamsConfig>(section, keys, raw_env, problems),
+            "exchanges" => {
+                for (key, value) in keys.iter_mut() {
+                    let path = format!("exchanges.{key}");
+                    if ExchangeId::ALL.iter().any(|id| id.as_str() == key) {
+                        match value {
+                            toml::Value::Table(inner) => {
+                                check_each::<RawExchange>(&path, inner, raw_env, problems)
+                            }
+                            _ => problems.push(format!("{path}: must be a table ([{path}])")),
+                        }
+                    } else if key == "default" {
+                        check_one::<RawExchanges>(&path, key, value, raw_env, problems);
+                    } else {
+                        problems.push(format!(
+                            "{path}: unknown key; expected default, binance, coinbase or kraken"
+                        ));
+                    }
+                }
+            }
+            other => problems.push(format!(
+                "[{other}]: unknown section; expected server, auth, streams or exchanges"
+            )),
+        }
+    }
+}
+
+fn check_each<T: DeserializeOwned>(
+    section: &str,
+    keys: &mut toml::Table,
+    raw_env: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    for (key, value) in keys.iter_mut() {
+        check_one::<T>(&format!("{section}.{key}"), key, value, raw_env, problems);
+    }
+}
+
+/// Deserialises `T` from a table holding only `key`, every other field defaulted. An
+/// environment value that parsed as TOML but does not fit is retried as the plain string it was
+/// (a numeric secret, say).
+fn check_one<T: DeserializeOwned>(
+    path: &str,
+    key: &str,
+    value: &mut toml::Value,
+    raw_env: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    let attempt = |v: &toml::Value| {
+        let mut single = toml::Table::new();
+        single.insert(key.to_string(), v.clone());
+        toml::Value::Table(single).try_into::<T>().map(|_| ())
+    };
+    let Err(err) = attempt(value) else { return };
+    if let Some(raw) = raw_env.get(path) {
+        let as_string = toml::Value::String(raw.clone());
+        if attempt(&as_string).is_ok() {
+            *value = as_string;
+            return;
+        }
+    }
+    let message = err.message().trim().replace('\n', " ");
+    if message.starts_with("unknown field") {
+        problems.push(format!("{path}: unknown key"));
+    } else {
+        problems.push(format!("{path}: {message}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::from_toml("", env(&[])).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:3000");
+        assert_eq!(c.server.max_subscriptions_per_client, 50);
+        assert_eq!(c.streams.close_delay_ms, 3000);
+        assert_eq!(c.exchanges.default, ExchangeId::Binance);
+        assert_eq!(c.exchanges.binance.ws_url, "wss://stream.binance.com:9443");
+        assert_eq!(c.exchanges.kraken.ws_url, "wss://ws.kraken.com/v2");
+        assert_eq!(c.exchanges.coinbase.rest_url, "https://api.coinbase.com");
+    }
+
+    #[test]
+    fn shipped_config_toml_is_valid_and_points_at_the_real_exchanges() {
+        let text = include_str!("../config.toml");
+        let c = Config::from_toml(text, env(&[])).unwrap();
+        assert!(c
+            .exchanges
+            .binance
+            .ws_url
+            .starts_with("wss://stream.binance.com"));
+        assert!(c.exchanges.coinbase.ws_url.starts_with("wss://"));
+        assert!(c.exchanges.kraken.ws_url.starts_with("wss://"));
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let c = Config::from_toml(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[exchanges.kraken]\nenabled = true\n",
+            env(&[
+                ("RELAY_SERVER__LISTEN", "127.0.0.1:4000"),
+                ("RELAY_SERVER__MAX_CONNECTIONS", "7"),
+                ("RELAY_EXCHANGES__KRAKEN__ENABLED", "false"),
+                ("RELAY_AUTH__JWT_SECRET", "12345"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:4000");
+        assert_eq!(c.server.max_connections, 7);
+        assert!(!c.exchanges.kraken.enabled);
+        assert_eq!(c.auth.jwt_secret, "12345");
+        assert_eq!(c.exchanges.kraken.ws_url, "wss://ws.kraken.com/v2");
+    }
+
+    #[test]
+    fn every_bad_key_gets_its_own_line() {
+        let err = Config::from_toml(
+            "[server]\nmax_connections = \"many\"\nlisten = \"nowhere\"\nbogus = 1\n\
+             [exchanges.binance]\nws_url = \"http://x\"\n[exchanges]\ndefault = \"ftx\"\n[extra]\n",
+            env(&[]),
+        )
+        .unwrap_err();
+        let text = err.problems.join("\n");
+        assert!(
+            text.contains("server.max_connections: invalid type"),
+            "{text}"
+        );
+        assert!(text.contains("server.bogus: unknown key"), "{text}");
+        assert!(text.contains("exchanges.default:"), "{text}");
+        assert!(text.contains("[extra]: unknown section"), "{text}");
+        assert_eq!(err.problems.len(), 4, "{text}");
+
+        let err = Config::from_toml(
+            "[server]\nlisten = \"nowhere\"\nclient_request_burst = 0\n[exchanges.binance]\nws_url = \"http://x\"\n",
+            env(&[]),
+        )
+        .unwrap_err();
+        let text = err.problems.join("\n");
+        assert!(text.contains("server.listen: 'nowhere'"), "{text}");
+        assert!(
+            text.contains("server.client_request_burst: must be greater than 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("exchanges.binance.ws_url: scheme 'http'"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,440 @@
+//! Normalised market events, the common language between exchange adapters and the hub, and
+//! their rendering into the client data messages of PROTOCOL.md § Data shapes.
+//!
+//! Events carry no symbol or exchange: the [`FeedKey`] they arrive on says both, so an adapter
+//! cannot get them wrong and the renderer always prints the unified symbol.
+
+use serde::Serialize;
+
+use crate::domain::{Channel, ExchangeId, Interval, Symbol};
+use crate::protocol::{iso_millis, Frame};
+
+/// What an upstream stream carries, in exchange-neutral terms. One feed may serve several
+/// channel kinds: `Ticker` feeds `price:` and `ticker:`, `Book` feeds `depth:` at 5, 10 and 20.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Feed {
+    Ticker,
+    Trades,
+    Klines(Interval),
+    Book,
+}
+
+impl Feed {
+    /// The feed a market-data channel is served from; `None` for published channels.
+    pub fn for_channel(channel: &Channel) -> Option<Feed> {
+        Some(match channel {
+            Channel::Price(_) | Channel::Ticker(_) => Feed::Ticker,
+            Channel::Klines(_, iv) => Feed::Klines(*iv),
+            Channel::Trades(_) => Feed::Trades,
+            Channel::Depth(..) => Feed::Book,
+            Channel::Signals(_) | Channel::Portfolio(_) | Channel::Orders(_) => return None,
+        })
+    }
+}
+
+/// One upstream stream, in unified terms: the unit the stream manager reference-counts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FeedKey {
+    pub exchange: ExchangeId,
+    pub symbol: Symbol,
+    pub feed: Feed,
+}
+
+/// 24-hour rolling statistics plus best bid/ask.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ticker {
+    pub price: f64,
+    pub bid: f64,
+    pub ask: f64,
+    pub bid_size: f64,
+    pub ask_size: f64,
+    pub volume: f64,
+    /// `None` where the exchange does not report it exactly.
+    pub quote_volume: Option<f64>,
+    pub change: f64,
+    pub change_percent: f64,
+    pub high: f64,
+    pub low: f64,
+    pub open: f64,
+    pub previous_close: Option<f64>,
+    /// Exchange event time, ms since the epoch.
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kline {
+    pub interval: Interval,
+    /// Open time, ms.
+    pub open_time: i64,
+    /// Open time + interval − 1 ms.
+    pub close_time: i64,
+    pub open: f64,
+    pub high: f64,
+    pub low: f64,
+    pub close: f64,
+    pub volume: f64,
+    pub quote_volume: f64,
+    pub trades: u64,
+    pub is_final: bool,
+    /// Exchange event time, ms.
+    pub time_ms: i64,
+}
+
+/// The exchange's own trade id: numeric where the exchange's is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum TradeId {
+    Number(u64),
+    Text(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Buy,
+    Sell,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trade {
+    pub trade_id: TradeId,
+    pub price: f64,
+    pub quantity: f64,
+    /// The taker's side.
+    pub side: Side,
+    pub time_ms: i64,
+}
+
+/// Top of an order book, best level first on each side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Book {
+    pub bids: Vec<[f64; 2]>,
+    pub asks: Vec<[f64; 2]>,
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MarketEvent {
+    Ticker(Ticker),
+    Kline(Kline),
+    Trade(Trade),
+    Book(Book),
+}
+
+/// How a client that falls behind may be treated for a message (see `hub::outbox`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Only the newest value per channel matters: older queued ones may be replaced.
+    Conflate,
+    /// Every message matters: never dropped silently.
+    Reliable,
+}
+
+impl MarketEvent {
+    /// Whether this event is the current value of its feed, worth replaying to a new subscriber.
+    pub fn is_current_value(&self) -> bool {
+        !matches!(self, MarketEvent::Trade(_))
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PriceData<'a> {
+    exchange: &'a str,
+    symbol: &'a str,
+    price: f64,
+    change24h: f64,
+    change_percent24h: f64,
+    high24h: f64,
+    low24h: f64,
+    volume24h: f64,
+    timestamp: i64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TickerData<'a> {
+    exchange: &'a str,
+    symbol: &'a str,
+    price: f64,
+    bid: f64,
+    ask: f64,
+    bid_size: f64,
+    ask_size: f64,
+    volume: f64,
+    quote_volume: Option<f64>,
+    change: f64,
+    change_percent: f64,
+    high: f64,
+    low: f64,
+    open: f64,
+    previous_close: Option<f64>,
+    timestamp: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KlineData<'a> {
+    exchange: &'a str,
+    symbol: &'a str,
+    interval: &'a str,
+    time: i64,
+    close_time: i64,
+    open: f64,
+    high: f64,
+    low: f64,
+    close: f64,
+    volume: f64,
+    quote_volume: f64,
+    trades: u64,
+    is_final: bool,
+    timestamp: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TradeData<'a> {
+    exchange: &'a str,
+    symbol: &'a str,
+    trade_id: &'a TradeId,
+    price: f64,
+    quantity: f64,
+    side: Side,
+    timestamp: String,
+}
+
+#[derive(Serialize)]
+struct DepthData<'a> {
+    exchange: &'a str,
+    symbol: &'a str,
+    bids: &'a [[f64; 2]],
+    asks: &'a [[f64; 2]],
+    timestamp: String,
+}
+
+#[derive(Serialize)]
+struct DataMessage<'a, T> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    channel: &'a str,
+    data: T,
+    timestamp: &'a str,
+}
+
+/// Renders `event` for one channel of `key`, serialised once for every subscriber of that
+/// channel. `None` when the event does not feed this channel kind (a ticker for a depth
+/// channel cannot happen through the manager, but the renderer does not trust that).
+pub fn render(
+    key: &FeedKey,
+    channel: &Channel,
+    channel_name: &str,
+    event: &MarketEvent,
+    now: &str,
+) -> Option<(Frame, Delivery)> {
+    let exchange = key.exchange.as_str();
+    let symbol = key.symbol.as_str();
+    let kind = channel.message_type();
+    let json = match (channel, event) {
+        (Channel::Price(_), MarketEvent::Ticker(t)) => to_json(
+            kind,
+            channel_name,
+            now,
+            PriceData {
+                exchange,
+                symbol,
+                price: t.price,
+                change24h: t.change,
+                change_percent24h: t.change_percent,
+                high24h: t.high,
+                low24h: t.low,
+                volume24h: t.volume,
+                timestamp: t.time_ms,
+            },
+        ),
+        (Channel::Ticker(_), MarketEvent::Ticker(t)) => to_json(
+            kind,
+            channel_name,
+            now,
+            TickerData {
+                exchange,
+                symbol,
+                price: t.price,
+                bid: t.bid,
+                ask: t.ask,
+                bid_size: t.bid_size,
+                ask_size: t.ask_size,
+                volume: t.volume,
+                quote_volume: t.quote_volume,
+                change: t.change,
+                change_percent: t.change_percent,
+                high: t.high,
+                low: t.low,
+                open: t.open,
+                previous_close: t.previous_close,
+                timestamp: iso_millis(t.time_ms),
+            },
+        ),
+        (Channel::Klines(_, iv), MarketEvent::Kline(k)) if *iv == k.interval => {
+            let json = to_json(
+                kind,
+                channel_name,
+                now,
+                KlineData {
+                    exchange,
+                    symbol,
+                    interval: k.interval.as_str(),
+                    time: k.open_time,
+                    close_time: k.close_time,
+                    open: k.open,
+                    high: k.high,
+                    low: k.low,
+                    close: k.close,
+                    volume: k.volume,
+                    quote_volume: k.quote_volume,
+                    trades: k.trades,
+                    is_final: k.is_final,
+                    timestamp: iso_millis(k.time_ms),
+                },
+            );
+            let delivery = if k.is_final {
+                Delivery::Reliable
+            } else {
+                Delivery::Conflate
+            };
+            return Some((json, delivery));
+        }
+        (Channel::Trades(_), MarketEvent::Trade(t)) => {
+            let json = to_json(
+                kind,
+                channel_name,
+                now,
+                TradeData {
+                    exchange,
+                    symbol,
+                    trade_id: &t.trade_id,
+                    price: t.price,
+                    quantity: t.quantity,
+                    side: t.side,
+                    timestamp: iso_millis(t.time_ms),
+                },
+            );
+            return Some((json, Delivery::Reliable));
+        }
+        (Channel::Depth(_, levels), MarketEvent::Book(b)) => {
+            let n = levels.map_or(10, |l| l.count());
+            to_json(
+                kind,
+                channel_name,
+                now,
+                DepthData {
+                    exchange,
+                    symbol,
+                    bids: &b.bids[..b.bids.len().min(n)],
+                    asks: &b.asks[..b.asks.len().min(n)],
+                    timestamp: iso_millis(b.time_ms),
+                },
+            )
+        }
+        _ => return None,
+    };
+    Some((json, Delivery::Conflate))
+}
+
+fn to_json<T: Serialize>(kind: &str, channel: &str, now: &str, data: T) -> Frame {
+    let msg = DataMessage {
+        kind,
+        channel,
+        data,
+        timestamp: now,
+    };
+    // Serialising plain structs of numbers and strings cannot fail; an empty object keeps the
+    // type honest should it ever.
+    Frame::from(serde_json::to_string(&msg).unwrap_or_else(|_| String::from("{}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{DepthLevels, Market};
+
+    fn key(feed: Feed) -> FeedKey {
+        FeedKey {
+            exchange: ExchangeId::Binance,
+            symbol: Symbol::parse("BTCUSDT").unwrap(),
+            feed,
+        }
+    }
+
+    fn market() -> Market {
+        Market {
+            symbol: Symbol::parse("BTCUSDT").unwrap(),
+            exchange: None,
+        }
+    }
+
+    #[test]
+    fn depth_is_sliced_to_the_channel_levels() {
+        let book = MarketEvent::Book(Book {
+            bids: (0..20).map(|i| [100.0 - i as f64, 1.0]).collect(),
+            asks: (0..20).map(|i| [101.0 + i as f64, 1.0]).collect(),
+            time_ms: 0,
+        });
+        for (levels, n) in [
+            (None, 10),
+            (Some(DepthLevels::L5), 5),
+            (Some(DepthLevels::L20), 20),
+        ] {
+            let ch = Channel::Depth(market(), levels);
+            let (frame, delivery) =
+                render(&key(Feed::Book), &ch, &ch.to_string(), &book, "now").unwrap();
+            let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+            assert_eq!(v["data"]["bids"].as_array().unwrap().len(), n);
+            assert_eq!(v["data"]["asks"].as_array().unwrap().len(), n);
+            assert_eq!(v["data"]["bids"][0], serde_json::json!([100.0, 1.0]));
+            assert_eq!(delivery, Delivery::Conflate);
+        }
+    }
+
+    #[test]
+    fn final_klines_are_reliable_and_forming_ones_conflate() {
+        let mut k = Kline {
+            interval: Interval::M1,
+            open_time: 60_000,
+            close_time: 119_999,
+            open: 1.0,
+            high: 2.0,
+            low: 0.5,
+            close: 1.5,
+            volume: 10.0,
+            quote_volume: 15.0,
+            trades: 3,
+            is_final: false,
+            time_ms: 61_000,
+        };
+        let ch = Channel::Klines(market(), Interval::M1);
+        let (_, d) = render(
+            &key(Feed::Klines(Interval::M1)),
+            &ch,
+            "c",
+            &MarketEvent::Kline(k.clone()),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(d, Delivery::Conflate);
+        k.is_final = true;
+        let (frame, d) = render(
+            &key(Feed::Klines(Interval::M1)),
+            &ch,
+            "c",
+            &MarketEvent::Kline(k),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(d, Delivery::Reliable);
+        let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+        assert_eq!(v["type"], "kline");
+        assert_eq!(v["data"]["isFinal"], true);
+        assert_eq!(v["data"]["closeTime"], 119_999);
+        assert_eq!(v["data"]["exchange"], "binance");
+    }
+}

@@ -1,0 +1,476 @@
+//! The upstream side: one sans-IO adapter per exchange (naming, frames, pure normalisation,
+//! limits), one generic connection task per upstream socket (in [`connection`]), and the pool
+//! that spreads an exchange's wanted streams over as few connections as its limits allow.
+//!
+//! Exchange spellings (`btcusdt@ticker`, `BTC-USD`, `BTC/USD`) never leave the adapter modules:
+//! the rest of the relay speaks [`FeedKey`]s.
+
+pub mod binance;
+pub mod connection;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ExchangeConfig};
+use crate::domain::{ExchangeId, Symbol};
+use crate::events::{Feed, FeedKey, MarketEvent};
+use crate::hub::Hub;
+use crate::protocol::ErrorCode;
+use crate::stats::AtomicMillis;
+
+/// How often a loaded instrument list is refreshed.
+const INSTRUMENT_REFRESH: Duration = Duration::from_secs(3600);
+/// Longest wait between failed instrument fetches.
+const INSTRUMENT_RETRY_MAX: Duration = Duration::from_secs(30);
+/// A REST call that has not answered by then has failed.
+const REST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One tradable market as an exchange lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instrument {
+    /// The exchange's own spelling (`BTCUSDT`, `BTC-USD`, `BTC/USD`).
+    pub native: String,
+    /// The exchange's status word, for error messages.
+    pub status: String,
+    pub tradable: bool,
+}
+
+/// An exchange's instrument list keyed by unified symbol.
+#[derive(Debug, Clone, Default)]
+pub struct InstrumentSet {
+    pub by_symbol: HashMap<Symbol, Instrument>,
+}
+
+/// Why an exchange frame or REST body could not be used. Never fatal: counted and logged.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("bad field {field}: {reason}")]
+    Field { field: &'static str, reason: String },
+    #[error("unexpected message: {0}")]
+    Unexpected(String),
+}
+
+/// Parses an exchange decimal string (`"0.35280000"`).
+pub fn decimal(field: &'static str, s: &str) -> Result<f64, DecodeError> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(DecodeError::Field {
+            field,
+            reason: format!("'{s}' is not a decimal number"),
+        }),
+    }
+}
+
+/// What a decoded upstream frame means to the connection task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    /// Market data on one of the connection's streams (the exchange's stream name).
+    Event { stream: String, event: MarketEvent },
+    /// A subscription request was accepted.
+    Ack,
+    /// The exchange refused a request; logged and counted.
+    Rejected(String),
+    /// The exchange asks us to reconnect (e.g. Binance `serverShutdown`).
+    Reconnect(&'static str),
+}
+
+/// An exchange's limits, as the connection task obeys them.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_streams_per_connection: usize,
+    pub max_streams_per_message: usize,
+    /// Minimum spacing between the control frames we send (subscription changes).
+    pub control_spacing: Duration,
+    /// Longest connect URL the exchange accepts, for streams named in the URL.
+    pub max_url_len: usize,
+    /// No frame at all for this long means the connection is dead.
+    pub stale_after: Duration,
+    /// Reconnect proactively before the exchange cuts the connection.
+    pub max_connection_age: Option<Duration>,
+}
+
+/// The static, sans-IO description of one exchange.
+pub trait Adapter: Send + Sync + 'static {
+    fn id(&self) -> ExchangeId;
+    fn limits(&self) -> &Limits;
+    /// Whether the exchange can serve `feed` at all (intervals, depths).
+    fn supports(&self, feed: Feed) -> Result<(), String>;
+    /// The exchange's name for the stream of `feed` on `instrument`.
+    fn stream_name(&self, feed: Feed, instrument: &Instrument) -> String;
+    /// The URL to connect to, with as many of `initial` streams in it as fit; returns how many.
+    fn connect_url(&self, ws_base: &str, initial: &[String]) -> (String, usize);
+    /// Per-connection protocol state.
+    fn new_session(&self) -> Box<dyn Session>;
+    /// Where the instrument list is fetched from.
+    fn instruments_url(&self, rest_base: &str) -> String;
+    /// Parses the instrument list into unified symbols.
+    fn parse_instruments(&self, body: &str) -> Result<InstrumentSet, DecodeError>;
+}
+
+/// The protocol state of one upstream connection: frames out, events in. No IO.
+pub trait Session: Send {
+    fn subscribe(&mut self, streams: &[String]) -> String;
+    fn unsubscribe(&mut self, streams: &[String]) -> String;
+    fn decode(&mut self, text: &str, out: &mut Vec<Decoded>) -> Result<(), DecodeError>;
+}
+
+/// Whether a market can be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Known,
+    /// The instrument list is not loaded yet (exchange unreachable).
+    Pending,
+    Refused(ErrorCode, String),
+}
+
+/// Counters one exchange exposes in stats and health.
+#[derive(Default)]
+pub struct ExchangeStats {
+    pub reconnects: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub rejected_requests: AtomicU64,
+    pub last_message_at: AtomicMillis,
+    /// The last connect attempt failed and none has succeeded since.
+    pub failing: AtomicBool,
+}
+
+/// One upstream connection as the pool sees it.
+pub struct Conn {
+    pub id: u64,
+    desired: Mutex<Desired>,
+    /// Wakes the connection task when `desired` changes.
+    notify: Notify,
+    /// The socket is open.
+    pub connected: AtomicBool,
+    /// Streams requested on the current socket.
+    pub active: Mutex<BTreeSet<String>>,
+}
+
+#[derive(Default)]
+struct Desired {
+    streams: BTreeMap<String, FeedKey>,
+    /// The task saw no streams wanted and is leaving; the pool must not add to it.
+    closing: bool,
+}
+
+impl Conn {
+    fn desired(&self) -> MutexGuard<'_, Desired> {
+        self.desired.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn active(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The wanted streams, or `None` (and the connection marked closing) when there are none.
+    fn wanted_or_close(&self) -> Option<BTreeMap<String, FeedKey>> {
+        let mut d = self.desired();
+        if d.streams.is_empty() {
+            d.closing = true;
+            None
+        } else {
+            Some(d.streams.clone())
+        }
+    }
+}
+
+/// One enabled exchange: adapter, instrument cache, connections.
+pub struct Exchange {
+    pub adapter: Box<dyn Adapter>,
+    pub config: ExchangeConfig,
+    /// The instrument list (one entry), replaced by the loader on every refresh. moka gives a
+    /// lock-free read on the subscribe path.
+    instruments: moka::sync::Cache<(), Arc<InstrumentSet>>,
+    conns: Mutex<Pool>,
+    pub stats: ExchangeStats,
+}
+
+#[derive(Default)]
+struct Pool {
+    conns: Vec<Arc<Conn>>,
+    /// Which connection carries each wanted feed, under which stream name.
+    assigned: HashMap<FeedKey, (Arc<Conn>, String)>,
+    next_id: u64,
+}
+
+impl Exchange {
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn instruments(&self) -> Option<Arc<InstrumentSet>> {
+        self.instruments.get(&())
+    }
+
+    /// Every stream requested on an open socket, and how many connections are up.
+    pub fn active_streams(&self) -> (Vec<String>, usize, usize) {
+        let pool = self.pool();
+        let mut streams = Vec::new();
+        let mut up = 0;
+        for c in &pool.conns {
+            if c.connected.load(Ordering::Relaxed) {
+                up += 1;
+                streams.extend(c.active().iter().cloned());
+            }
+        }
+        streams.sort();
+        (streams, up, pool.conns.len())
+    }
+}
+
+/// All enabled exchanges.
+pub struct Upstreams {
+    exchanges: Vec<Arc<Exchange>>,
+    hub: Weak<Hub>,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// The adapter for an exchange, where this build has one.
+fn adapter_for(id: ExchangeId) -> Option<Box<dyn Adapter>> {
+    match id {
+        ExchangeId::Binance => Some(Box::new(binance::Binance::new())),
+        ExchangeId::Coinbase | ExchangeId::Kraken => None,
+    }
+}
+
+impl Upstreams {
+    pub fn new(config: &Config, hub: Weak<Hub>, shutdown: CancellationToken) -> Upstreams {
+        let exchanges = ExchangeId::ALL
+            .into_iter()
+            .filter(|id| config.exchanges.get(*id).enabled)
+            .filter_map(|id| {
+                let adapter = adapter_for(id)?;
+                Some(Arc::new(Exchange {
+                    adapter,
+                    config: config.exchanges.get(id).clone(),
+                    instruments: moka::sync::Cache::new(1),
+                    conns: Mutex::new(Pool::default()),
+                    stats: ExchangeStats::default(),
+                }))
+            })
+            .collect();
+        let http = reqwest::Client::builder()
+            .timeout(REST_TIMEOUT)
+            .user_agent(concat!("exchange-relay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Upstreams {
+            exchanges,
+            hub,
+            http,
+            shutdown,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    pub fn hub(&self) -> Option<Arc<Hub>> {
+        self.hub.upgrade()
+    }
+
+    pub fn get(&self, id: ExchangeId) -> Option<&Arc<Exchange>> {
+        self.exchanges.iter().find(|e| e.adapter.id() == id)
+    }
+
+    pub fn all(&self) -> &[Arc<Exchange>] {
+        &self.exchanges
+    }
+
+    /// Starts one instrument loader per enabled exchange.
+    pub fn start(&self) {
+        for ex in &self.exchanges {
+            let ex = ex.clone();
+            let http = self.http.clone();
+            let hub = self.hub.clone();
+            let shutdown = self.shutdown.clone();
+            self.tasks
+                .spawn(async move { load_instruments(ex, http, hub, shutdown).await });
+        }
+    }
+
+    /// Whether `key` can be served now, later, or not at all.
+    pub fn check(&self, key: &FeedKey) -> Check {
+        let Some(ex) = self.get(key.exchange) else {
+            return Check::Refused(
+                ErrorCode::UnknownExchange,
+                if adapter_for(key.exchange).is_none() {
+                    format!("{} is not served by this relay yet", key.exchange)
+                } else {
+                    format!("{} is disabled in this relay's configuration", key.exchange)
+                },
+            );
+        };
+        if let Err(why) = ex.adapter.supports(key.feed) {
+            return Check::Refused(ErrorCode::Unsupported, why);
+        }
+        let Some(set) = ex.instruments() else {
+            return Check::Pending;
+        };
+        match set.by_symbol.get(&key.symbol) {
+            Some(i) if i.tradable => Check::Known,
+            Some(i) => Check::Refused(
+                ErrorCode::UnknownSymbol,
+                format!(
+                    "{} is not trading on {} (status {})",
+                    key.symbol, key.exchange, i.status
+                ),
+            ),
+            None => Check::Refused(
+                ErrorCode::UnknownSymbol,
+                format!("Unknown symbol {} on {}", key.symbol, key.exchange),
+            ),
+        }
+    }
+
+    /// Whether data can be expected from the exchange now.
+    pub fn reachable(&self, id: ExchangeId) -> bool {
+        self.get(id).is_some_and(|ex| {
+            ex.instruments().is_some() && !ex.stats.failing.load(Ordering::Relaxed)
+        })
+    }
+
+    /// Asks the exchange for the stream of `key` (first subscriber arrived).
+    pub fn want(&self, key: &FeedKey) {
+        let Some(ex) = self.get(key.exchange) else {
+            return;
+        };
+        let Some(instrument) = ex
+            .instruments()
+            .and_then(|set| set.by_symbol.get(&key.symbol).cloned())
+        else {
+            return;
+        };
+        let name = ex.adapter.stream_name(key.feed, &instrument);
+        let max = ex.adapter.limits().max_streams_per_connection;
+        let mut pool = ex.pool();
+        if pool.assigned.contains_key(key) {
+            return;
+        }
+        pool.conns.retain(|c| !c.desired().closing);
+        let existing = pool.conns.iter().find(|c| {
+            let d = c.desired();
+            !d.closing && d.streams.len() < max
+        });
+        let conn = match existing {
+            Some(c) => {
+                c.desired().streams.insert(name.clone(), key.clone());
+                c.notify.notify_one();
+                c.clone()
+            }
+            None => {
+                pool.next_id += 1;
+                let conn = Arc::new(Conn {
+                    id: pool.next_id,
+                    desired: Mutex::new(Desired::default()),
+                    notify: Notify::new(),
+                    connected: AtomicBool::new(false),
+                    active: Mutex::new(BTreeSet::new()),
+                });
+                conn.desired().streams.insert(name.clone(), key.clone());
+                pool.conns.push(conn.clone());
+                let (ex2, hub, shutdown) = (ex.clone(), self.hub.clone(), self.shutdown.clone());
+                let c2 = conn.clone();
+                self.tasks
+                    .spawn(async move { connection::run(ex2, c2, hub, shutdown).await });
+                conn
+            }
+        };
+        pool.assigned.insert(key.clone(), (conn, name));
+    }
+
+    /// Drops the stream of `key` (its topic was released).
+    pub fn unwant(&self, key: &FeedKey) {
+        let Some(ex) = self.get(key.exchange) else {
+            return;
+        };
+        let mut pool = ex.pool();
+        if let Some((conn, name)) = pool.assigned.remove(key) {
+            conn.desired().streams.remove(&name);
+            conn.notify.notify_one();
+        }
+    }
+}
+
+/// Loads an exchange's instrument list at start, retries with backoff while it is unreachable,
+/// and refreshes it every [`INSTRUMENT_REFRESH`]. Every load resolves pending subscriptions.
+async fn load_instruments(
+    ex: Arc<Exchange>,
+    http: reqwest::Client,
+    hub: Weak<Hub>,
+    shutdown: CancellationToken,
+) {
+    let id = ex.adapter.id();
+    let url = ex.adapter.instruments_url(&ex.config.rest_url);
+    let mut backoff = connection::Backoff::new(Duration::from_millis(500), INSTRUMENT_RETRY_MAX);
+    loop {
+        let wait = match fetch_text(&http, &url).await {
+            Ok(body) => match ex.adapter.parse_instruments(&body) {
+                Ok(set) => {
+                    tracing::info!(exchange = %id, instruments = set.by_symbol.len(), "instrument list loaded");
+                    ex.instruments.insert((), Arc::new(set));
+                    backoff.reset();
+                    if let Some(hub) = hub.upgrade() {
+                        hub.resolve_pending(id);
+                    }
+                    INSTRUMENT_REFRESH
+                }
+                Err(e) => {
+                    tracing::warn!(exchange = %id, error = %e, "instrument list unusable");
+                    backoff.next_delay()
+                }
+            },
+            Err(FetchError::RetryAfter(d)) => {
+                tracing::warn!(exchange = %id, retry_after_s = d.as_secs(), "instrument list rate limited");
+                d.max(backoff.next_delay())
+            }
+            Err(e) => {
+                tracing::warn!(exchange = %id, error = %e, "instrument list fetch failed");
+                backoff.next_delay()
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+    /// 429/418: the exchange said when to come back.
+    #[error("rate limited; retry after {0:?}")]
+    RetryAfter(Duration),
+}
+
+/// GETs `url` as text, honouring 429/418 `Retry-After`.
+pub async fn fetch_text(http: &reqwest::Client, url: &str) -> Result<String, FetchError> {
+    let resp = http.get(url).send().await?;
+    let status = resp.status();
+    if status.as_u16() == 429 || status.as_u16() == 418 {
+        let secs = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(60);
+        return Err(FetchError::RetryAfter(Duration::from_secs(secs)));
+    }
+    if !status.is_success() {
+        return Err(FetchError::Status(status));
+    }
+    Ok(resp.text().await?)
+}

@@ -1,0 +1,364 @@
+//! HTTP surface: the `/ws` upgrade (origin, connection caps and token checked before it),
+//! `GET /health`, `GET /api/v1/ws/stats` and `POST /api/v1/publish`. Errors are JSON and never
+//! carry internals.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::domain::Channel;
+use crate::hub::Hub;
+use crate::protocol::{iso_millis, ErrorCode};
+use crate::session;
+use crate::stats::Stats;
+
+/// Shared by every handler and session; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<AppInner>);
+
+pub struct AppInner {
+    pub config: Config,
+    pub hub: Arc<Hub>,
+    pub auth: Authenticator,
+    pub conns: ConnTracker,
+    /// Live client sessions; shutdown waits for them to finish.
+    pub clients: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(inner: AppInner) -> AppState {
+        AppState(Arc::new(inner))
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/ws", get(ws_upgrade))
+        .route("/health", get(health))
+        .route("/api/v1/ws/stats", get(stats))
+        .route("/api/v1/publish", post(publish))
+        .with_state(state)
+}
+
+/// Counts WebSocket connections per IP and in total, for the caps.
+pub struct ConnTracker {
+    inner: Arc<Mutex<TrackerState>>,
+    max_total: usize,
+    max_per_ip: usize,
+}
+
+#[derive(Default)]
+struct TrackerState {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Holds one connection's place; released on drop, however the session ends.
+pub struct ConnGuard {
+    inner: Arc<Mutex<TrackerState>>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        st.total = st.total.saturating_sub(1);
+        if let Some(n) = st.per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnTracker {
+    pub fn new(max_total: usize, max_per_ip: usize) -> ConnTracker {
+        ConnTracker {
+            inner: Arc::new(Mutex::new(TrackerState::default())),
+            max_total,
+            max_per_ip,
+        }
+    }
+
+    fn try_acquire(&self, ip: IpAddr) -> Result<ConnGuard, Refusal> {
+        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if st.total >= self.max_total {
+            return Err(Refusal::Total);
+        }
+        let n = st.per_ip.entry(ip).or_default();
+        if *n >= self.max_per_ip {
+            return Err(Refusal::PerIp);
+        }
+        *n += 1;
+        st.total += 1;
+        Ok(ConnGuard {
+            inner: self.inner.clone(),
+            ip,
+        })
+    }
+}
+
+/// Why an upgrade was refused before it happened.
+enum Refusal {
+    /// `server.max_connections` reached: 503.
+    Total,
+    /// `server.max_connections_per_ip` reached: 429.
+    PerIp,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Total => refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TOO_MANY_CONNECTIONS",
+                "the relay is at its connection limit; retry shortly",
+            ),
+            Refusal::PerIp => refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_CONNECTIONS",
+                "too many connections from your address; close some and retry",
+            ),
+        }
+    }
+}
+
+fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({"success": false, "error": {"code": code, "message": message}});
+    (status, Json(body)).into_response()
+}
+
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+    let mut resp = error_body(status, code, message);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    resp
+}
+
+async fn ws_upgrade(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let cfg = &state.config.server;
+    if !cfg.allowed_origins.is_empty() {
+        let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        let allowed = origin.is_some_and(|o| {
+            cfg.allowed_origins
+                .iter()
+                .any(|a| a.trim_end_matches('/') == o.trim_end_matches('/'))
+        });
+        if !allowed {
+            Stats::add(&state.hub.stats.rejected_connections, 1);
+            return error_body(
+                StatusCode::FORBIDDEN,
+                "ORIGIN_NOT_ALLOWED",
+                "this Origin may not connect to the relay",
+            );
+        }
+    }
+    let guard = match state.conns.try_acquire(peer.ip()) {
+        Ok(g) => g,
+        Err(refusal) => {
+            Stats::add(&state.hub.stats.rejected_connections, 1);
+            return refusal.into_response();
+        }
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let token = query.get("token").map(String::as_str).or(bearer);
+    let at_connect = token
+        .filter(|t| !t.is_empty())
+        .map(|t| state.auth.verify(t));
+    let max = cfg.max_message_bytes;
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(4 << 20)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| session::run(socket, state, at_connect, guard))
+}
+
+async fn health(State(state): State<AppState>) -> Json<Value> {
+    let mut upstreams = serde_json::Map::new();
+    for id in crate::domain::ExchangeId::ALL {
+        let cfg = state.config.exchanges.get(id);
+        let entry = match state.hub.upstreams.get(id) {
+            None if !cfg.enabled => json!({"state": "disabled"}),
+            None => json!({"state": "unavailable", "reason": "not served by this build yet"}),
+            Some(ex) => {
+                let (streams, up, total) = ex.active_streams();
+                let loaded = ex.instruments().is_some();
+                let failing = ex.stats.failing.load(Ordering::Relaxed);
+                let state = if failing || !loaded && total > 0 {
+                    "unreachable"
+                } else if total == 0 {
+                    "idle"
+                } else if up == total {
+                    "connected"
+                } else {
+                    "connecting"
+                };
+                json!({
+                    "state": state,
+                    "instrumentsLoaded": loaded,
+                    "connections": up,
+                    "streams": streams.len(),
+                })
+            }
+        };
+        upstreams.insert(id.to_string(), entry);
+    }
+    Json(json!({
+        "status": "ok",
+        "uptimeSeconds": state.hub.stats.uptime_seconds(),
+        "connectedClients": state.hub.connected_clients(),
+        "upstreams": upstreams,
+    }))
+}
+
+async fn stats(State(state): State<AppState>) -> Json<Value> {
+    let snap = state.hub.snapshot();
+    let s = &state.hub.stats;
+    let mut upstreams = serde_json::Map::new();
+    let mut data = serde_json::Map::new();
+    data.insert("connectedClients".into(), json!(snap.connected_clients));
+    data.insert("totalSubscriptions".into(), json!(snap.total_subscriptions));
+    data.insert("activeChannels".into(), json!(snap.active_channels));
+    data.insert("quoteStreams".into(), json!(snap.quote_streams));
+    data.insert("signalStreams".into(), json!(snap.signal_channels));
+    for id in crate::domain::ExchangeId::ALL {
+        let (streams, up, total) = state
+            .hub
+            .upstreams
+            .get(id)
+            .map(|ex| ex.active_streams())
+            .unwrap_or_default();
+        data.insert(format!("{id}Streams"), json!(streams.len()));
+        data.insert(format!("{id}ActiveStreams"), json!(streams));
+        if let Some(ex) = state.hub.upstreams.get(id) {
+            let st = &ex.stats;
+            upstreams.insert(
+                id.to_string(),
+                json!({
+                    "connected": total > 0 && up == total,
+                    "connections": up,
+                    "streams": streams.len(),
+                    "activeStreams": streams,
+                    "reconnects": Stats::get(&st.reconnects),
+                    "connectFailures": Stats::get(&st.connect_failures),
+                    "decodeErrors": Stats::get(&st.decode_errors),
+                    "rejectedRequests": Stats::get(&st.rejected_requests),
+                    "lastMessageAt": st.last_message_at.get().map(iso_millis),
+                }),
+            );
+        }
+    }
+    data.insert("priceCache".into(), json!(snap.price_cache));
+    data.insert("upstreams".into(), Value::Object(upstreams));
+    data.insert("messagesIn".into(), json!(Stats::get(&s.messages_in)));
+    data.insert("messagesOut".into(), json!(Stats::get(&s.messages_out)));
+    data.insert("uptimeSeconds".into(), json!(s.uptime_seconds()));
+    data.insert("conflatedMessages".into(), json!(Stats::get(&s.conflated)));
+    data.insert(
+        "slowConsumerDisconnects".into(),
+        json!(Stats::get(&s.slow_consumer_disconnects)),
+    );
+    data.insert(
+        "rateLimitedRequests".into(),
+        json!(Stats::get(&s.rate_limited)),
+    );
+    data.insert(
+        "rejectedConnections".into(),
+        json!(Stats::get(&s.rejected_connections)),
+    );
+    data.insert(
+        "totalConnections".into(),
+        json!(Stats::get(&s.total_connections)),
+    );
+    Json(json!({"success": true, "data": data}))
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let authorised = key
+        .is_some_and(|k| same_secret(k.as_bytes(), state.config.auth.publish_api_key.as_bytes()));
+    if !authorised {
+        return error_body(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "send the publish key as Authorization: Bearer <key>",
+        );
+    }
+    let bad = |code: ErrorCode, message: &str| {
+        let code = serde_json::to_value(code)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        error_body(StatusCode::BAD_REQUEST, &code, message)
+    };
+    let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&body) else {
+        return bad(
+            ErrorCode::InvalidJson,
+            "body must be a JSON object like {\"channel\":\"orders:user123\",\"data\":{...}}",
+        );
+    };
+    let Some(Value::String(name)) = obj.remove("channel") else {
+        return bad(
+            ErrorCode::InvalidChannel,
+            "\"channel\" (a string) is required",
+        );
+    };
+    let Some(data) = obj.remove("data") else {
+        return bad(ErrorCode::InvalidJson, "\"data\" is required");
+    };
+    let channel: Channel = match name.parse() {
+        Ok(c) => c,
+        Err(e) => return bad(ErrorCode::InvalidChannel, &e.to_string()),
+    };
+    if !channel.is_published() {
+        return bad(
+            ErrorCode::InvalidChannel,
+            "only portfolio:, orders: and signals: channels can be published to",
+        );
+    }
+    let delivered = state.hub.publish(&channel, &data);
+    Json(json!({"success": true, "data": {"delivered": delivered}})).into_response()
+}

@@ -1,0 +1,102 @@
+//! exchange-relay: live market data from Binance, Coinbase and Kraken, normalised and fanned
+//! out to WebSocket clients. The library does the work; `main.rs` is a thin shell around [`run`].
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod events;
+pub mod exchange;
+pub mod http;
+pub mod hub;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod sim;
+pub mod stats;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::http::{AppInner, AppState, ConnTracker};
+use crate::hub::{Close, Hub};
+use crate::protocol::close;
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Runs the relay on `listener` until `shutdown` completes, then closes clients with 1001,
+/// closes upstream connections and waits up to `server.shutdown_grace_ms` for both.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    // rustls needs a process-wide crypto provider; ring is the only one compiled in. A second
+    // install (tests start several relays) is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let auth = auth::Authenticator::from_config(&config.auth).map_err(RunError::Config)?;
+    let token = CancellationToken::new();
+    let stats = Arc::new(stats::Stats::default());
+    let hub = Hub::new(&config, stats, token.clone());
+    hub.start();
+    let state = AppState::new(AppInner {
+        conns: ConnTracker::new(
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+        ),
+        hub: hub.clone(),
+        auth,
+        clients: TaskTracker::new(),
+        shutdown: token.clone(),
+        config: config.clone(),
+    });
+    let http_tasks = TaskTracker::new();
+    let server = server::serve(
+        listener,
+        http::app(state.clone()),
+        Duration::from_millis(config.server.header_read_timeout_ms),
+        token.clone(),
+        http_tasks.clone(),
+    );
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        _ = &mut server => {}
+        _ = shutdown => {}
+    }
+    tracing::info!("shutting down: closing clients with 1001 and upstreams");
+    hub.close_all(Close {
+        code: close::GOING_AWAY,
+        reason: "server shutting down",
+        last_words: None,
+        abort: false,
+    });
+    token.cancel();
+    server.await;
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    state.clients.close();
+    hub.upstreams.tasks.close();
+    http_tasks.close();
+    let drained = tokio::time::timeout(grace, async {
+        state.clients.wait().await;
+        hub.upstreams.tasks.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "shutdown grace period ended with work still running"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! The `exchange-relay` binary: parses the command line, loads the configuration, sets up
+//! logging and runs the relay until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use exchange_relay::config::Config;
+use exchange_relay::domain::ExchangeId;
+use exchange_relay::sim::{SimBinance, SimOptions};
+use tokio::net::TcpListener;
+
+/// Real-time market-data relay: Binance, Coinbase and Kraken upstream, one WebSocket hub downstream.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file; without it ./config.toml is read if present.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address, overriding server.listen (e.g. 127.0.0.1:3000).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Offline demo: start simulated exchanges on loopback and relay them instead of the real
+    /// ones. No network access needed.
+    #[arg(long)]
+    demo: bool,
+    /// Log as JSON lines instead of text (for log shippers).
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+
+    let (path, required) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("config.toml"), false),
+    };
+    let mut config = Config::load(&path, required, std::env::vars())?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    let addr = config
+        .server
+        .listen_addr()
+        .map_err(|e| anyhow::anyhow!("server.listen: {e}"))?;
+
+    // Kept alive for the life of the relay.
+    let mut _sims = Vec::new();
+    if args.demo {
+        let sim = SimBinance::start(
+            TcpListener::bind("127.0.0.1:0").await?,
+            SimOptions::realistic(),
+        )
+        .await?;
+        let binance = config.exchanges.get_mut(ExchangeId::Binance);
+        binance.enabled = true;
+        binance.ws_url = sim.ws_url();
+        binance.rest_url = sim.rest_url();
+        tracing::info!(ws = %binance.ws_url, rest = %binance.rest_url, "demo: simulated Binance running");
+        _sims.push(sim);
+    }
+
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, demo = args.demo, "exchange-relay listening");
+    exchange_relay::run(config, listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (docker stop, Kubernetes).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,475 @@
+//! One task per client: reads and answers requests, enforces the request rate, the subscription
+//! cap, authentication and keep-alive; a second task per client writes its [`Outbox`] to the
+//! socket in batches (`feed` several frames, one `flush`) and pings it.
+//!
+//! [`Outbox`]: crate::hub::Outbox
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::auth::{AuthError, Identity};
+use crate::domain::Channel;
+use crate::http::{AppState, ConnGuard};
+use crate::hub::{Attached, Client, Close, Held};
+use crate::protocol::{close, msg, now_millis, parse_request, ErrorCode, Request, RequestId};
+use crate::stats::Stats;
+
+/// Frames moved from the outbox per write batch.
+const WRITE_BATCH: usize = 64;
+/// How long the last words and the close frame may take on a stuck socket.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A write that makes no progress for this long means the client is gone.
+const WRITE_STALL: Duration = Duration::from_secs(30);
+/// Rate-limit violations tolerated (refilled one a second) before the client is closed 1008.
+const ABUSE_BURST: u32 = 20;
+
+/// Runs a client from upgrade to close. `at_connect` is the result of verifying a token sent
+/// with the upgrade request, if any.
+pub async fn run(
+    socket: WebSocket,
+    state: AppState,
+    at_connect: Option<Result<Identity, AuthError>>,
+    guard: ConnGuard,
+) {
+    let _guard = guard;
+    let _task = state.clients.token();
+    let hub = &state.hub;
+    let client = hub.register_client();
+    Stats::add(&hub.stats.total_connections, 1);
+    let cfg = &state.config.server;
+    let (sink, stream) = socket.split();
+    let mut writer = Writer {
+        handle: tokio::spawn(write_loop(
+            sink,
+            client.clone(),
+            Duration::from_millis(cfg.ping_interval_ms),
+        )),
+        done: false,
+    };
+
+    let mut session = Session::new(state.clone(), client.clone());
+    match at_connect {
+        Some(Err(e)) => {
+            // PROTOCOL.md: a bad token at connect gets an error, then close 1008.
+            let code = auth_code(&e);
+            hub_send(&session, msg::error(None, code, &e.to_string(), &None));
+            client.outbox.close(Close {
+                code: close::POLICY,
+                reason: "invalid token",
+                last_words: None,
+                abort: false,
+            });
+        }
+        other => {
+            session.identity = other.and_then(Result::ok);
+            let user = session.identity.as_ref().map(|i| i.user.as_str());
+            hub_send(
+                &session,
+                msg::connected(&client.name, user, cfg.max_subscriptions_per_client),
+            );
+        }
+    }
+    tracing::debug!(client = %client.name, authenticated = session.identity.is_some(), "client connected");
+
+    session.read_loop(stream, &mut writer).await;
+
+    hub.unregister_client(&client);
+    // Let the writer deliver the close; a client that does not read gets dropped.
+    writer.wait(CLOSE_TIMEOUT).await;
+    if !writer.done {
+        writer.handle.abort();
+    }
+    tracing::debug!(client = %client.name, "client disconnected");
+}
+
+/// The client's writer task; `done` once it has been joined, so it is never polled again.
+struct Writer {
+    handle: tokio::task::JoinHandle<()>,
+    done: bool,
+}
+
+impl Writer {
+    async fn wait(&mut self, limit: Duration) {
+        if !self.done && timeout(limit, &mut self.handle).await.is_ok() {
+            self.done = true;
+        }
+    }
+}
+
+fn hub_send(session: &Session, frame: crate::protocol::Frame) {
+    if session.client.outbox.push_control(frame) == crate::hub::Pushed::Queued {
+        Stats::add(&session.state.hub.stats.messages_out, 1);
+    }
+}
+
+fn auth_code(e: &AuthError) -> ErrorCode {
+    match e {
+        AuthError::Expired => ErrorCode::TokenExpired,
+        AuthError::Invalid(_) => ErrorCode::InvalidToken,
+    }
+}
+
+struct Session {
+    state: AppState,
+    client: Arc<Client>,
+    identity: Option<Identity>,
+    limiter: DefaultDirectRateLimiter,
+    /// Refused requests allowed before the client counts as abusive (sustained flooding).
+    abuse: DefaultDirectRateLimiter,
+}
+
+impl Session {
+    fn new(state: AppState, client: Arc<Client>) -> Session {
+        let cfg = &state.config.server;
+        let per_second = NonZeroU32::new(cfg.client_requests_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(cfg.client_request_burst).unwrap_or(NonZeroU32::MIN);
+        let abuse_burst = NonZeroU32::new(ABUSE_BURST).unwrap_or(NonZeroU32::MIN);
+        Session {
+            limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            abuse: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN).allow_burst(abuse_burst)),
+            state,
+            client,
+            identity: None,
+        }
+    }
+
+    fn send(&self, frame: crate::protocol::Frame) {
+        hub_send(self, frame);
+    }
+
+    fn error(&self, channel: Option<&str>, code: ErrorCode, message: &str, id: &RequestId) {
+        self.send(msg::error(channel, code, message, id));
+    }
+
+    /// When the current token expires, as a deadline.
+    fn expiry(&self) -> Option<Instant> {
+        let exp = self.identity.as_ref()?.expires_at?;
+        let left_ms = (exp * 1000 - now_millis()).max(0) as u64;
+        Some(Instant::now() + Duration::from_millis(left_ms))
+    }
+
+    async fn read_loop(&mut self, mut stream: SplitStream<WebSocket>, writer: &mut Writer) {
+        let cfg = self.state.config.server.clone();
+        let idle = Duration::from_millis(cfg.client_timeout_ms);
+        let mut deadline = Instant::now() + idle;
+        let mut shutdown = std::pin::pin!(self.state.shutdown.clone().cancelled_owned());
+        loop {
+            let expiry = self.expiry();
+            tokio::select! {
+                frame = stream.next() => {
+                    deadline = Instant::now() + idle;
+                    match frame {
+                        Some(Ok(Message::Text(text))) => {
+                            Stats::add(&self.state.hub.stats.messages_in, 1);
+                            if !self.admit() {
+                                break;
+                            }
+                            self.handle(text.as_str());
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            Stats::add(&self.state.hub.stats.messages_in, 1);
+                            if !self.admit() {
+                                break;
+                            }
+                            self.error(None, ErrorCode::InvalidJson, "binary frames are not supported; send JSON text", &None);
+                        }
+                        Some(Ok(Message::Close(_))) | None => break,
+                        Some(Ok(_)) => {} // ping/pong: liveness only
+                        Some(Err(e)) => {
+                            if is_too_big(e) {
+                                self.error(None, ErrorCode::InvalidJson, &format!("message too large: the limit is {} bytes", cfg.max_message_bytes), &None);
+                                self.client.outbox.close(Close { code: close::TOO_BIG, reason: "message too large", last_words: None, abort: false });
+                                // The rest of the oversized frame is unread garbage: stop reading.
+                                writer.wait(CLOSE_TIMEOUT).await;
+                            }
+                            break;
+                        }
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    tracing::info!(client = %self.client.name, "client silent past client_timeout_ms; closing");
+                    self.client.outbox.close(Close { code: close::POLICY, reason: "no traffic or pong within the timeout", last_words: None, abort: true });
+                    break;
+                }
+                _ = sleep_until(expiry.unwrap_or(deadline)), if expiry.is_some() => self.token_expired(),
+                _ = &mut writer.handle, if !writer.done => {
+                    writer.done = true;
+                    break;
+                }
+                _ = &mut shutdown => {
+                    self.client.outbox.close(Close { code: close::GOING_AWAY, reason: "server shutting down", last_words: None, abort: false });
+                    // Give the writer time to deliver what is queued and the close frame.
+                    writer.wait(CLOSE_TIMEOUT).await;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Applies the request rate limit. Returns false when the client has to go.
+    fn admit(&mut self) -> bool {
+        if self.limiter.check().is_ok() {
+            return true;
+        }
+        Stats::add(&self.state.hub.stats.rate_limited, 1);
+        if self.abuse.check().is_ok() {
+            let cfg = &self.state.config.server;
+            self.error(
+                None,
+                ErrorCode::RateLimited,
+                &format!(
+                    "too many requests: at most {} a second (bursts of {}); this request was ignored",
+                    cfg.client_requests_per_second, cfg.client_request_burst
+                ),
+                &None,
+            );
+            return true;
+        }
+        tracing::info!(client = %self.client.name, "client kept flooding; closing with 1008");
+        let last_words = msg::error(
+            None,
+            ErrorCode::RateLimited,
+            "too many requests for too long; closing the connection",
+            &None,
+        );
+        self.client.outbox.close(Close {
+            code: close::POLICY,
+            reason: "request rate exceeded",
+            last_words: Some(last_words),
+            abort: true,
+        });
+        false
+    }
+
+    fn handle(&mut self, text: &str) {
+        let (id, request) = match parse_request(text) {
+            Ok(r) => r,
+            Err(e) => return self.error(None, e.code, &e.message, &e.id),
+        };
+        match request {
+            Request::Subscribe(names) => {
+                for name in names {
+                    self.subscribe(&name, &id);
+                }
+            }
+            Request::Unsubscribe(names) => {
+                for name in names {
+                    self.unsubscribe(&name, &id);
+                }
+            }
+            Request::Ping => self.send(msg::pong(&id)),
+            Request::List => {
+                let names: Vec<String> = self
+                    .client
+                    .subscriptions()
+                    .iter()
+                    .map(|h| h.name.to_string())
+                    .collect();
+                self.send(msg::subscriptions(&names, &id));
+            }
+            Request::Auth(token) => self.authenticate(&token, &id),
+        }
+    }
+
+    fn subscribe(&mut self, name: &str, id: &RequestId) {
+        let channel: Channel = match name.parse() {
+            Ok(c) => c,
+            Err(e) => {
+                let code = match e {
+                    crate::domain::ChannelError::Invalid(_) => ErrorCode::InvalidChannel,
+                    crate::domain::ChannelError::UnknownExchange(_) => ErrorCode::UnknownExchange,
+                };
+                return self.error(Some(name), code, &e.to_string(), id);
+            }
+        };
+        let max = self.state.config.server.max_subscriptions_per_client;
+        if !self.client.holds(&channel) && self.client.subscription_count() >= max {
+            return self.error(
+                Some(name),
+                ErrorCode::SubscriptionLimit,
+                &format!(
+                    "a client may hold at most {max} subscriptions; unsubscribe from one first"
+                ),
+                id,
+            );
+        }
+        if let Some(user) = channel.private_user() {
+            // Fixed order: token present, token still valid, token bound to this user.
+            let refusal = match &self.identity {
+                None => Some((ErrorCode::AuthRequired, "Authentication required for this channel".to_string())),
+                Some(i) if i.expires_at.is_some_and(|exp| exp * 1000 <= now_millis()) => Some((
+                    ErrorCode::TokenExpired,
+                    "your token has expired; send {\"type\":\"auth\",\"token\":...} with a fresh one".to_string(),
+                )),
+                Some(i) if &i.user != user => Some((
+                    ErrorCode::Forbidden,
+                    format!("channel {name} belongs to another user"),
+                )),
+                Some(_) => None,
+            };
+            if let Some((code, message)) = refusal {
+                return self.error(Some(name), code, &message, id);
+            }
+        }
+        let held = Held {
+            name: Arc::from(channel.to_string()),
+            topic: self.state.hub.topic_for(&channel),
+            channel,
+        };
+        match self.state.hub.attach(&self.client, held, id) {
+            Attached::Live => {}
+            Attached::Unavailable => {
+                let exchange = held_exchange(&self.state, name);
+                self.error(
+                    Some(name),
+                    ErrorCode::UpstreamUnavailable,
+                    &format!("{exchange} is unreachable right now; the subscription stays and data flows once it is back"),
+                    id,
+                );
+            }
+            Attached::Refused(code, message) => self.error(Some(name), code, &message, id),
+        }
+    }
+
+    fn unsubscribe(&mut self, name: &str, id: &RequestId) {
+        let held = name.parse::<Channel>().ok().and_then(|c| {
+            self.client
+                .subscriptions()
+                .into_iter()
+                .find(|h| h.channel == c)
+        });
+        match held {
+            Some(held) if self.state.hub.detach(&self.client, &held) => {
+                self.send(msg::unsubscribed(&held.name, id))
+            }
+            _ => self.error(
+                Some(name),
+                ErrorCode::NotSubscribed,
+                &format!("you are not subscribed to {name}; send {{\"type\":\"list\"}} to see your subscriptions"),
+                id,
+            ),
+        }
+    }
+
+    fn authenticate(&mut self, token: &str, id: &RequestId) {
+        match self.state.auth.verify(token) {
+            Ok(identity) => {
+                // A token for another user ends the old user's private subscriptions.
+                if let Some(old) = &self.identity {
+                    if old.user != identity.user {
+                        self.drop_private(|_| true, None);
+                    }
+                }
+                self.send(msg::authenticated(
+                    identity.user.as_str(),
+                    identity.expires_at,
+                    id,
+                ));
+                self.identity = Some(identity);
+            }
+            Err(e) => self.error(None, auth_code(&e), &e.to_string(), id),
+        }
+    }
+
+    fn token_expired(&mut self) {
+        tracing::debug!(client = %self.client.name, "token expired on an open connection");
+        self.identity = None;
+        let dropped = self.drop_private(|_| true, Some(ErrorCode::TokenExpired));
+        if dropped == 0 {
+            self.error(
+                None,
+                ErrorCode::TokenExpired,
+                "your token has expired; private channels need a fresh one",
+                &None,
+            );
+        }
+    }
+
+    /// Unsubscribes private channels matching `which`, each with `unsubscribed` and, when given,
+    /// an error with `code`. Returns how many were dropped.
+    fn drop_private(&mut self, which: impl Fn(&Held) -> bool, code: Option<ErrorCode>) -> usize {
+        let mut n = 0;
+        for held in self.client.subscriptions() {
+            if held.channel.private_user().is_none() || !which(&held) {
+                continue;
+            }
+            if self.state.hub.detach(&self.client, &held) {
+                n += 1;
+                self.send(msg::unsubscribed(&held.name, &None));
+                if let Some(code) = code {
+                    self.error(
+                        Some(&held.name),
+                        code,
+                        "your token has expired; send {\"type\":\"auth\",\"token\":...} with a fresh one and subscribe again",
+                        &None,
+                    );
+                }
+            }
+        }
+        n
+    }
+}
+
+fn held_exchange(state: &AppState, name: &str) -> String {
+    name.parse::<Channel>()
+        .ok()
+        .and_then(|c| {
+            c.market()
+                .map(|m| m.exchange_or(state.hub.default_exchange))
+        })
+        .map_or_else(|| "the exchange".to_string(), |e| e.to_string())
+}
+
+fn is_too_big(e: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match e.into_inner().downcast::<WsError>() {
+        Ok(inner) => matches!(*inner, WsError::Capacity(_)),
+        Err(_) => false,
+    }
+}
+
+/// Drains the outbox to the socket; pings every `ping_every`; performs the close.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    client: Arc<Client>,
+    ping_every: Duration,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    loop {
+        tokio::select! {
+            close = client.outbox.next_batch(&mut batch, WRITE_BATCH) => {
+                if let Some(close) = close {
+                    if let Some(words) = close.last_words {
+                        let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Text(words))).await;
+                    }
+                    let frame = CloseFrame { code: close.code, reason: close.reason.into() };
+                    let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+                    return;
+                }
+                let write = async {
+                    for frame in batch.drain(..) {
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                    sink.flush().await
+                };
+                match timeout(WRITE_STALL, write).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
+                }
+            }
+            _ = ping.tick() => {
+                if timeout(WRITE_STALL, sink.send(Message::Ping(Default::default()))).await.map_or(true, |r| r.is_err()) {
+                    return;
+                }
+            }
+        }
+    }
+}

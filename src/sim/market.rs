@@ -1,0 +1,373 @@
+//! The simulated market every simulated exchange publishes: a seeded random walk producing
+//! trades, a top-of-book around the walk, 24-hour statistics and candles for every interval,
+//! all derived from the one trade tape so that each exchange's view is consistent.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+
+use crate::domain::Interval;
+
+/// One market of `fixtures/sim/markets.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MarketSpec {
+    pub base: String,
+    pub quote: String,
+    pub price: f64,
+    pub tick: f64,
+    pub lot: f64,
+    pub trades_per_sec: f64,
+    pub volatility: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct MarketsFile {
+    markets: Vec<MarketSpec>,
+}
+
+/// The markets shipped in `fixtures/sim/markets.json`.
+pub fn default_specs() -> Vec<MarketSpec> {
+    serde_json::from_str::<MarketsFile>(include_str!("../../fixtures/sim/markets.json"))
+        .map(|f| f.markets)
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimTrade {
+    pub id: u64,
+    pub price: f64,
+    pub qty: f64,
+    /// The taker sold (Binance `m`: the buyer was the maker).
+    pub taker_sold: bool,
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candle {
+    pub interval: Interval,
+    pub open_time: i64,
+    pub close_time: i64,
+    pub open: f64,
+    pub high: f64,
+    pub low: f64,
+    pub close: f64,
+    pub volume: f64,
+    pub quote_volume: f64,
+    pub trades: u64,
+    pub first_id: u64,
+    pub last_id: u64,
+}
+
+/// Rolling statistics since the simulation started (standing in for 24 hours).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats24 {
+    pub open: f64,
+    pub high: f64,
+    pub low: f64,
+    pub last: f64,
+    pub last_qty: f64,
+    pub volume: f64,
+    pub quote_volume: f64,
+    pub count: u64,
+    pub first_id: u64,
+}
+
+/// Candle boundaries; months follow the UTC calendar like Binance's `1M`.
+pub fn bucket(interval: Interval, t_ms: i64) -> (i64, i64) {
+    match interval.fixed_millis() {
+        Some(len) => {
+            // Binance aligns weeks on Monday 00:00 UTC; the epoch was a Thursday.
+            let offset = if interval == Interval::W1 {
+                4 * 86_400_000
+            } else {
+                0
+            };
+            let start = (t_ms - offset).div_euclid(len) * len + offset;
+            (start, start + len - 1)
+        }
+        None => {
+            use chrono::{Datelike, TimeZone, Utc};
+            let dt = Utc.timestamp_millis_opt(t_ms).single().unwrap_or_default();
+            let start = Utc
+                .with_ymd_and_hms(dt.year(), dt.month(), 1, 0, 0, 0)
+                .single()
+                .unwrap_or_default();
+            let (ny, nm) = if dt.month() == 12 {
+                (dt.year() + 1, 1)
+            } else {
+                (dt.year(), dt.month() + 1)
+            };
+            let next = Utc
+                .with_ymd_and_hms(ny, nm, 1, 0, 0, 0)
+                .single()
+                .unwrap_or_default();
+            (start.timestamp_millis(), next.timestamp_millis() - 1)
+        }
+    }
+}
+
+pub struct Market {
+    pub spec: MarketSpec,
+    /// Unified symbol, `BASEQUOTE`.
+    pub symbol: String,
+    mid: f64,
+    rng: StdRng,
+    next_id: u64,
+    carry: f64,
+    /// End of the previous step; the next step's trades come after it.
+    last_step_ms: Option<i64>,
+    pub stats: Stats24,
+    /// Forming candle per interval.
+    pub forming: BTreeMap<Interval, Candle>,
+    /// Recently finalised candles per interval (newest last), for REST history.
+    pub history: BTreeMap<Interval, VecDeque<Candle>>,
+    /// Top 20 levels each side, best first: `(price, qty)`.
+    pub bids: Vec<(f64, f64)>,
+    pub asks: Vec<(f64, f64)>,
+}
+
+/// Finalised candles kept per interval.
+const HISTORY: usize = 500;
+pub const BOOK_LEVELS: usize = 20;
+
+impl Market {
+    pub fn new(spec: MarketSpec, seed: u64) -> Market {
+        let symbol = format!("{}{}", spec.base, spec.quote);
+        let mut m = Market {
+            mid: spec.price,
+            rng: StdRng::seed_from_u64(seed),
+            next_id: 1_000_000,
+            carry: 0.0,
+            last_step_ms: None,
+            stats: Stats24 {
+                open: spec.price,
+                high: spec.price,
+                low: spec.price,
+                last: spec.price,
+                last_qty: 0.0,
+                volume: 0.0,
+                quote_volume: 0.0,
+                count: 0,
+                first_id: 1_000_000,
+            },
+            forming: BTreeMap::new(),
+            history: BTreeMap::new(),
+            bids: Vec::new(),
+            asks: Vec::new(),
+            symbol,
+            spec,
+        };
+        m.rebuild_book();
+        m
+    }
+
+    fn round_tick(&self, p: f64) -> f64 {
+        let t = self.spec.tick;
+        ((p / t).round() * t * 1e10).round() / 1e10
+    }
+
+    fn round_lot(&self, q: f64) -> f64 {
+        let l = self.spec.lot;
+        (((q / l).round().max(1.0)) * l * 1e10).round() / 1e10
+    }
+
+    fn rebuild_book(&mut self) {
+        let tick = self.spec.tick;
+        let best_bid = self.round_tick(self.mid - tick / 2.0);
+        let best_ask = self.round_tick(best_bid + tick);
+        let mut bids = Vec::with_capacity(BOOK_LEVELS);
+        let mut asks = Vec::with_capacity(BOOK_LEVELS);
+        for i in 0..BOOK_LEVELS {
+            let (rb, ra): (f64, f64) = (
+                self.rng.random_range(1.0..5000.0),
+                self.rng.random_range(1.0..5000.0),
+            );
+            let qb = self.round_lot(self.spec.lot * rb);
+            let qa = self.round_lot(self.spec.lot * ra);
+            bids.push((self.round_tick(best_bid - i as f64 * tick), qb));
+            asks.push((self.round_tick(best_ask + i as f64 * tick), qa));
+        }
+        self.bids = bids;
+        self.asks = asks;
+    }
+
+    /// Advances the market by `dt_s` seconds ending at `now_ms`: returns the trades made, and
+    /// the candles that closed (each exactly once), oldest first.
+    pub fn step(&mut self, now_ms: i64, dt_s: f64) -> (Vec<SimTrade>, Vec<Candle>) {
+        let mut closed = Vec::new();
+        // Trades are spread over (previous step, now], never back into a closed bucket.
+        let from_ms = self.last_step_ms.unwrap_or(now_ms - 1).min(now_ms - 1);
+        self.last_step_ms = Some(now_ms);
+        self.carry += self.spec.trades_per_sec * dt_s * self.rng.random_range(0.5..1.5);
+        let n = self.carry.floor() as usize;
+        self.carry -= n as f64;
+        let mut trades = Vec::with_capacity(n);
+        for i in 0..n {
+            // Sum of uniforms: a cheap, bounded stand-in for a normal move.
+            let z: f64 = (0..4)
+                .map(|_| self.rng.random_range(-1.0..1.0))
+                .sum::<f64>()
+                / 2.0;
+            self.mid = (self.mid * (1.0 + self.spec.volatility * z)).max(self.spec.tick * 10.0);
+            let taker_sold = self.rng.random_bool(0.5);
+            let half = self.spec.tick / 2.0;
+            let price = self.round_tick(if taker_sold {
+                self.mid - half
+            } else {
+                self.mid + half
+            });
+            let r: f64 = self.rng.random_range(1.0..2000.0);
+            let qty = self.round_lot(self.spec.lot * r);
+            // Trades within one step get increasing times inside the step.
+            let span = (now_ms - from_ms) as f64;
+            let time_ms = from_ms + 1 + ((i as f64 / n as f64) * (span - 1.0)) as i64;
+            let t = SimTrade {
+                id: self.next_id,
+                price,
+                qty,
+                taker_sold,
+                time_ms,
+            };
+            self.next_id += 1;
+            self.apply(&t, &mut closed);
+            trades.push(t);
+        }
+        if n > 0 {
+            self.rebuild_book();
+        }
+        closed.extend(self.close_candles(now_ms));
+        (trades, closed)
+    }
+
+    fn close_candles(&mut self, now_ms: i64) -> Vec<Candle> {
+        let mut closed = Vec::new();
+        let done: Vec<Interval> = self
+            .forming
+            .iter()
+            .filter(|(_, c)| c.close_time < now_ms)
+            .map(|(iv, _)| *iv)
+            .collect();
+        for iv in done {
+            if let Some(c) = self.forming.remove(&iv) {
+                let h = self.history.entry(iv).or_default();
+                h.push_back(c.clone());
+                if h.len() > HISTORY {
+                    h.pop_front();
+                }
+                closed.push(c);
+            }
+        }
+        closed
+    }
+
+    fn apply(&mut self, t: &SimTrade, closed: &mut Vec<Candle>) {
+        closed.extend(self.close_candles(t.time_ms));
+        let s = &mut self.stats;
+        s.last = t.price;
+        s.last_qty = t.qty;
+        s.high = s.high.max(t.price);
+        s.low = s.low.min(t.price);
+        s.volume += t.qty;
+        s.quote_volume += t.qty * t.price;
+        s.count += 1;
+        for iv in Interval::ALL {
+            let (start, end) = bucket(iv, t.time_ms);
+            let c = self.forming.entry(iv).or_insert_with(|| Candle {
+                interval: iv,
+                open_time: start,
+                close_time: end,
+                open: t.price,
+                high: t.price,
+                low: t.price,
+                close: t.price,
+                volume: 0.0,
+                quote_volume: 0.0,
+                trades: 0,
+                first_id: t.id,
+                last_id: t.id,
+            });
+            c.high = c.high.max(t.price);
+            c.low = c.low.min(t.price);
+            c.close = t.price;
+            c.volume += t.qty;
+            c.quote_volume += t.qty * t.price;
+            c.trades += 1;
+            c.last_id = t.id;
+        }
+    }
+
+    pub fn best_bid(&self) -> (f64, f64) {
+        self.bids.first().copied().unwrap_or((self.mid, 0.0))
+    }
+
+    pub fn best_ask(&self) -> (f64, f64) {
+        self.asks.first().copied().unwrap_or((self.mid, 0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MarketSpec {
+        MarketSpec {
+            base: "BTC".into(),
+            quote: "USDT".into(),
+            price: 100.0,
+            tick: 0.01,
+            lot: 0.001,
+            trades_per_sec: 50.0,
+            volatility: 0.0001,
+        }
+    }
+
+    #[test]
+    fn candles_close_exactly_once_and_agree_with_the_tape() {
+        let mut m = Market::new(spec(), 7);
+        let mut t = 1_700_000_000_000i64;
+        let mut all_trades = Vec::new();
+        let mut closed_1s = Vec::new();
+        for _ in 0..100 {
+            t += 50;
+            let (trades, closed) = m.step(t, 0.05);
+            all_trades.extend(trades);
+            closed_1s.extend(closed.into_iter().filter(|c| c.interval == Interval::S1));
+        }
+        assert!(closed_1s.len() >= 3);
+        let mut starts: Vec<i64> = closed_1s.iter().map(|c| c.open_time).collect();
+        starts.dedup();
+        assert_eq!(starts.len(), closed_1s.len(), "a candle closed twice");
+        for c in &closed_1s {
+            let inside: Vec<&SimTrade> = all_trades
+                .iter()
+                .filter(|tr| tr.time_ms >= c.open_time && tr.time_ms <= c.close_time)
+                .collect();
+            assert_eq!(c.trades as usize, inside.len());
+            assert_eq!(c.open, inside[0].price);
+            assert_eq!(c.close, inside[inside.len() - 1].price);
+        }
+    }
+
+    #[test]
+    fn books_are_never_crossed() {
+        let mut m = Market::new(spec(), 3);
+        for i in 0..200 {
+            m.step(1_700_000_000_000 + i * 100, 0.1);
+            assert!(m.best_bid().0 < m.best_ask().0);
+            assert_eq!(m.bids.len(), BOOK_LEVELS);
+        }
+    }
+
+    #[test]
+    fn month_and_week_buckets_follow_the_calendar() {
+        // 2024-02-15T12:00:00Z
+        let t = 1_707_998_400_000;
+        let (start, end) = bucket(Interval::Mo1, t);
+        assert_eq!(start, 1_706_745_600_000); // 2024-02-01
+        assert_eq!(end, 1_709_251_200_000 - 1); // 2024-03-01 − 1 ms
+        let (wstart, _) = bucket(Interval::W1, t);
+        assert_eq!(wstart, 1_707_696_000_000); // Monday 2024-02-12
+    }
+}

@@ -1,0 +1,61 @@
+//! Simulated exchanges on loopback, speaking each exchange's real wire protocol, driven by
+//! `fixtures/`. The tests use them, and `exchange-relay --demo` runs the relay against them so
+//! anyone can try the product offline.
+
+pub mod binance;
+pub mod market;
+
+use std::time::Duration;
+
+pub use binance::SimBinance;
+
+/// Cadences and limits of a simulated exchange.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// How often the market moves.
+    pub step: Duration,
+    /// 24h ticker cadence (Binance: 1000 ms).
+    pub ticker_every: Duration,
+    /// Forming-kline cadence (Binance: 2000 ms; `1s` klines every second).
+    pub kline_every: Duration,
+    /// Partial-depth cadence (Binance `@100ms`).
+    pub depth_every: Duration,
+    /// Server ping cadence (Binance: 20 s).
+    pub ping_every: Duration,
+    /// Close a connection that has not answered a ping within this (Binance: 60 s).
+    pub pong_timeout: Duration,
+    /// Incoming messages a connection may send per second (Binance: 5).
+    pub max_incoming_per_sec: usize,
+    /// Streams per connection (Binance: 1024).
+    pub max_streams_per_connection: usize,
+    /// Seed of the markets' random walks.
+    pub seed: u64,
+}
+
+impl SimOptions {
+    /// The real exchange's cadences and limits.
+    pub fn realistic() -> SimOptions {
+        SimOptions {
+            step: Duration::from_millis(50),
+            ticker_every: Duration::from_millis(1000),
+            kline_every: Duration::from_millis(2000),
+            depth_every: Duration::from_millis(100),
+            ping_every: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(60),
+            max_incoming_per_sec: 5,
+            max_streams_per_connection: 1024,
+            seed: 42,
+        }
+    }
+
+    /// Real limits, faster data: what the tests use, so they wait milliseconds, not seconds.
+    pub fn fast() -> SimOptions {
+        SimOptions {
+            step: Duration::from_millis(20),
+            ticker_every: Duration::from_millis(100),
+            kline_every: Duration::from_millis(200),
+            depth_every: Duration::from_millis(50),
+            ..SimOptions::realistic()
+        }
+    }
+}
