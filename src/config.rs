@@ -169,6 +169,9 @@ pub struct ExchangeConfig {
     pub enabled: bool,
     pub ws_url: String,
     pub rest_url: String,
+    /// An upstream connection with no frame at all (data, ping, heartbeat) for this long is
+    /// replaced; `None` takes the exchange's own default (Binance: 60 s, three missed pings).
+    pub stale_timeout_ms: Option<u64>,
 }
 
 impl ExchangeConfig {
@@ -186,6 +189,7 @@ impl ExchangeConfig {
             enabled: true,
             ws_url: ws.into(),
             rest_url: rest.into(),
+            stale_timeout_ms: None,
         }
     }
 }
@@ -206,6 +210,7 @@ struct RawExchange {
     enabled: Option<bool>,
     ws_url: Option<String>,
     rest_url: Option<String>,
+    stale_timeout_ms: Option<u64>,
 }
 
 impl RawExchange {
@@ -215,6 +220,7 @@ impl RawExchange {
             enabled: self.enabled.unwrap_or(own.enabled),
             ws_url: self.ws_url.unwrap_or(own.ws_url),
             rest_url: self.rest_url.unwrap_or(own.rest_url),
+            stale_timeout_ms: self.stale_timeout_ms,
         }
     }
 }
@@ -355,6 +361,11 @@ impl Config {
             let cfg = self.exchanges.get(id);
             check_url(&mut p, id, "ws_url", &cfg.ws_url, &["ws", "wss"]);
             check_url(&mut p, id, "rest_url", &cfg.rest_url, &["http", "https"]);
+            if cfg.stale_timeout_ms == Some(0) {
+                p.push(format!(
+                    "exchanges.{id}.stale_timeout_ms: must be greater than 0"
+                ));
+            }
         }
         if !self.exchanges.get(self.exchanges.default).enabled {
             p.push(format!(

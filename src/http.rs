@@ -57,6 +57,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/ws", get(ws_upgrade))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/api/v1/ws/stats", get(stats))
         .route("/api/v1/publish", post(publish))
         .with_state(state)
@@ -243,6 +244,26 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
         "connectedClients": state.hub.connected_clients(),
         "upstreams": upstreams,
     }))
+}
+
+/// Readiness, distinct from liveness: 200 once every enabled exchange's instrument list is
+/// loaded (subscriptions are validated and served at once), 503 before. Load balancers and
+/// orchestrators route clients only to ready relays; `/health` stays 200 throughout.
+async fn ready(State(state): State<AppState>) -> Response {
+    let waiting: Vec<String> = state
+        .hub
+        .upstreams
+        .all()
+        .iter()
+        .filter(|ex| ex.instruments().is_none())
+        .map(|ex| ex.adapter.id().to_string())
+        .collect();
+    if waiting.is_empty() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        let body = json!({"status": "starting", "waitingFor": waiting});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
 }
 
 async fn stats(State(state): State<AppState>) -> Json<Value> {

@@ -135,13 +135,15 @@ pub fn parse_request(text: &str) -> Result<(RequestId, Request), RequestError> {
                 ))
             }
         },
-        other => return Err(RequestError {
-            id,
-            code: ErrorCode::UnknownType,
-            message: format!(
+        other => {
+            return Err(RequestError {
+                id,
+                code: ErrorCode::UnknownType,
+                message: format!(
                 "unknown type '{other}'; expected one of subscribe, unsubscribe, ping, auth, list"
             ),
-        }),
+            })
+        }
     };
     Ok((id, request))
 }

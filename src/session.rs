@@ -243,7 +243,7 @@ impl Session {
             code: close::POLICY,
             reason: "request rate exceeded",
             last_words: Some(last_words),
-            abort: true,
+            abort: false,
         });
         false
     }

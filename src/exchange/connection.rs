@@ -153,7 +153,10 @@ async fn session(
     initial: BTreeMap<String, FeedKey>,
 ) -> Outcome {
     let exchange = ex.adapter.id();
-    let limits = ex.adapter.limits().clone();
+    let mut limits = ex.adapter.limits().clone();
+    if let Some(ms) = ex.config.stale_timeout_ms {
+        limits.stale_after = Duration::from_millis(ms);
+    }
     let mut proto = ex.adapter.new_session();
     let (mut sink, mut stream) = ws.split();
     // Streams requested on this socket, with the feed each one carries.

@@ -1,0 +1,293 @@
+//! Test harness: a real relay and a simulated exchange on 127.0.0.1:0, and a WebSocket client
+//! that speaks to the relay like wscat would.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use exchange_relay::config::Config;
+use exchange_relay::sim::{SimBinance, SimOptions};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub const SECRET: &str = "test-secret";
+pub const PUBLISH_KEY: &str = "test-publish-key";
+
+pub async fn start_sim() -> SimBinance {
+    start_sim_with(SimOptions::fast()).await
+}
+
+pub async fn start_sim_with(opts: SimOptions) -> SimBinance {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    SimBinance::start(listener, opts).await.unwrap()
+}
+
+/// A config pointing Binance at `sim`, the other exchanges off, short delays for tests.
+pub fn config_for(sim: &SimBinance) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.auth.jwt_secret = SECRET.into();
+    c.auth.publish_api_key = PUBLISH_KEY.into();
+    c.streams.close_delay_ms = 300;
+    c.exchanges.binance.ws_url = sim.ws_url();
+    c.exchanges.binance.rest_url = sim.rest_url();
+    c.exchanges.coinbase.enabled = false;
+    c.exchanges.kraken.enabled = false;
+    c
+}
+
+pub struct Relay {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Sends the shutdown signal and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(WAIT, h).await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn stats(&self) -> Value {
+        let v: Value = reqwest::get(self.http("/api/v1/ws/stats"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["success"], true);
+        v["data"].clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts a relay and waits until it is ready (`/ready`: instrument lists loaded).
+pub async fn start_relay(config: Config) -> Relay {
+    let relay = start_relay_unready(config).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = reqwest::get(relay.http("/ready"))
+            .await
+            .map(|r| r.status().as_u16());
+        if status.ok() == Some(200) {
+            return relay;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts a relay without waiting for readiness.
+pub async fn start_relay_unready(config: Config) -> Relay {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        exchange_relay::run(config, listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Relay {
+        addr,
+        stop: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+/// A sim and a relay wired to it.
+pub async fn start() -> (SimBinance, Relay) {
+    let sim = start_sim().await;
+    let relay = start_relay(config_for(&sim)).await;
+    (sim, relay)
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    /// The `connected` message, when the relay sent one.
+    pub hello: Option<Value>,
+}
+
+impl Client {
+    /// Connects and reads the `connected` message.
+    pub async fn connect(relay: &Relay) -> Client {
+        Client::connect_url(&relay.ws_url(), None).await
+    }
+
+    pub async fn connect_url(url: &str, bearer: Option<&str>) -> Client {
+        let mut c = Client::open(url, bearer, None).await.unwrap();
+        let hello = c.recv().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        c.hello = Some(hello);
+        c
+    }
+
+    /// Opens the socket without reading anything.
+    pub async fn open(
+        url: &str,
+        bearer: Option<&str>,
+        origin: Option<&str>,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut req = url.into_client_request()?;
+        if let Some(t) = bearer {
+            req.headers_mut().insert(
+                "Authorization",
+                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+            );
+        }
+        if let Some(o) = origin {
+            req.headers_mut()
+                .insert("Origin", HeaderValue::from_str(o).unwrap());
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(Client { ws, hello: None })
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.unwrap();
+    }
+
+    pub async fn subscribe(&mut self, channels: &[&str]) {
+        self.send(json!({"type": "subscribe", "channels": channels}))
+            .await;
+    }
+
+    /// The next JSON message (pings and pongs skipped).
+    pub async fn recv(&mut self) -> Value {
+        match self.next().await {
+            Some(v) => v,
+            None => panic!("connection closed while a message was expected"),
+        }
+    }
+
+    /// The next JSON message, or `None` once the connection closed.
+    pub async fn next(&mut self) -> Option<Value> {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a message");
+            match m {
+                Some(Ok(Message::Text(t))) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("server sent non-JSON"))
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads until a message matches, returning it; panics after [`WAIT`].
+    pub async fn recv_until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let v = tokio::time::timeout(left, self.recv())
+                .await
+                .expect("timed out waiting for a matching message");
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// Reads until the close frame; returns its code and reason and the messages before it.
+    pub async fn recv_close(&mut self) -> (u16, String, Vec<Value>) {
+        let mut before = Vec::new();
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for the close");
+            match m {
+                Some(Ok(Message::Text(t))) => {
+                    before.push(serde_json::from_str(t.as_str()).unwrap())
+                }
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return (u16::from(f.code), f.reason.to_string(), before)
+                }
+                Some(Ok(Message::Close(None))) => return (1005, String::new(), before),
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return (1006, String::new(), before),
+            }
+        }
+    }
+}
+
+pub fn is_type(kind: &'static str) -> impl Fn(&Value) -> bool {
+    move |v: &Value| v["type"] == kind
+}
+
+pub fn is_msg(kind: &'static str, channel: &'static str) -> impl Fn(&Value) -> bool {
+    move |v: &Value| v["type"] == kind && v["channel"] == channel
+}
+
+pub fn error_code(v: &Value) -> &str {
+    v["data"]["code"].as_str().unwrap_or_default()
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A signed HS256 token for `sub` expiring `ttl_s` seconds from now.
+pub fn token(sub: &str, ttl_s: i64) -> String {
+    token_with(
+        SECRET,
+        json!({"sub": sub, "exp": chrono::Utc::now().timestamp() + ttl_s}),
+    )
+}
+
+pub fn token_with(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
