@@ -172,6 +172,9 @@ pub struct ExchangeConfig {
     /// An upstream connection with no frame at all (data, ping, heartbeat) for this long is
     /// replaced; `None` takes the exchange's own default (Binance: 60 s, three missed pings).
     pub stale_timeout_ms: Option<u64>,
+    /// Streams per upstream connection; `None` (or more than the exchange allows) takes the
+    /// exchange's maximum (Binance: 1024). Lower it to spread streams over more connections.
+    pub max_streams_per_connection: Option<usize>,
 }
 
 impl ExchangeConfig {
@@ -190,6 +193,7 @@ impl ExchangeConfig {
             ws_url: ws.into(),
             rest_url: rest.into(),
             stale_timeout_ms: None,
+            max_streams_per_connection: None,
         }
     }
 }
@@ -211,6 +215,7 @@ struct RawExchange {
     ws_url: Option<String>,
     rest_url: Option<String>,
     stale_timeout_ms: Option<u64>,
+    max_streams_per_connection: Option<usize>,
 }
 
 impl RawExchange {
@@ -221,6 +226,7 @@ impl RawExchange {
             ws_url: self.ws_url.unwrap_or(own.ws_url),
             rest_url: self.rest_url.unwrap_or(own.rest_url),
             stale_timeout_ms: self.stale_timeout_ms,
+            max_streams_per_connection: self.max_streams_per_connection,
         }
     }
 }

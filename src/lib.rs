@@ -28,6 +28,28 @@ use crate::http::{AppInner, AppState, ConnTracker};
 use crate::hub::{Close, Hub};
 use crate::protocol::close;
 
+/// The relay's log filter: `directives` (RUST_LOG syntax; `info` when absent) with tungstenite
+/// capped at DEBUG whatever they say, because at TRACE it prints every frame and handshake
+/// request, tokens included (`?token=`, `{"type":"auth"}`), and tokens never reach the logs.
+pub fn log_filter(directives: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let base = directives.unwrap_or("info");
+    let mut filter = tracing_subscriber::EnvFilter::try_new(base)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for target in [
+        "tungstenite=debug",
+        "tungstenite::protocol=debug",
+        "tungstenite::handshake=debug",
+        "tungstenite::handshake::client=debug",
+        "tungstenite::handshake::server=debug",
+        "tokio_tungstenite=debug",
+    ] {
+        if let Ok(d) = target.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    filter
+}
+
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -207,3 +207,113 @@ async fn publish_checks_its_key_and_channel() {
         assert_eq!(m["data"]["action"], "buy");
     }
 }
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/auth")
+        .join(name)
+}
+
+fn signed(alg: jsonwebtoken::Algorithm, private_pem: &str, claims: Value) -> String {
+    let pem = std::fs::read(fixture(private_pem)).unwrap();
+    let key = match alg {
+        jsonwebtoken::Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+        _ => jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+    };
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).unwrap()
+}
+
+async fn hello_for(relay: &common::Relay, token: &str) -> Result<Value, String> {
+    let url = format!("{}?token={token}", relay.ws_url());
+    let mut c = Client::open(&url, None, None).await.unwrap();
+    let first = c.recv().await;
+    if first["type"] == "connected" {
+        Ok(first)
+    } else {
+        Err(error_code(&first).to_string())
+    }
+}
+
+#[tokio::test]
+async fn public_key_relays_accept_rs256_and_es256_and_refuse_algorithm_confusion() {
+    let sim = start_sim().await;
+    let exp = chrono::Utc::now().timestamp() + 300;
+    let claims = json!({"sub": "dave", "exp": exp});
+
+    let mut cfg = config_for(&sim);
+    cfg.auth.jwt_public_key_file = Some(fixture("rsa_public.pem"));
+    let relay = start_relay(cfg).await;
+    let ok = hello_for(
+        &relay,
+        &signed(
+            jsonwebtoken::Algorithm::RS256,
+            "rsa_private.pem",
+            claims.clone(),
+        ),
+    )
+    .await;
+    assert_eq!(ok.unwrap()["data"]["userId"], "dave");
+    // The classic confusion attack: HS256 signed with the public key as the HMAC secret.
+    let public_pem = std::fs::read_to_string(fixture("rsa_public.pem")).unwrap();
+    let forged = token_with(&public_pem, claims.clone());
+    assert_eq!(
+        hello_for(&relay, &forged).await.unwrap_err(),
+        "INVALID_TOKEN"
+    );
+    // An HS256 token with the relay's old shared secret is not accepted either.
+    assert_eq!(
+        hello_for(&relay, &token("dave", 300)).await.unwrap_err(),
+        "INVALID_TOKEN"
+    );
+    // Another key of another type.
+    let es = signed(
+        jsonwebtoken::Algorithm::ES256,
+        "ec_private.pem",
+        claims.clone(),
+    );
+    assert_eq!(hello_for(&relay, &es).await.unwrap_err(), "INVALID_TOKEN");
+
+    let mut cfg = config_for(&sim);
+    cfg.auth.jwt_public_key_file = Some(fixture("ec_public.pem"));
+    let relay = start_relay(cfg).await;
+    assert_eq!(
+        hello_for(&relay, &es).await.unwrap()["data"]["userId"],
+        "dave"
+    );
+}
+
+#[tokio::test]
+async fn issuer_and_audience_are_checked_when_configured() {
+    let sim = start_sim().await;
+    let mut cfg = config_for(&sim);
+    cfg.auth.jwt_issuer = Some("https://auth.example.com".into());
+    cfg.auth.jwt_audience = Some("trading".into());
+    let relay = start_relay(cfg).await;
+    let exp = chrono::Utc::now().timestamp() + 300;
+    let good = token_with(
+        SECRET,
+        json!({"sub": "erin", "exp": exp, "iss": "https://auth.example.com", "aud": "trading"}),
+    );
+    assert!(hello_for(&relay, &good).await.is_ok());
+    let wrong_iss = token_with(
+        SECRET,
+        json!({"sub": "erin", "exp": exp, "iss": "https://evil", "aud": "trading"}),
+    );
+    assert_eq!(
+        hello_for(&relay, &wrong_iss).await.unwrap_err(),
+        "INVALID_TOKEN"
+    );
+    let wrong_aud = token_with(
+        SECRET,
+        json!({"sub": "erin", "exp": exp, "iss": "https://auth.example.com", "aud": "other"}),
+    );
+    assert_eq!(
+        hello_for(&relay, &wrong_aud).await.unwrap_err(),
+        "INVALID_TOKEN"
+    );
+    let missing = token_with(SECRET, json!({"sub": "erin", "exp": exp}));
+    assert_eq!(
+        hello_for(&relay, &missing).await.unwrap_err(),
+        "INVALID_TOKEN"
+    );
+}

@@ -80,3 +80,25 @@ async fn shutdown_closes_clients_with_1001_and_lets_go_of_the_exchange() {
         "listener closed"
     );
 }
+
+#[tokio::test]
+async fn a_slowloris_request_is_cut_off_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = start_sim().await;
+    let mut cfg = config_for(&sim);
+    cfg.server.header_read_timeout_ms = 300;
+    let relay = start_relay(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    // The relay ends the connection (EOF, maybe after a 408) instead of waiting forever.
+    let read = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was left open");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // A complete request on a new connection is still served.
+    let h = reqwest::get(relay.http("/health")).await.unwrap();
+    assert_eq!(h.status(), 200);
+}

@@ -237,3 +237,55 @@ async fn a_silent_upstream_is_replaced() {
             >= 1
     );
 }
+
+#[tokio::test]
+async fn exchange_pings_are_answered_so_the_connection_lives_on() {
+    let mut opts = exchange_relay::sim::SimOptions::fast();
+    // Pongs count against the 5 messages/s limit, so pings no faster than ~3/s.
+    opts.ping_every = Duration::from_millis(300);
+    opts.pong_timeout = Duration::from_millis(700);
+    let sim = start_sim_with(opts).await;
+    let relay = start_relay(config_for(&sim)).await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["ticker:BTCUSDT"]).await;
+    c.recv_until(is_type("ticker")).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    c.recv_until(is_type("ticker")).await;
+    assert_eq!(
+        sim.connects(),
+        1,
+        "the exchange never dropped us for a missing pong"
+    );
+    assert_eq!(sim.rate_limit_closes(), 0);
+}
+
+#[tokio::test]
+async fn streams_beyond_the_per_connection_limit_open_another_connection() {
+    let sim = start_sim().await;
+    let mut cfg = config_for(&sim);
+    cfg.exchanges.binance.max_streams_per_connection = Some(5);
+    let relay = start_relay(cfg).await;
+    let mut c = Client::connect(&relay).await;
+    let channels: Vec<String> = [
+        "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h",
+    ]
+    .iter()
+    .map(|iv| format!("klines:BTCUSDT:{iv}"))
+    .collect();
+    c.send(json!({"type": "subscribe", "channels": channels}))
+        .await;
+    for _ in 0..12 {
+        c.recv_until(is_type("subscribed")).await;
+    }
+    eventually("12 streams over 3 connections", || {
+        sim.subscriptions().len() == 12 && sim.connections() == 3
+    })
+    .await;
+    assert!(
+        sim.subscriptions().values().all(|n| *n == 1),
+        "no stream twice"
+    );
+    let stats = relay.stats().await;
+    assert_eq!(stats["upstreams"]["binance"]["connections"], 3);
+    assert_eq!(stats["binanceStreams"], 12);
+}

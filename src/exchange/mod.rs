@@ -207,6 +207,14 @@ impl Exchange {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The exchange's limit, or the operator's lower one.
+    pub fn max_streams_per_connection(&self) -> usize {
+        let max = self.adapter.limits().max_streams_per_connection;
+        self.config
+            .max_streams_per_connection
+            .map_or(max, |configured| configured.min(max))
+    }
+
     pub fn instruments(&self) -> Option<Arc<InstrumentSet>> {
         self.instruments.get(&())
     }
@@ -351,7 +359,7 @@ impl Upstreams {
             return;
         };
         let name = ex.adapter.stream_name(key.feed, &instrument);
-        let max = ex.adapter.limits().max_streams_per_connection;
+        let max = ex.max_streams_per_connection();
         let mut pool = ex.pool();
         if pool.assigned.contains_key(key) {
             return;
