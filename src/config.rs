@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub client_queue_capacity: usize,
     /// How long shutdown waits for clients and upstreams to close before giving up.
     pub shutdown_grace_ms: u64,
+    /// Kernel send buffer per client socket (SO_SNDBUF). Fixed rather than autotuned (up to
+    /// megabytes), so a stalled client backs up into the relay's conflating queue within
+    /// moments instead of receiving seconds of stale data from the kernel later.
+    pub client_send_buffer_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             client_timeout_ms: 60_000,
             client_queue_capacity: 1_024,
             shutdown_grace_ms: 5_000,
+            client_send_buffer_bytes: 256 * 1024,
         }
     }
 }
@@ -317,7 +322,7 @@ impl Config {
         if let Err(e) = s.listen_addr() {
             p.push(format!("server.listen: {e}"));
         }
-        let positive: [(&str, u64); 10] = [
+        let positive: [(&str, u64); 11] = [
             (
                 "max_subscriptions_per_client",
                 s.max_subscriptions_per_client as u64,
@@ -334,6 +339,10 @@ impl Config {
             ("ping_interval_ms", s.ping_interval_ms),
             ("client_timeout_ms", s.client_timeout_ms),
             ("client_queue_capacity", s.client_queue_capacity as u64),
+            (
+                "client_send_buffer_bytes",
+                s.client_send_buffer_bytes as u64,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {

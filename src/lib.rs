@@ -87,7 +87,10 @@ pub async fn run(
     let server = server::serve(
         listener,
         http::app(state.clone()),
-        Duration::from_millis(config.server.header_read_timeout_ms),
+        server::ConnOptions {
+            header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+            send_buffer_bytes: config.server.client_send_buffer_bytes,
+        },
         token.clone(),
         http_tasks.clone(),
     );

@@ -14,11 +14,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+/// Socket settings applied to every accepted connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnOptions {
+    pub header_read_timeout: Duration,
+    /// SO_SNDBUF; see `server.client_send_buffer_bytes`.
+    pub send_buffer_bytes: usize,
+}
+
 /// Serves `app` on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    header_read_timeout: Duration,
+    options: ConnOptions,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -36,10 +44,15 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        if let Err(error) =
+            socket2::SockRef::from(&stream).set_send_buffer_size(options.send_buffer_bytes)
+        {
+            tracing::debug!(%error, "could not set the send buffer size");
+        }
         let app = app.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            serve_connection(stream, peer, app, header_read_timeout, shutdown).await
+            serve_connection(stream, peer, app, options.header_read_timeout, shutdown).await
         });
     }
 }

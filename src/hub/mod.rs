@@ -59,11 +59,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(id: u64, queue_capacity: usize) -> Client {
+    pub fn new(id: u64, queue_capacity: usize, max_subscriptions: usize) -> Client {
         Client {
             id,
             name: Arc::from(format!("c-{id:x}")),
-            outbox: Outbox::new(queue_capacity),
+            outbox: Outbox::new(queue_capacity, max_subscriptions),
             subs: Mutex::new(Vec::new()),
         }
     }
@@ -139,6 +139,7 @@ pub struct Hub {
     pub default_exchange: ExchangeId,
     close_delay: Duration,
     queue_capacity: usize,
+    max_subscriptions: usize,
     /// Delayed releases; shutdown waits for none of them but they end with it.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -155,6 +156,7 @@ impl Hub {
             default_exchange: config.exchanges.default,
             close_delay: config.streams.close_delay(),
             queue_capacity: config.server.client_queue_capacity,
+            max_subscriptions: config.server.max_subscriptions_per_client,
             tasks: TaskTracker::new(),
             shutdown,
         })
@@ -179,7 +181,7 @@ impl Hub {
 
     pub fn register_client(&self) -> Arc<Client> {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
-        let client = Arc::new(Client::new(id, self.queue_capacity));
+        let client = Arc::new(Client::new(id, self.queue_capacity, self.max_subscriptions));
         self.clients().insert(id, client.clone());
         client
     }

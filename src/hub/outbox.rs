@@ -7,8 +7,10 @@
 //! - Reliable messages (trades, final klines, published messages) are never dropped silently:
 //!   when `capacity` of them are queued the client is closed with 1013 after a `SLOW_CONSUMER`
 //!   error, and its queue is freed at once.
-//! - Control replies (acks, errors) are queued like reliable ones, with twice the room, so a
-//!   flood of requests cannot grow memory either.
+//! - Control replies (acks, errors, and the current values sent right after an ack) get their
+//!   own room: enough for the largest legitimate request (a subscribe to every allowed channel,
+//!   each answered by an ack and a value) on top of the reliable capacity, so a flood of
+//!   requests cannot grow memory either, and a full-size subscribe never trips it.
 //!
 //! Pushing never blocks and never waits for the socket: the fan-out and the upstream reader are
 //! never slowed by a client.
@@ -65,10 +67,14 @@ pub struct Outbox {
     notify: Notify,
     /// Reliable entries a client may have queued before it counts as a slow consumer.
     capacity: usize,
+    /// Entries of any kind beyond which even a control reply counts as overflow.
+    control_capacity: usize,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> Outbox {
+    /// `capacity` reliable frames; control replies may add room for `max_subscriptions` acks
+    /// and current values on top.
+    pub fn new(capacity: usize, max_subscriptions: usize) -> Outbox {
         Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -78,6 +84,7 @@ impl Outbox {
             }),
             notify: Notify::new(),
             capacity,
+            control_capacity: capacity + 4 * max_subscriptions + 64,
         }
     }
 
@@ -92,7 +99,7 @@ impl Outbox {
         if st.closing.is_some() {
             return Pushed::Closed;
         }
-        if st.queue.len() >= self.capacity * 2 {
+        if st.queue.len() >= self.control_capacity {
             self.overflow(&mut st);
             return Pushed::Overflowed;
         }
@@ -238,7 +245,7 @@ mod tests {
 
     #[tokio::test]
     async fn conflatable_values_keep_only_the_newest_per_channel() {
-        let o = Outbox::new(4);
+        let o = Outbox::new(4, 1);
         let price: Arc<str> = Arc::from("price:BTCUSDT");
         let eth: Arc<str> = Arc::from("price:ETHUSDT");
         assert_eq!(
@@ -268,7 +275,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_final_kline_seals_the_forming_slot() {
-        let o = Outbox::new(8);
+        let o = Outbox::new(8, 1);
         let k: Arc<str> = Arc::from("klines:BTCUSDT:1m");
         o.push_data(&k, f("forming t0"), Delivery::Conflate);
         o.push_data(&k, f("final t0"), Delivery::Reliable);
@@ -285,7 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn too_many_reliable_messages_close_with_1013() {
-        let o = Outbox::new(3);
+        let o = Outbox::new(3, 1);
         let t: Arc<str> = Arc::from("trades:BTCUSDT");
         for i in 0..3 {
             assert_eq!(
@@ -310,7 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn graceful_close_delivers_what_is_queued_first() {
-        let o = Outbox::new(3);
+        let o = Outbox::new(3, 1);
         o.push_control(f("bye"));
         o.close(Close {
             code: 1001,

@@ -91,7 +91,10 @@ impl SimBinance {
         let markets = default_specs()
             .into_iter()
             .enumerate()
-            .map(|(i, spec)| Market::new(spec, opts.seed.wrapping_add(i as u64)))
+            .map(|(i, mut spec)| {
+                spec.trades_per_sec *= opts.rate_scale;
+                Market::new(spec, opts.seed.wrapping_add(i as u64))
+            })
             .collect();
         let inner = Arc::new(Inner {
             markets: Mutex::new(markets),

@@ -30,6 +30,8 @@ pub struct SimOptions {
     pub max_streams_per_connection: usize,
     /// Seed of the markets' random walks.
     pub seed: u64,
+    /// Multiplies every market's trade rate (load tests, slow-consumer tests).
+    pub rate_scale: f64,
 }
 
 impl SimOptions {
@@ -45,6 +47,7 @@ impl SimOptions {
             max_incoming_per_sec: 5,
             max_streams_per_connection: 1024,
             seed: 42,
+            rate_scale: 1.0,
         }
     }
 

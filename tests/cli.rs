@@ -1,0 +1,68 @@
+//! The binary itself: a bad configuration stops it at start with one line per bad key.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+#[test]
+fn a_bad_config_fails_fast_with_a_line_per_key() {
+    let dir = std::env::temp_dir().join(format!("relay-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nmax_connections = \"lots\"\nlisten = \"nowhere\"\n[exchanges.binance]\nws_url = \"ftp://x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_exchange-relay"))
+        .arg("--config")
+        .arg(&path)
+        .env("RELAY_SERVER__CLIENT_REQUEST_BURST", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.max_connections: invalid type"),
+        "{err}"
+    );
+    // Type errors are reported first; fixing them reveals the value checks, each on its line.
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"nowhere\"\n[exchanges.binance]\nws_url = \"ftp://x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_exchange-relay"))
+        .arg("--config")
+        .arg(&path)
+        .env("RELAY_SERVER__CLIENT_REQUEST_BURST", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| {
+            l.trim_start().starts_with("server.") || l.trim_start().starts_with("exchanges.")
+        })
+        .collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(err.contains("server.listen: 'nowhere'"), "{err}");
+    assert!(
+        err.contains("server.client_request_burst: must be greater than 0"),
+        "{err}"
+    );
+    assert!(
+        err.contains("exchanges.binance.ws_url: scheme 'ftp'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_explicit_config_file_is_an_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_exchange-relay"))
+        .args(["--config", "/nonexistent/relay.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/relay.toml"));
+}
