@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod decimal;
 pub mod domain;
 pub mod events;
 pub mod exchange;

@@ -16,7 +16,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{decimal, Adapter, DecodeError, Decoded, Instrument, InstrumentSet, Limits, Session};
+use super::{
+    decimal, Adapter, DecodeError, Decoded, Instrument, InstrumentSet, Limits, Session,
+    SessionContext,
+};
 use crate::domain::{ExchangeId, Interval, Symbol};
 use crate::events::{Book, Feed, Kline, MarketEvent, Side, Ticker, Trade, TradeId};
 use crate::protocol::now_millis;
@@ -89,7 +92,7 @@ impl Adapter for Binance {
         (url, n)
     }
 
-    fn new_session(&self) -> Box<dyn Session> {
+    fn new_session(&self, _ctx: SessionContext) -> Box<dyn Session> {
         Box::new(BinanceSession {
             next_id: AtomicU64::new(1),
         })
@@ -122,6 +125,7 @@ impl Adapter for Binance {
                         native: s.symbol,
                         status: s.status,
                         tradable,
+                        ..Instrument::default()
                     },
                 );
             }
@@ -142,15 +146,20 @@ impl BinanceSession {
 }
 
 impl Session for BinanceSession {
-    fn subscribe(&mut self, streams: &[String]) -> String {
-        self.request("SUBSCRIBE", streams)
+    fn subscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Decoded>) {
+        out.push(Decoded::Send(self.request("SUBSCRIBE", streams)));
     }
 
-    fn unsubscribe(&mut self, streams: &[String]) -> String {
-        self.request("UNSUBSCRIBE", streams)
+    fn unsubscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Decoded>) {
+        out.push(Decoded::Send(self.request("UNSUBSCRIBE", streams)));
     }
 
-    fn decode(&mut self, text: &str, out: &mut Vec<Decoded>) -> Result<(), DecodeError> {
+    fn decode(
+        &mut self,
+        text: &str,
+        _now_ms: i64,
+        out: &mut Vec<Decoded>,
+    ) -> Result<(), DecodeError> {
         decode(text, out)
     }
 }
@@ -524,6 +533,7 @@ mod tests {
             native: "BTCUSDT".into(),
             status: "TRADING".into(),
             tradable: true,
+            ..Instrument::default()
         };
         assert_eq!(b.stream_name(Feed::Ticker, &i), "btcusdt@ticker");
         assert_eq!(

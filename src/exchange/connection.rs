@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::{
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::{Conn, Decoded, Exchange};
+use super::{Conn, Decoded, Exchange, SessionContext, TICK};
 use crate::events::FeedKey;
 use crate::hub::Hub;
 use crate::protocol::now_millis;
@@ -144,6 +144,79 @@ pub async fn run(ex: Arc<Exchange>, conn: Arc<Conn>, hub: Weak<Hub>, shutdown: C
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// What the connection task does with one [`Decoded`].
+enum Step {
+    Continue,
+    Leave(Outcome),
+}
+
+/// The state of one open socket.
+struct Live<'a> {
+    ex: &'a Exchange,
+    conn: &'a Conn,
+    hub: &'a Weak<Hub>,
+    /// Streams requested on this socket, with the feed each one carries.
+    requested: BTreeMap<String, FeedKey>,
+    /// Frames waiting for their turn under the exchange's message limit.
+    outgoing: std::collections::VecDeque<String>,
+    fetches: tokio::sync::mpsc::Sender<(u64, Result<String, String>)>,
+}
+
+impl Live<'_> {
+    fn handle(&mut self, d: Decoded) -> Step {
+        let exchange = self.ex.adapter.id();
+        match d {
+            Decoded::Event { stream, event } => {
+                if let (Some(key), Some(hub)) = (self.requested.get(&stream), self.hub.upgrade()) {
+                    hub.dispatch(key, event);
+                }
+            }
+            Decoded::Ack => {}
+            Decoded::Rejected(why) => {
+                Stats::add(&self.ex.stats.rejected_requests, 1);
+                tracing::warn!(%exchange, conn = self.conn.id, %why, "exchange refused a request");
+            }
+            Decoded::StreamRejected {
+                stream,
+                code,
+                message,
+            } => {
+                Stats::add(&self.ex.stats.rejected_requests, 1);
+                tracing::warn!(%exchange, conn = self.conn.id, %stream, %message, "exchange refused a stream");
+                if let (Some(key), Some(hub)) = (self.requested.get(&stream), self.hub.upgrade()) {
+                    hub.reject(key, code, &message);
+                }
+            }
+            Decoded::Reconnect(why) => {
+                tracing::info!(%exchange, conn = self.conn.id, %why, "reconnecting");
+                return Step::Leave(Outcome::Reconnect { immediate: true });
+            }
+            Decoded::Send(frame) => self.outgoing.push_back(frame),
+            Decoded::Fetch { tag, url } => {
+                let http = self.ex.http.clone();
+                let reply = self.fetches.clone();
+                tokio::spawn(async move {
+                    let body = super::fetch_text(&http, &url)
+                        .await
+                        .map_err(|e| e.to_string());
+                    // The socket may be gone by now, and its session with it.
+                    let _ = reply.send((tag, body)).await;
+                });
+            }
+        }
+        Step::Continue
+    }
+
+    fn handle_all(&mut self, out: &mut Vec<Decoded>) -> Step {
+        for d in out.drain(..) {
+            if let Step::Leave(o) = self.handle(d) {
+                return Step::Leave(o);
+            }
+        }
+        Step::Continue
+    }
+}
+
 async fn session(
     ex: &Exchange,
     conn: &Conn,
@@ -157,23 +230,51 @@ async fn session(
     if let Some(ms) = ex.config.stale_timeout_ms {
         limits.stale_after = Duration::from_millis(ms);
     }
-    let mut proto = ex.adapter.new_session();
+    let ctx = SessionContext {
+        rest_url: ex.config.rest_url.clone(),
+        instruments: ex.instruments().unwrap_or_default(),
+    };
+    let mut proto = ex.adapter.new_session(ctx);
     let (mut sink, mut stream) = ws.split();
-    // Streams requested on this socket, with the feed each one carries.
-    let mut requested = initial;
-    conn.active().extend(requested.keys().cloned());
+    let (fetch_tx, mut fetch_rx) = tokio::sync::mpsc::channel(256);
+    let mut live = Live {
+        ex,
+        conn,
+        hub,
+        requested: BTreeMap::new(),
+        outgoing: std::collections::VecDeque::new(),
+        fetches: fetch_tx,
+    };
+    let mut out = Vec::new();
+    proto.on_connect(now_millis(), &mut out);
+    if !initial.is_empty() {
+        // Streams named in the connect URL are subscribed already: the session is told, and
+        // the frames it would send for them are dropped.
+        let names: Vec<String> = initial.keys().cloned().collect();
+        let mut told = Vec::new();
+        proto.subscribe(&names, now_millis(), &mut told);
+        told.retain(|d| !matches!(d, Decoded::Send(_)));
+        out.extend(told);
+        conn.active().extend(names);
+        live.requested = initial;
+    }
+    if let Step::Leave(o) = live.handle_all(&mut out) {
+        return o;
+    }
     let mut next_control = Instant::now();
     let mut dirty = true;
     let mut last_rx = Instant::now();
-    let mut decoded = Vec::new();
     let age_deadline = limits
         .max_connection_age
         .map(|age| Instant::now() + age)
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
     let mut watchdog = tokio::time::interval(limits.stale_after / 4);
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
+        let can_send = dirty || !live.outgoing.is_empty();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
@@ -186,30 +287,15 @@ async fn session(
                 match frame {
                     Some(Ok(Message::Text(text))) => {
                         ex.stats.last_message_at.set(now_millis());
-                        let Some(hub) = hub.upgrade() else { return Outcome::Shutdown };
-                        Stats::add(&hub.stats.messages_in, 1);
-                        decoded.clear();
-                        if let Err(error) = proto.decode(text.as_str(), &mut decoded) {
+                        if let Some(h) = hub.upgrade() {
+                            Stats::add(&h.stats.messages_in, 1);
+                        }
+                        if let Err(error) = proto.decode(text.as_str(), now_millis(), &mut out) {
                             Stats::add(&ex.stats.decode_errors, 1);
                             tracing::warn!(%exchange, conn = conn.id, %error, "undecodable upstream frame ignored");
                         }
-                        for d in decoded.drain(..) {
-                            match d {
-                                Decoded::Event { stream, event } => {
-                                    if let Some(key) = requested.get(&stream) {
-                                        hub.dispatch(key, event);
-                                    }
-                                }
-                                Decoded::Ack => {}
-                                Decoded::Rejected(why) => {
-                                    Stats::add(&ex.stats.rejected_requests, 1);
-                                    tracing::warn!(%exchange, conn = conn.id, %why, "exchange refused a request");
-                                }
-                                Decoded::Reconnect(why) => {
-                                    tracing::info!(%exchange, conn = conn.id, %why, "exchange asked for a reconnect");
-                                    return Outcome::Reconnect { immediate: true };
-                                }
-                            }
+                        if let Step::Leave(o) = live.handle_all(&mut out) {
+                            return o;
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
@@ -227,41 +313,41 @@ async fn session(
                     }
                 }
             }
+            Some((tag, body)) = fetch_rx.recv() => {
+                proto.on_fetched(tag, body, now_millis(), &mut out);
+                if let Step::Leave(o) = live.handle_all(&mut out) {
+                    return o;
+                }
+            }
             _ = conn.notify.notified() => dirty = true,
-            _ = sleep_until(next_control), if dirty => {
-                let desired = conn.desired().streams.clone();
-                if desired.is_empty() {
-                    let _ = timeout(SEND_TIMEOUT, sink.send(Message::Close(None))).await;
-                    return Outcome::Idle;
-                }
-                let max = limits.max_streams_per_message;
-                let to_sub: Vec<String> = desired.keys().filter(|s| !requested.contains_key(*s)).take(max).cloned().collect();
-                let (frame, n) = if !to_sub.is_empty() {
-                    for s in &to_sub {
-                        if let Some(key) = desired.get(s) {
-                            requested.insert(s.clone(), key.clone());
-                        }
+            _ = sleep_until(next_control), if can_send => {
+                if live.outgoing.is_empty() {
+                    // Diff only when nothing is waiting, so a storm collapses into what remains.
+                    let desired = conn.desired().streams.clone();
+                    if desired.is_empty() {
+                        let _ = timeout(SEND_TIMEOUT, sink.send(Message::Close(None))).await;
+                        return Outcome::Idle;
                     }
-                    conn.active().extend(to_sub.iter().cloned());
-                    (proto.subscribe(&to_sub), to_sub.len())
-                } else {
-                    let to_unsub: Vec<String> = requested.keys().filter(|s| !desired.contains_key(*s)).take(max).cloned().collect();
-                    if to_unsub.is_empty() {
+                    if !sync_step(&mut live, &mut *proto, &desired, &limits, &mut out) {
                         dirty = false;
-                        continue;
                     }
-                    for s in &to_unsub {
-                        requested.remove(s);
-                        conn.active().remove(s);
+                    if let Step::Leave(o) = live.handle_all(&mut out) {
+                        return o;
                     }
-                    (proto.unsubscribe(&to_unsub), to_unsub.len())
-                };
-                tracing::debug!(%exchange, conn = conn.id, streams = n, "subscription change sent");
-                match timeout(SEND_TIMEOUT, sink.send(Message::text(frame))).await {
-                    Ok(Ok(())) => {}
-                    _ => return Outcome::Reconnect { immediate: false },
                 }
-                next_control = Instant::now() + limits.control_spacing;
+                if let Some(frame) = live.outgoing.pop_front() {
+                    match timeout(SEND_TIMEOUT, sink.send(Message::text(frame))).await {
+                        Ok(Ok(())) => {}
+                        _ => return Outcome::Reconnect { immediate: false },
+                    }
+                    next_control = Instant::now() + limits.control_spacing;
+                }
+            }
+            _ = tick.tick() => {
+                proto.on_tick(now_millis(), &mut out);
+                if let Step::Leave(o) = live.handle_all(&mut out) {
+                    return o;
+                }
             }
             _ = watchdog.tick() => {
                 if last_rx.elapsed() > limits.stale_after {
@@ -275,6 +361,64 @@ async fn session(
             }
         }
     }
+}
+
+/// Moves the socket one batch closer to `desired`: subscribes missing streams first (clients
+/// are waiting for them), then drops unwanted ones, one batch group at a time. Returns false
+/// when nothing differs.
+fn sync_step(
+    live: &mut Live<'_>,
+    proto: &mut dyn super::Session,
+    desired: &BTreeMap<String, FeedKey>,
+    limits: &super::Limits,
+    out: &mut Vec<Decoded>,
+) -> bool {
+    let adapter = &live.ex.adapter;
+    let max = limits.max_streams_per_message;
+    let batch = |names: Vec<&String>| -> Vec<String> {
+        let Some(group) = names.first().map(|s| adapter.batch_group(s)) else {
+            return Vec::new();
+        };
+        names
+            .into_iter()
+            .filter(|s| adapter.batch_group(s) == group)
+            .take(max)
+            .cloned()
+            .collect()
+    };
+    let to_sub = batch(
+        desired
+            .keys()
+            .filter(|s| !live.requested.contains_key(*s))
+            .collect(),
+    );
+    if !to_sub.is_empty() {
+        for s in &to_sub {
+            if let Some(key) = desired.get(s) {
+                live.requested.insert(s.clone(), key.clone());
+            }
+        }
+        live.conn.active().extend(to_sub.iter().cloned());
+        tracing::debug!(exchange = %adapter.id(), conn = live.conn.id, streams = to_sub.len(), "subscribing");
+        proto.subscribe(&to_sub, now_millis(), out);
+        return true;
+    }
+    let to_unsub = batch(
+        live.requested
+            .keys()
+            .filter(|s| !desired.contains_key(*s))
+            .collect(),
+    );
+    if to_unsub.is_empty() {
+        return false;
+    }
+    for s in &to_unsub {
+        live.requested.remove(s);
+        live.conn.active().remove(s);
+    }
+    tracing::debug!(exchange = %adapter.id(), conn = live.conn.id, streams = to_unsub.len(), "unsubscribing");
+    proto.unsubscribe(&to_unsub, now_millis(), out);
+    true
 }
 
 #[cfg(test)]

@@ -32,13 +32,17 @@ const INSTRUMENT_RETRY_MAX: Duration = Duration::from_secs(30);
 const REST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One tradable market as an exchange lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Instrument {
     /// The exchange's own spelling (`BTCUSDT`, `BTC-USD`, `BTC/USD`).
     pub native: String,
     /// The exchange's status word, for error messages.
     pub status: String,
     pub tradable: bool,
+    /// Decimal places of prices and quantities, where the exchange states them (Kraken's
+    /// checksum is computed at these precisions).
+    pub price_precision: Option<u32>,
+    pub qty_precision: Option<u32>,
 }
 
 /// An exchange's instrument list keyed by unified symbol.
@@ -69,7 +73,8 @@ pub fn decimal(field: &'static str, s: &str) -> Result<f64, DecodeError> {
     }
 }
 
-/// What a decoded upstream frame means to the connection task.
+/// What a session asks of its connection task: the session is sans-IO, so everything it
+/// wants done (frames sent, REST fetched, events dispatched) comes out as one of these.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoded {
     /// Market data on one of the connection's streams (the exchange's stream name).
@@ -78,8 +83,26 @@ pub enum Decoded {
     Ack,
     /// The exchange refused a request; logged and counted.
     Rejected(String),
-    /// The exchange asks us to reconnect (e.g. Binance `serverShutdown`).
+    /// The exchange refused one stream for good: its subscribers get `code` and are dropped.
+    StreamRejected {
+        stream: String,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The exchange asks us to reconnect (e.g. Binance `serverShutdown`), or the session's
+    /// state cannot be repaired in place.
     Reconnect(&'static str),
+    /// A frame to send, paced under the exchange's message limit, in order.
+    Send(String),
+    /// A REST GET whose body (or error) comes back through [`Session::on_fetched`].
+    Fetch { tag: u64, url: String },
+}
+
+/// What a session is given when a connection opens.
+#[derive(Clone)]
+pub struct SessionContext {
+    pub rest_url: String,
+    pub instruments: Arc<InstrumentSet>,
 }
 
 /// An exchange's limits, as the connection task obeys them.
@@ -108,19 +131,48 @@ pub trait Adapter: Send + Sync + 'static {
     /// The URL to connect to, with as many of `initial` streams in it as fit; returns how many.
     fn connect_url(&self, ws_base: &str, initial: &[String]) -> (String, usize);
     /// Per-connection protocol state.
-    fn new_session(&self) -> Box<dyn Session>;
+    fn new_session(&self, ctx: SessionContext) -> Box<dyn Session>;
+    /// Streams that may share one subscribe frame have the same group (Coinbase allows one
+    /// channel per message; Kraken one channel and parameter set).
+    fn batch_group<'a>(&self, _stream: &'a str) -> &'a str {
+        ""
+    }
     /// Where the instrument list is fetched from.
     fn instruments_url(&self, rest_base: &str) -> String;
     /// Parses the instrument list into unified symbols.
     fn parse_instruments(&self, body: &str) -> Result<InstrumentSet, DecodeError>;
 }
 
-/// The protocol state of one upstream connection: frames out, events in. No IO.
+/// The protocol state of one upstream connection: frames out, events in. No IO: every
+/// request to the outside world is a [`Decoded`] pushed to `out`.
 pub trait Session: Send {
-    fn subscribe(&mut self, streams: &[String]) -> String;
-    fn unsubscribe(&mut self, streams: &[String]) -> String;
-    fn decode(&mut self, text: &str, out: &mut Vec<Decoded>) -> Result<(), DecodeError>;
+    /// Called once the socket is open, before any subscription.
+    fn on_connect(&mut self, _now_ms: i64, _out: &mut Vec<Decoded>) {}
+    /// Subscribes `streams` (one batch group). May send nothing when the exchange already
+    /// sends what they need (streams derived from one upstream channel).
+    fn subscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Decoded>);
+    fn unsubscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Decoded>);
+    fn decode(
+        &mut self,
+        text: &str,
+        now_ms: i64,
+        out: &mut Vec<Decoded>,
+    ) -> Result<(), DecodeError>;
+    /// Called about every [`TICK`]: time-driven work (final candles, keep-alive pings).
+    fn on_tick(&mut self, _now_ms: i64, _out: &mut Vec<Decoded>) {}
+    /// The answer to a [`Decoded::Fetch`].
+    fn on_fetched(
+        &mut self,
+        _tag: u64,
+        _body: Result<String, String>,
+        _now_ms: i64,
+        _out: &mut Vec<Decoded>,
+    ) {
+    }
 }
+
+/// How often [`Session::on_tick`] runs.
+pub const TICK: Duration = Duration::from_millis(250);
 
 /// Whether a market can be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +244,8 @@ pub struct Exchange {
     instruments: moka::sync::Cache<(), Arc<InstrumentSet>>,
     conns: Mutex<Pool>,
     pub stats: ExchangeStats,
+    /// For REST calls sessions ask for.
+    pub http: reqwest::Client,
 }
 
 #[derive(Default)]
@@ -254,6 +308,11 @@ fn adapter_for(id: ExchangeId) -> Option<Box<dyn Adapter>> {
 
 impl Upstreams {
     pub fn new(config: &Config, hub: Weak<Hub>, shutdown: CancellationToken) -> Upstreams {
+        let http = reqwest::Client::builder()
+            .timeout(REST_TIMEOUT)
+            .user_agent(concat!("exchange-relay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
         let exchanges = ExchangeId::ALL
             .into_iter()
             .filter(|id| config.exchanges.get(*id).enabled)
@@ -265,14 +324,10 @@ impl Upstreams {
                     instruments: moka::sync::Cache::new(1),
                     conns: Mutex::new(Pool::default()),
                     stats: ExchangeStats::default(),
+                    http: http.clone(),
                 }))
             })
             .collect();
-        let http = reqwest::Client::builder()
-            .timeout(REST_TIMEOUT)
-            .user_agent(concat!("exchange-relay/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_default();
         Upstreams {
             exchanges,
             hub,

@@ -481,19 +481,37 @@ impl Hub {
                     self.upstreams.want(feed);
                 }
                 Check::Refused(code, message) => {
-                    for ch in std::mem::take(&mut st.channels) {
-                        for client in ch.subscribers {
-                            client.subs().retain(|h| h.channel != ch.channel);
-                            self.send(&client, msg::error(Some(&ch.name), code, &message, &None));
-                            self.send(&client, msg::unsubscribed(&ch.name, &None));
-                        }
-                    }
-                    st.refs = 0;
+                    self.drop_subscribers(&mut st, code, &message);
                     drop(st);
                     self.schedule_release(&key, &topic);
                 }
             }
         }
+    }
+
+    /// The exchange refused a feed for good: its subscribers get `code` and `unsubscribed`,
+    /// and the topic goes (upstream stream included).
+    pub fn reject(&self, key: &FeedKey, code: ErrorCode, message: &str) {
+        let topic_key = TopicKey::Feed(key.clone());
+        let Some(topic) = self.topic(&topic_key) else {
+            return;
+        };
+        let mut st = topic.lock();
+        self.drop_subscribers(&mut st, code, message);
+        drop(st);
+        self.schedule_release(&topic_key, &topic);
+    }
+
+    /// Tells every subscriber of a topic why it is dropped, and drops them.
+    fn drop_subscribers(&self, st: &mut TopicState, code: ErrorCode, message: &str) {
+        for ch in std::mem::take(&mut st.channels) {
+            for client in ch.subscribers {
+                client.subs().retain(|h| h.channel != ch.channel);
+                self.send(&client, msg::error(Some(&ch.name), code, message, &None));
+                self.send(&client, msg::unsubscribed(&ch.name, &None));
+            }
+        }
+        st.refs = 0;
     }
 
     /// A snapshot for the stats endpoint.
