@@ -23,10 +23,9 @@ impl Dec {
         self.0 == 0
     }
 
+    /// The nearest `f64`, as if the exchange's decimal text had been parsed directly.
     pub fn to_f64(self) -> f64 {
-        let int = self.0 / ONE;
-        let frac = self.0 % ONE;
-        int as f64 + frac as f64 / ONE as f64
+        self.to_string().parse().unwrap_or(0.0)
     }
 
     /// Digits of `self` written with exactly `precision` fractional digits, without the point

@@ -231,6 +231,40 @@ impl FromStr for Interval {
     }
 }
 
+/// Candle boundaries; months follow the UTC calendar like Binance's `1M`.
+pub fn bucket(interval: Interval, t_ms: i64) -> (i64, i64) {
+    match interval.fixed_millis() {
+        Some(len) => {
+            // Binance aligns weeks on Monday 00:00 UTC; the epoch was a Thursday.
+            let offset = if interval == Interval::W1 {
+                4 * 86_400_000
+            } else {
+                0
+            };
+            let start = (t_ms - offset).div_euclid(len) * len + offset;
+            (start, start + len - 1)
+        }
+        None => {
+            use chrono::{Datelike, TimeZone, Utc};
+            let dt = Utc.timestamp_millis_opt(t_ms).single().unwrap_or_default();
+            let start = Utc
+                .with_ymd_and_hms(dt.year(), dt.month(), 1, 0, 0, 0)
+                .single()
+                .unwrap_or_default();
+            let (ny, nm) = if dt.month() == 12 {
+                (dt.year() + 1, 1)
+            } else {
+                (dt.year(), dt.month() + 1)
+            };
+            let next = Utc
+                .with_ymd_and_hms(ny, nm, 1, 0, 0, 0)
+                .single()
+                .unwrap_or_default();
+            (start.timestamp_millis(), next.timestamp_millis() - 1)
+        }
+    }
+}
+
 /// Order-book levels a `depth:` channel may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DepthLevels {

@@ -73,7 +73,8 @@ pub struct Kline {
     pub low: f64,
     pub close: f64,
     pub volume: f64,
-    pub quote_volume: f64,
+    /// `None` where the exchange's candle does not give it exactly (Kraken's vwap is rounded).
+    pub quote_volume: Option<f64>,
     pub trades: u64,
     pub is_final: bool,
     /// Exchange event time, ms.
@@ -185,7 +186,7 @@ struct KlineData<'a> {
     low: f64,
     close: f64,
     volume: f64,
-    quote_volume: f64,
+    quote_volume: Option<f64>,
     trades: u64,
     is_final: bool,
     timestamp: String,
@@ -406,7 +407,7 @@ mod tests {
             low: 0.5,
             close: 1.5,
             volume: 10.0,
-            quote_volume: 15.0,
+            quote_volume: Some(15.0),
             trades: 3,
             is_final: false,
             time_ms: 61_000,

@@ -298,6 +298,7 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
                     "connectFailures": Stats::get(&st.connect_failures),
                     "decodeErrors": Stats::get(&st.decode_errors),
                     "rejectedRequests": Stats::get(&st.rejected_requests),
+                    "resyncs": Stats::get(&st.resyncs),
                     "lastMessageAt": st.last_message_at.get().map(iso_millis),
                 }),
             );

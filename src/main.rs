@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use exchange_relay::config::Config;
 use exchange_relay::domain::ExchangeId;
-use exchange_relay::sim::{SimBinance, SimOptions};
+use exchange_relay::sim::{SimBinance, SimKraken, SimOptions};
 use tokio::net::TcpListener;
 
 /// Real-time market-data relay: Binance, Coinbase and Kraken upstream, one WebSocket hub downstream.
@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("server.listen: {e}"))?;
 
     // Kept alive for the life of the relay.
-    let mut _sims = Vec::new();
+    let mut _sims: Vec<Box<dyn std::any::Any>> = Vec::new();
     if args.demo {
         let sim = SimBinance::start(
             TcpListener::bind("127.0.0.1:0").await?,
@@ -66,7 +66,18 @@ async fn main() -> anyhow::Result<()> {
         binance.ws_url = sim.ws_url();
         binance.rest_url = sim.rest_url();
         tracing::info!(ws = %binance.ws_url, rest = %binance.rest_url, "demo: simulated Binance running");
-        _sims.push(sim);
+        let kraken_sim = SimKraken::start(
+            TcpListener::bind("127.0.0.1:0").await?,
+            SimOptions::realistic(),
+        )
+        .await?;
+        let kraken = config.exchanges.get_mut(ExchangeId::Kraken);
+        kraken.enabled = true;
+        kraken.ws_url = kraken_sim.ws_url();
+        kraken.rest_url = kraken_sim.rest_url();
+        tracing::info!(ws = %kraken.ws_url, rest = %kraken.rest_url, "demo: simulated Kraken running");
+        _sims.push(Box::new(sim) as Box<dyn std::any::Any>);
+        _sims.push(Box::new(kraken_sim));
     }
 
     let listener = TcpListener::bind(addr)

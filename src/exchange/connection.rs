@@ -192,6 +192,10 @@ impl Live<'_> {
                 return Step::Leave(Outcome::Reconnect { immediate: true });
             }
             Decoded::Send(frame) => self.outgoing.push_back(frame),
+            Decoded::Resyncing { symbol, why } => {
+                Stats::add(&self.ex.stats.resyncs, 1);
+                tracing::warn!(%exchange, conn = self.conn.id, %symbol, %why, "order book resync");
+            }
             Decoded::Fetch { tag, url } => {
                 let http = self.ex.http.clone();
                 let reply = self.fetches.clone();

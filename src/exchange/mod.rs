@@ -6,7 +6,9 @@
 //! the rest of the relay speaks [`FeedKey`]s.
 
 pub mod binance;
+pub mod candles;
 pub mod connection;
+pub mod kraken;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,6 +45,8 @@ pub struct Instrument {
     /// checksum is computed at these precisions).
     pub price_precision: Option<u32>,
     pub qty_precision: Option<u32>,
+    /// The name the exchange's REST API uses, where it differs (Kraken's `XXBTZUSD`).
+    pub rest_name: Option<String>,
 }
 
 /// An exchange's instrument list keyed by unified symbol.
@@ -96,6 +100,8 @@ pub enum Decoded {
     Send(String),
     /// A REST GET whose body (or error) comes back through [`Session::on_fetched`].
     Fetch { tag: u64, url: String },
+    /// A book was found inconsistent and is being rebuilt from a fresh snapshot (counted).
+    Resyncing { symbol: String, why: String },
 }
 
 /// What a session is given when a connection opens.
@@ -190,6 +196,8 @@ pub struct ExchangeStats {
     pub connect_failures: AtomicU64,
     pub decode_errors: AtomicU64,
     pub rejected_requests: AtomicU64,
+    /// Order books rebuilt after a gap, checksum failure or crossed book.
+    pub resyncs: AtomicU64,
     pub last_message_at: AtomicMillis,
     /// The last connect attempt failed and none has succeeded since.
     pub failing: AtomicBool,
@@ -302,7 +310,8 @@ pub struct Upstreams {
 fn adapter_for(id: ExchangeId) -> Option<Box<dyn Adapter>> {
     match id {
         ExchangeId::Binance => Some(Box::new(binance::Binance::new())),
-        ExchangeId::Coinbase | ExchangeId::Kraken => None,
+        ExchangeId::Kraken => Some(Box::new(kraken::Kraken::new())),
+        ExchangeId::Coinbase => None,
     }
 }
 

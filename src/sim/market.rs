@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
+pub use crate::domain::bucket;
 use crate::domain::Interval;
 
 /// One market of `fixtures/sim/markets.json`.
@@ -74,40 +75,6 @@ pub struct Stats24 {
     pub first_id: u64,
 }
 
-/// Candle boundaries; months follow the UTC calendar like Binance's `1M`.
-pub fn bucket(interval: Interval, t_ms: i64) -> (i64, i64) {
-    match interval.fixed_millis() {
-        Some(len) => {
-            // Binance aligns weeks on Monday 00:00 UTC; the epoch was a Thursday.
-            let offset = if interval == Interval::W1 {
-                4 * 86_400_000
-            } else {
-                0
-            };
-            let start = (t_ms - offset).div_euclid(len) * len + offset;
-            (start, start + len - 1)
-        }
-        None => {
-            use chrono::{Datelike, TimeZone, Utc};
-            let dt = Utc.timestamp_millis_opt(t_ms).single().unwrap_or_default();
-            let start = Utc
-                .with_ymd_and_hms(dt.year(), dt.month(), 1, 0, 0, 0)
-                .single()
-                .unwrap_or_default();
-            let (ny, nm) = if dt.month() == 12 {
-                (dt.year() + 1, 1)
-            } else {
-                (dt.year(), dt.month() + 1)
-            };
-            let next = Utc
-                .with_ymd_and_hms(ny, nm, 1, 0, 0, 0)
-                .single()
-                .unwrap_or_default();
-            (start.timestamp_millis(), next.timestamp_millis() - 1)
-        }
-    }
-}
-
 pub struct Market {
     pub spec: MarketSpec,
     /// Unified symbol, `BASEQUOTE`.
@@ -130,7 +97,8 @@ pub struct Market {
 
 /// Finalised candles kept per interval.
 const HISTORY: usize = 500;
-pub const BOOK_LEVELS: usize = 20;
+/// Levels per side: Kraken is subscribed at depth 25.
+pub const BOOK_LEVELS: usize = 25;
 
 impl Market {
     pub fn new(spec: MarketSpec, seed: u64) -> Market {
@@ -173,21 +141,32 @@ impl Market {
         (((q / l).round().max(1.0)) * l * 1e10).round() / 1e10
     }
 
+    /// Re-centres the book on the mid. Levels that survive keep their quantity most of the
+    /// time, so a step changes a few levels, as on a real book, not all of them.
     fn rebuild_book(&mut self) {
         let tick = self.spec.tick;
         let best_bid = self.round_tick(self.mid - tick / 2.0);
         let best_ask = self.round_tick(best_bid + tick);
+        let old_bids = std::mem::take(&mut self.bids);
+        let old_asks = std::mem::take(&mut self.asks);
+        // A surviving level keeps its quantity 80% of the time; otherwise a fresh lot multiple.
+        let level = |old: &[(f64, f64)], price: f64, m: &mut Market| -> (f64, f64) {
+            let kept = old.iter().find(|(p, _)| *p == price).map(|(_, q)| *q);
+            match kept {
+                Some(q) if m.rng.random_bool(0.8) => (price, q),
+                _ => {
+                    let r: f64 = m.rng.random_range(1.0..5000.0);
+                    (price, m.round_lot(m.spec.lot * r))
+                }
+            }
+        };
         let mut bids = Vec::with_capacity(BOOK_LEVELS);
         let mut asks = Vec::with_capacity(BOOK_LEVELS);
         for i in 0..BOOK_LEVELS {
-            let (rb, ra): (f64, f64) = (
-                self.rng.random_range(1.0..5000.0),
-                self.rng.random_range(1.0..5000.0),
-            );
-            let qb = self.round_lot(self.spec.lot * rb);
-            let qa = self.round_lot(self.spec.lot * ra);
-            bids.push((self.round_tick(best_bid - i as f64 * tick), qb));
-            asks.push((self.round_tick(best_ask + i as f64 * tick), qa));
+            let pb = self.round_tick(best_bid - i as f64 * tick);
+            let pa = self.round_tick(best_ask + i as f64 * tick);
+            bids.push(level(&old_bids, pb, self));
+            asks.push(level(&old_asks, pa, self));
         }
         self.bids = bids;
         self.asks = asks;

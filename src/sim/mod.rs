@@ -3,11 +3,13 @@
 //! anyone can try the product offline.
 
 pub mod binance;
+pub mod kraken;
 pub mod market;
 
 use std::time::Duration;
 
 pub use binance::SimBinance;
+pub use kraken::SimKraken;
 
 /// Cadences and limits of a simulated exchange.
 #[derive(Debug, Clone)]

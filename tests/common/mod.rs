@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use exchange_relay::config::Config;
-use exchange_relay::sim::{SimBinance, SimOptions};
+use exchange_relay::sim::{SimBinance, SimKraken, SimOptions};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -127,6 +127,41 @@ pub async fn start_relay_unready(config: Config) -> Relay {
         stop: Some(tx),
         handle: Some(handle),
     }
+}
+
+/// The simulated exchanges of a test.
+pub struct Sims {
+    pub binance: SimBinance,
+    pub kraken: SimKraken,
+}
+
+pub async fn start_sims(opts: SimOptions) -> Sims {
+    let binance = SimBinance::start(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        opts.clone(),
+    )
+    .await
+    .unwrap();
+    let kraken = SimKraken::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), opts)
+        .await
+        .unwrap();
+    Sims { binance, kraken }
+}
+
+/// A config pointing every exchange at its simulator.
+pub fn config_for_all(sims: &Sims) -> Config {
+    let mut c = config_for(&sims.binance);
+    c.exchanges.kraken.enabled = true;
+    c.exchanges.kraken.ws_url = sims.kraken.ws_url();
+    c.exchanges.kraken.rest_url = sims.kraken.rest_url();
+    c
+}
+
+/// All simulators and a relay wired to them.
+pub async fn start_all() -> (Sims, Relay) {
+    let sims = start_sims(SimOptions::fast()).await;
+    let relay = start_relay(config_for_all(&sims)).await;
+    (sims, relay)
 }
 
 /// A sim and a relay wired to it.

@@ -1,0 +1,369 @@
+//! Candles built from trades, for intervals an exchange has no native stream for.
+//!
+//! Exact by construction: trades are bucketed by the exchange's trade time (never the receive
+//! time), deduplicated by trade id (snapshots re-send trades), and each candle is final exactly
+//! once, when a trade of a later bucket arrives or [`GRACE_MS`] after its end, whichever is
+//! first; a trade for a finalised bucket is dropped rather than reopening it. A bucket without
+//! trades produces no candle (Coinbase's and Kraken's own candles behave the same).
+//!
+//! The candle forming when a subscription starts is seeded from the exchange's REST candles,
+//! so its open/high/low/volume cover the part of the bucket before the subscription. REST
+//! candles carry no trade ids, so trades up to the moment the seed was requested are assumed
+//! to be in it: that first candle can be off by the trades of that instant. Every candle after
+//! it is exact.
+
+use std::collections::{HashSet, VecDeque};
+
+use crate::domain::{bucket, Interval};
+use crate::events::{Kline, Trade, TradeId};
+
+/// How long after its end a candle without later trades waits before it is final: absorbs
+/// trade batching (Coinbase sends trades every 250 ms) and network delay.
+pub const GRACE_MS: i64 = 2_000;
+/// Trade ids remembered for deduplication.
+const RECENT_IDS: usize = 10_000;
+/// Trades held while the REST seed is on its way.
+const MAX_PENDING: usize = 100_000;
+
+/// One REST candle, as a seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedCandle {
+    pub open_time: i64,
+    pub open: f64,
+    pub high: f64,
+    pub low: f64,
+    pub close: f64,
+    pub volume: f64,
+    pub quote_volume: Option<f64>,
+    pub trades: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Building {
+    open_time: i64,
+    close_time: i64,
+    open: f64,
+    high: f64,
+    low: f64,
+    close: f64,
+    /// (time, id) of the trade that set `close`: the latest one wins, whatever the order.
+    close_key: (i64, u64),
+    volume: f64,
+    quote_volume: f64,
+    trades: u64,
+    last_time: i64,
+}
+
+pub struct TradeCandles {
+    interval: Interval,
+    forming: Option<Building>,
+    /// Open time of the newest final candle.
+    last_final: Option<i64>,
+    seen: HashSet<TradeId>,
+    seen_order: VecDeque<TradeId>,
+    /// Trades waiting for the seed; `None` once seeded (or when no seed is wanted).
+    pending: Option<Vec<Trade>>,
+    /// Trades of the seeded bucket at or before this time are in the seed already.
+    seeded_until: Option<(i64, i64)>,
+}
+
+impl TradeCandles {
+    /// A builder that waits for [`TradeCandles::seed`] (or [`TradeCandles::seed_failed`]).
+    pub fn seeded(interval: Interval) -> TradeCandles {
+        let mut c = TradeCandles::unseeded(interval);
+        c.pending = Some(Vec::new());
+        c
+    }
+
+    /// A builder that starts from the first trade (no REST candles at this interval).
+    pub fn unseeded(interval: Interval) -> TradeCandles {
+        TradeCandles {
+            interval,
+            forming: None,
+            last_final: None,
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+            pending: None,
+            seeded_until: None,
+        }
+    }
+
+    pub fn interval(&self) -> Interval {
+        self.interval
+    }
+
+    /// Seeds the forming candle from REST `rows` (any granularity dividing the interval),
+    /// fetched at `asked_at_ms`, then replays the trades that arrived meanwhile.
+    pub fn seed(&mut self, rows: &[SeedCandle], asked_at_ms: i64, out: &mut Vec<Kline>) {
+        let (start, end) = bucket(self.interval, asked_at_ms);
+        let mut inside: Vec<&SeedCandle> = rows
+            .iter()
+            .filter(|r| r.open_time >= start && r.open_time <= end)
+            .collect();
+        inside.sort_by_key(|r| r.open_time);
+        if let (Some(first), Some(last)) = (inside.first(), inside.last()) {
+            let quote = inside.iter().map(|r| r.quote_volume).sum::<Option<f64>>();
+            self.forming = Some(Building {
+                open_time: start,
+                close_time: end,
+                open: first.open,
+                high: inside.iter().map(|r| r.high).fold(f64::MIN, f64::max),
+                low: inside.iter().map(|r| r.low).fold(f64::MAX, f64::min),
+                close: last.close,
+                close_key: (asked_at_ms, 0),
+                volume: inside.iter().map(|r| r.volume).sum(),
+                // Without an exact quote volume from REST, the trades' own price·size is the
+                // best estimate for the seeded part.
+                quote_volume: quote.unwrap_or_else(|| {
+                    inside
+                        .iter()
+                        .map(|r| r.volume * (r.open + r.close) / 2.0)
+                        .sum()
+                }),
+                trades: inside.iter().map(|r| r.trades.unwrap_or(0)).sum(),
+                last_time: asked_at_ms,
+            });
+            self.seeded_until = Some((start, asked_at_ms));
+            self.emit_forming(out);
+        }
+        self.replay(out);
+    }
+
+    /// The REST seed could not be had: start from the trades alone.
+    pub fn seed_failed(&mut self, out: &mut Vec<Kline>) {
+        self.replay(out);
+    }
+
+    fn replay(&mut self, out: &mut Vec<Kline>) {
+        if let Some(pending) = self.pending.take() {
+            for t in &pending {
+                self.on_trade(t, out);
+            }
+        }
+    }
+
+    /// Applies one trade; pushes a final candle (when this trade opens a later bucket) and the
+    /// forming one.
+    pub fn on_trade(&mut self, t: &Trade, out: &mut Vec<Kline>) {
+        if let Some(pending) = &mut self.pending {
+            if pending.len() < MAX_PENDING {
+                pending.push(t.clone());
+            }
+            return;
+        }
+        if !self.remember(&t.trade_id) {
+            return;
+        }
+        let (start, end) = bucket(self.interval, t.time_ms);
+        if self.last_final.is_some_and(|f| start <= f) {
+            return; // late for a final candle: never reopened
+        }
+        if let Some((seeded_start, until)) = self.seeded_until {
+            if start == seeded_start && t.time_ms <= until {
+                return; // counted in the REST seed
+            }
+        }
+        match &self.forming {
+            Some(f) if start > f.open_time => self.finalize(out),
+            Some(f) if start < f.open_time => return,
+            _ => {}
+        }
+        let key = (t.time_ms, trade_order(&t.trade_id));
+        let b = self.forming.get_or_insert(Building {
+            open_time: start,
+            close_time: end,
+            open: t.price,
+            high: t.price,
+            low: t.price,
+            close: t.price,
+            close_key: key,
+            volume: 0.0,
+            quote_volume: 0.0,
+            trades: 0,
+            last_time: t.time_ms,
+        });
+        b.high = b.high.max(t.price);
+        b.low = b.low.min(t.price);
+        if key >= b.close_key {
+            b.close = t.price;
+            b.close_key = key;
+        }
+        b.volume += t.quantity;
+        b.quote_volume += t.quantity * t.price;
+        b.trades += 1;
+        b.last_time = b.last_time.max(t.time_ms);
+        self.emit_forming(out);
+    }
+
+    /// Finalises a candle whose bucket ended more than [`GRACE_MS`] ago.
+    pub fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Kline>) {
+        if self
+            .forming
+            .as_ref()
+            .is_some_and(|f| now_ms > f.close_time + GRACE_MS)
+        {
+            self.finalize(out);
+        }
+    }
+
+    fn remember(&mut self, id: &TradeId) -> bool {
+        if !self.seen.insert(id.clone()) {
+            return false;
+        }
+        self.seen_order.push_back(id.clone());
+        if self.seen_order.len() > RECENT_IDS {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn finalize(&mut self, out: &mut Vec<Kline>) {
+        if let Some(b) = self.forming.take() {
+            self.last_final = Some(b.open_time);
+            out.push(self.kline(&b, true));
+        }
+    }
+
+    fn emit_forming(&self, out: &mut Vec<Kline>) {
+        if let Some(b) = &self.forming {
+            out.push(self.kline(b, false));
+        }
+    }
+
+    fn kline(&self, b: &Building, is_final: bool) -> Kline {
+        Kline {
+            interval: self.interval,
+            open_time: b.open_time,
+            close_time: b.close_time,
+            open: b.open,
+            high: b.high,
+            low: b.low,
+            close: b.close,
+            volume: b.volume,
+            quote_volume: Some(b.quote_volume),
+            trades: b.trades,
+            is_final,
+            time_ms: b.last_time,
+        }
+    }
+}
+
+/// Orders trades of the same millisecond by id where the id is numeric.
+fn trade_order(id: &TradeId) -> u64 {
+    match id {
+        TradeId::Number(n) => *n,
+        TradeId::Text(s) => s.parse().unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Side;
+
+    fn trade(id: u64, t: i64, price: f64, qty: f64) -> Trade {
+        Trade {
+            trade_id: TradeId::Number(id),
+            price,
+            quantity: qty,
+            side: Side::Buy,
+            time_ms: t,
+        }
+    }
+
+    #[test]
+    fn candles_are_exact_and_final_once() {
+        let mut c = TradeCandles::unseeded(Interval::S1);
+        let mut out = Vec::new();
+        c.on_trade(&trade(1, 1_000, 10.0, 1.0), &mut out);
+        c.on_trade(&trade(2, 1_500, 12.0, 2.0), &mut out);
+        c.on_trade(&trade(2, 1_500, 12.0, 2.0), &mut out); // duplicate
+        c.on_trade(&trade(3, 1_900, 9.0, 1.0), &mut out);
+        out.clear();
+        c.on_trade(&trade(4, 2_100, 11.0, 1.0), &mut out);
+        assert_eq!(out.len(), 2);
+        let fin = &out[0];
+        assert!(fin.is_final);
+        assert_eq!((fin.open_time, fin.close_time), (1_000, 1_999));
+        assert_eq!(
+            (fin.open, fin.high, fin.low, fin.close),
+            (10.0, 12.0, 9.0, 9.0)
+        );
+        assert_eq!((fin.volume, fin.trades), (4.0, 3));
+        assert_eq!(fin.quote_volume, Some(10.0 + 24.0 + 9.0));
+        assert!(!out[1].is_final);
+        // A late trade for the final candle does not reopen it.
+        out.clear();
+        c.on_trade(&trade(5, 1_950, 100.0, 1.0), &mut out);
+        assert!(out.is_empty());
+        // The clock finalises a candle nobody trades after.
+        c.on_tick(2_999 + GRACE_MS, &mut out);
+        assert!(out.is_empty());
+        c.on_tick(3_000 + GRACE_MS, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].is_final && out[0].open_time == 2_000);
+        c.on_tick(10_000, &mut out);
+        assert_eq!(out.len(), 1, "final exactly once");
+    }
+
+    #[test]
+    fn close_is_the_latest_trade_whatever_the_arrival_order() {
+        let mut c = TradeCandles::unseeded(Interval::M1);
+        let mut out = Vec::new();
+        c.on_trade(&trade(2, 5_000, 20.0, 1.0), &mut out);
+        c.on_trade(&trade(1, 4_000, 10.0, 1.0), &mut out);
+        assert_eq!(out.last().unwrap().close, 20.0);
+    }
+
+    #[test]
+    fn the_seed_covers_the_start_of_the_bucket() {
+        let mut c = TradeCandles::seeded(Interval::M3);
+        let mut out = Vec::new();
+        // Trades arrive before the seed: held.
+        c.on_trade(&trade(7, 130_000, 50.0, 1.0), &mut out);
+        c.on_trade(&trade(8, 170_000, 55.0, 1.0), &mut out);
+        assert!(out.is_empty());
+        let rows = [
+            SeedCandle {
+                open_time: 0,
+                open: 40.0,
+                high: 45.0,
+                low: 39.0,
+                close: 44.0,
+                volume: 3.0,
+                quote_volume: None,
+                trades: Some(3),
+            },
+            SeedCandle {
+                open_time: 60_000,
+                open: 44.0,
+                high: 60.0,
+                low: 43.0,
+                close: 48.0,
+                volume: 2.0,
+                quote_volume: None,
+                trades: Some(2),
+            },
+            SeedCandle {
+                open_time: 120_000,
+                open: 48.0,
+                high: 49.0,
+                low: 47.0,
+                close: 49.0,
+                volume: 1.0,
+                quote_volume: None,
+                trades: Some(1),
+            },
+        ];
+        // Asked at 150 s: trade 7 (130 s) is in the seed, trade 8 (170 s) is not.
+        c.seed(&rows, 150_000, &mut out);
+        let last = out.last().unwrap();
+        assert_eq!(
+            (last.open_time, last.open, last.high, last.low),
+            (0, 40.0, 60.0, 39.0)
+        );
+        assert_eq!((last.close, last.volume, last.trades), (55.0, 7.0, 7));
+    }
+}

@@ -1,0 +1,228 @@
+//! Kraken through the relay: every kind, checksum-verified books that resync alone, native and
+//! trade-built candles, instrument-list symbols, and exchange refusals reaching clients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use exchange_relay::domain::Interval;
+use serde_json::{json, Value};
+
+fn levels(v: &Value) -> Vec<[f64; 2]> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| [l[0].as_f64().unwrap(), l[1].as_f64().unwrap()])
+        .collect()
+}
+
+fn same(a: &[[f64; 2]], b: &[[f64; 2]]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            (x[0] - y[0]).abs() <= 1e-9 * x[0].abs().max(1.0)
+                && (x[1] - y[1]).abs() <= 1e-9 * x[1].abs().max(1.0)
+        })
+}
+
+#[tokio::test]
+async fn every_kind_is_served_from_kraken() {
+    let (_sims, relay) = start_all().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&[
+        "price:BTCUSD@kraken",
+        "ticker:BTCUSD@kraken",
+        "trades:BTCUSD@kraken",
+        "depth:BTCUSD@kraken:5",
+        "klines:BTCUSD@kraken:1m",
+        "klines:BTCUSD@kraken:1s",
+    ])
+    .await;
+    let p = c.recv_until(is_type("price")).await;
+    assert_eq!(
+        (p["data"]["symbol"].clone(), p["data"]["exchange"].clone()),
+        (json!("BTCUSD"), json!("kraken"))
+    );
+    assert!(p["data"]["price"].as_f64().unwrap() > 1000.0);
+    let t = c.recv_until(is_type("ticker")).await;
+    assert!(
+        t["data"]["quoteVolume"].is_null(),
+        "Kraken gives no exact quote volume: {t}"
+    );
+    assert!(t["data"]["bid"].as_f64() < t["data"]["ask"].as_f64());
+    let tr = c.recv_until(is_type("trade")).await;
+    assert!(tr["data"]["tradeId"].is_u64());
+    let d = c.recv_until(is_type("depth")).await;
+    assert_eq!(d["data"]["bids"].as_array().unwrap().len(), 5);
+    let k = c
+        .recv_until(is_msg("kline", "klines:BTCUSD@kraken:1m"))
+        .await;
+    assert_eq!(
+        k["data"]["closeTime"].as_i64().unwrap() - k["data"]["time"].as_i64().unwrap(),
+        59_999
+    );
+    let k = c
+        .recv_until(is_msg("kline", "klines:BTCUSD@kraken:1s"))
+        .await;
+    assert_eq!(k["data"]["interval"], "1s");
+}
+
+#[tokio::test]
+async fn symbols_come_from_the_instrument_list_not_string_rules() {
+    let (sims, relay) = start_all().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&[
+        "price:XBTUSD@kraken",
+        "price:LUNAUSD@kraken",
+        "price:BTCUSDT@kraken",
+        "ticker:DOGEUSD@kraken",
+        "ticker:ETHBTC@kraken",
+    ])
+    .await;
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..5 {
+        let m = c
+            .recv_until(|v| v["type"] == "error" || v["type"] == "subscribed")
+            .await;
+        got.insert(
+            m["channel"].as_str().unwrap().to_string(),
+            (
+                m["type"].as_str().unwrap().to_string(),
+                error_code(&m).to_string(),
+            ),
+        );
+    }
+    assert_eq!(
+        got["price:XBTUSD@kraken"].1, "UNKNOWN_SYMBOL",
+        "XBT is BTC on v2"
+    );
+    assert_eq!(got["price:LUNAUSD@kraken"].1, "UNKNOWN_SYMBOL", "delisted");
+    assert_eq!(
+        got["price:BTCUSDT@kraken"].1, "UNKNOWN_SYMBOL",
+        "no USDT<->USD aliasing"
+    );
+    assert_eq!(
+        got["ticker:DOGEUSD@kraken"].0, "subscribed",
+        "XDG/USD on REST is DOGE/USD on v2"
+    );
+    assert_eq!(got["ticker:ETHBTC@kraken"].0, "subscribed");
+    c.recv_until(|v| v["type"] == "ticker" && v["channel"] == "ticker:DOGEUSD@kraken")
+        .await;
+    assert!(sims.kraken.subscriptions().contains_key("ticker:DOGE/USD"));
+}
+
+#[tokio::test]
+async fn a_bad_checksum_resyncs_that_symbol_and_the_book_stays_true() {
+    let (sims, relay) = start_all().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["depth:BTCUSD@kraken:10", "trades:ETHUSD@kraken"])
+        .await;
+    c.recv_until(is_type("depth")).await;
+    let connects = sims.kraken.connects();
+    sims.kraken.corrupt_next_checksum("BTC/USD");
+    let mut depth_seen = 0;
+    let mut trades_seen = 0;
+    while depth_seen < 40 || trades_seen < 5 {
+        let m = c.recv().await;
+        match m["type"].as_str().unwrap() {
+            "depth" => {
+                depth_seen += 1;
+                let (bids, asks) = (levels(&m["data"]["bids"]), levels(&m["data"]["asks"]));
+                assert!(bids[0][0] < asks[0][0], "crossed book sent");
+                // The book the client sees is one the exchange actually had.
+                let truth = sims.kraken.published_books("BTC/USD");
+                assert!(
+                    truth.iter().any(|(b, a)| same(b, &bids) && same(a, &asks)),
+                    "client book matches no published book"
+                );
+            }
+            "trade" => trades_seen += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(sims.kraken.connects(), connects, "the connection was kept");
+    let s = relay.stats().await;
+    assert_eq!(s["upstreams"]["kraken"]["resyncs"], 1, "{s}");
+    assert_eq!(s["upstreams"]["kraken"]["reconnects"], 0);
+}
+
+#[tokio::test]
+async fn one_second_candles_built_from_trades_equal_the_exchanges_own() {
+    let (sims, relay) = start_all().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["klines:ETHUSD@kraken:1s"]).await;
+    let mut finals: Vec<Value> = Vec::new();
+    while finals.len() < 4 {
+        let k = c.recv_until(is_type("kline")).await;
+        if k["data"]["isFinal"] == true {
+            finals.push(k["data"].clone());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let truth = sims.kraken.closed_candles("ETH/USD", Interval::S1);
+    // The first candle may have started before the subscription; every later one is exact.
+    for k in &finals[1..] {
+        let t = k["time"].as_i64().unwrap();
+        let c = truth
+            .iter()
+            .find(|c| c.open_time == t)
+            .expect("the exchange closed this candle");
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
+        assert!(close(k["open"].as_f64().unwrap(), c.open), "{k} vs {c:?}");
+        assert!(close(k["high"].as_f64().unwrap(), c.high), "{k} vs {c:?}");
+        assert!(close(k["low"].as_f64().unwrap(), c.low), "{k} vs {c:?}");
+        assert!(close(k["close"].as_f64().unwrap(), c.close), "{k} vs {c:?}");
+        assert!(
+            close(k["volume"].as_f64().unwrap(), c.volume),
+            "{k} vs {c:?}"
+        );
+        assert_eq!(k["trades"].as_u64().unwrap(), c.trades, "{k} vs {c:?}");
+        assert_eq!(k["closeTime"].as_i64().unwrap(), c.close_time);
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_from_kraken_reaches_the_client() {
+    let (sims, relay) = start_all().await;
+    sims.kraken.refuse_symbol("SOL/USD");
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["ticker:SOLUSD@kraken"]).await;
+    assert_eq!(c.recv().await["type"], "subscribed");
+    let e = c.recv_until(is_type("error")).await;
+    assert_eq!(
+        (error_code(&e), e["channel"].clone()),
+        ("UNKNOWN_SYMBOL", json!("ticker:SOLUSD@kraken"))
+    );
+    assert!(e["data"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Currency pair not supported"));
+    c.recv_until(is_msg("unsubscribed", "ticker:SOLUSD@kraken"))
+        .await;
+    c.send(json!({"type": "list"})).await;
+    assert_eq!(
+        c.recv_until(is_type("subscriptions")).await["channels"],
+        json!([])
+    );
+}
+
+#[tokio::test]
+async fn kraken_reconnects_and_resubscribes_after_a_drop() {
+    let (sims, relay) = start_all().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["trades:BTCUSD@kraken", "depth:ETHUSD@kraken"])
+        .await;
+    c.recv_until(is_type("trade")).await;
+    let connects = sims.kraken.connects();
+    sims.kraken.kill_connections();
+    eventually("a reconnect", || sims.kraken.connects() > connects).await;
+    c.recv_until(is_type("trade")).await;
+    c.recv_until(is_type("depth")).await;
+    let subs = sims.kraken.subscriptions();
+    assert_eq!(subs.get("trade:BTC/USD"), Some(&1), "{subs:?}");
+    assert_eq!(subs.get("book:ETH/USD"), Some(&1), "{subs:?}");
+    let s = relay.stats().await;
+    assert_eq!(s["krakenStreams"], 2);
+    assert!(s["upstreams"]["kraken"]["reconnects"].as_u64().unwrap() >= 1);
+}
