@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use exchange_relay::config::Config;
 use exchange_relay::domain::ExchangeId;
-use exchange_relay::sim::{SimBinance, SimKraken, SimOptions};
+use exchange_relay::sim::{SimBinance, SimCoinbase, SimKraken, SimOptions};
 use tokio::net::TcpListener;
 
 /// Real-time market-data relay: Binance, Coinbase and Kraken upstream, one WebSocket hub downstream.
@@ -76,8 +76,19 @@ async fn main() -> anyhow::Result<()> {
         kraken.ws_url = kraken_sim.ws_url();
         kraken.rest_url = kraken_sim.rest_url();
         tracing::info!(ws = %kraken.ws_url, rest = %kraken.rest_url, "demo: simulated Kraken running");
+        let coinbase_sim = SimCoinbase::start(
+            TcpListener::bind("127.0.0.1:0").await?,
+            SimOptions::realistic(),
+        )
+        .await?;
+        let coinbase = config.exchanges.get_mut(ExchangeId::Coinbase);
+        coinbase.enabled = true;
+        coinbase.ws_url = coinbase_sim.ws_url();
+        coinbase.rest_url = coinbase_sim.rest_url();
+        tracing::info!(ws = %coinbase.ws_url, rest = %coinbase.rest_url, "demo: simulated Coinbase running");
         _sims.push(Box::new(sim) as Box<dyn std::any::Any>);
         _sims.push(Box::new(kraken_sim));
+        _sims.push(Box::new(coinbase_sim));
     }
 
     let listener = TcpListener::bind(addr)

@@ -47,6 +47,8 @@ impl Binance {
                 stale_after: Duration::from_secs(60),
                 // Binance cuts every connection at 24 h: renew before it does.
                 max_connection_age: Some(Duration::from_secs(23 * 3600 + 30 * 60)),
+                // Binance: 300 connection attempts per 5 minutes per IP; keep a margin.
+                connect_budget: (250, Duration::from_secs(300)),
             },
         }
     }

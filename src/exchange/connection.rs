@@ -86,6 +86,20 @@ pub async fn run(ex: Arc<Exchange>, conn: Arc<Conn>, hub: Weak<Hub>, shutdown: C
             Stats::add(&ex.stats.reconnects, 1);
         }
         first = false;
+        // Never more attempts than the exchange tolerates, however many connections fail.
+        loop {
+            let reserved = ex
+                .attempts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reserve(Instant::now());
+            let Err(wait) = reserved else { break };
+            tracing::warn!(%exchange, conn = conn.id, wait_ms = wait.as_millis() as u64, "connection attempt budget spent; waiting");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = sleep(wait) => {}
+            }
+        }
         let names: Vec<String> = wanted.keys().cloned().collect();
         let (url, in_url) = ex.adapter.connect_url(&ex.config.ws_url, &names);
         let config = WebSocketConfig::default().max_message_size(Some(MAX_UPSTREAM_MESSAGE));

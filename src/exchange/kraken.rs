@@ -62,6 +62,8 @@ impl Kraken {
                 // Heartbeats arrive every second on a subscribed connection.
                 stale_after: Duration::from_secs(30),
                 max_connection_age: None,
+                // Cloudflare bans an IP for 10 minutes past ~150 attempts in 10 minutes.
+                connect_budget: (100, Duration::from_secs(600)),
             },
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod binance;
 pub mod candles;
+pub mod coinbase;
 pub mod connection;
 pub mod kraken;
 
@@ -124,6 +125,44 @@ pub struct Limits {
     pub stale_after: Duration,
     /// Reconnect proactively before the exchange cuts the connection.
     pub max_connection_age: Option<Duration>,
+    /// At most this many connection attempts per window, across all of the exchange's
+    /// connections (exchanges ban IPs that reconnect too often).
+    pub connect_budget: (usize, Duration),
+}
+
+/// A sliding-window budget of connection attempts.
+#[derive(Debug)]
+pub struct AttemptBudget {
+    max: usize,
+    window: Duration,
+    attempts: std::collections::VecDeque<tokio::time::Instant>,
+}
+
+impl AttemptBudget {
+    pub fn new((max, window): (usize, Duration)) -> AttemptBudget {
+        AttemptBudget {
+            max: max.max(1),
+            window,
+            attempts: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Takes an attempt at `now`, or says how long to wait for one.
+    pub fn reserve(&mut self, now: tokio::time::Instant) -> Result<(), Duration> {
+        while self
+            .attempts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.window)
+        {
+            self.attempts.pop_front();
+        }
+        if self.attempts.len() >= self.max {
+            let oldest = self.attempts.front().copied().unwrap_or(now);
+            return Err(self.window.saturating_sub(now.duration_since(oldest)));
+        }
+        self.attempts.push_back(now);
+        Ok(())
+    }
 }
 
 /// The static, sans-IO description of one exchange.
@@ -254,6 +293,8 @@ pub struct Exchange {
     pub stats: ExchangeStats,
     /// For REST calls sessions ask for.
     pub http: reqwest::Client,
+    /// Connection attempts, shared by all of this exchange's connections.
+    pub attempts: Mutex<AttemptBudget>,
 }
 
 #[derive(Default)]
@@ -311,7 +352,7 @@ fn adapter_for(id: ExchangeId) -> Option<Box<dyn Adapter>> {
     match id {
         ExchangeId::Binance => Some(Box::new(binance::Binance::new())),
         ExchangeId::Kraken => Some(Box::new(kraken::Kraken::new())),
-        ExchangeId::Coinbase => None,
+        ExchangeId::Coinbase => Some(Box::new(coinbase::Coinbase::new())),
     }
 }
 
@@ -327,7 +368,9 @@ impl Upstreams {
             .filter(|id| config.exchanges.get(*id).enabled)
             .filter_map(|id| {
                 let adapter = adapter_for(id)?;
+                let budget = AttemptBudget::new(adapter.limits().connect_budget);
                 Some(Arc::new(Exchange {
+                    attempts: Mutex::new(budget),
                     adapter,
                     config: config.exchanges.get(id).clone(),
                     instruments: moka::sync::Cache::new(1),
@@ -514,6 +557,27 @@ async fn load_instruments(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attempt_budget_slides() {
+        let mut b = AttemptBudget::new((3, Duration::from_secs(10)));
+        let t0 = tokio::time::Instant::now();
+        for i in 0..3 {
+            assert_eq!(b.reserve(t0 + Duration::from_secs(i)), Ok(()));
+        }
+        // The fourth must wait until the first leaves the window.
+        assert_eq!(
+            b.reserve(t0 + Duration::from_secs(4)),
+            Err(Duration::from_secs(6))
+        );
+        assert_eq!(b.reserve(t0 + Duration::from_secs(10)), Ok(()));
+        assert!(b.reserve(t0 + Duration::from_secs(10)).is_err());
     }
 }
 

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::market::{default_specs, Candle, Market, SimTrade};
+use super::util::{lock, unavailable};
 use super::SimOptions;
 use crate::domain::Interval;
 use crate::protocol::now_millis;
@@ -65,10 +66,6 @@ struct Inner {
     connects: AtomicU64,
     control_messages: AtomicU64,
     rate_limit_closes: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A running simulated Binance; stops when dropped.
@@ -345,10 +342,6 @@ async fn run_market(inner: Arc<Inner>, stop: CancellationToken) {
             }
         }
     }
-}
-
-fn unavailable() -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, "simulated outage").into_response()
 }
 
 async fn ws_combined(

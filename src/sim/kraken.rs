@@ -12,11 +12,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -29,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::market::{default_specs, Candle, Market, SimTrade};
+use super::util::{add_ref, drop_ref, lock, rfc3339, unavailable};
 use super::SimOptions;
 use crate::domain::Interval;
 use crate::protocol::now_millis;
@@ -81,10 +81,6 @@ struct Inner {
     connects: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn v2(code: &str) -> &str {
     match code {
         "XBT" => "BTC",
@@ -101,13 +97,6 @@ fn num(v: f64, dp: usize) -> Box<RawValue> {
         "0".into()
     };
     RawValue::from_string(text).unwrap_or_default()
-}
-
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-        .to_string()
 }
 
 /// Kraken's checksum from the formatted strings: asks low→high, then bids high→low.
@@ -470,7 +459,7 @@ async fn run_market(inner: Arc<Inner>, stop: CancellationToken) {
 
 async fn ws(State(inner): State<Arc<Inner>>, upgrade: WebSocketUpgrade) -> Response {
     if !inner.available.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "simulated outage").into_response();
+        return unavailable();
     }
     upgrade.on_upgrade(move |socket| connection(socket, inner))
 }
@@ -523,7 +512,7 @@ fn handle(inner: &Inner, subs: &mut HashSet<String>, text: &str) -> Vec<String> 
                         frames.push(nack(method, "Already subscribed", sym, &req_id));
                         continue;
                     }
-                    *lock(&inner.subscriptions).entry(key.clone()).or_default() += 1;
+                    add_ref(&inner.subscriptions, &key);
                     let mut result = json!({"channel": channel, "symbol": sym, "snapshot": true});
                     if channel == "book" {
                         result["depth"] = params["depth"].clone();
@@ -544,13 +533,7 @@ fn handle(inner: &Inner, subs: &mut HashSet<String>, text: &str) -> Vec<String> 
                     }
                 } else {
                     if subs.remove(&key) {
-                        let mut map = lock(&inner.subscriptions);
-                        if let Some(n) = map.get_mut(&key) {
-                            *n -= 1;
-                            if *n == 0 {
-                                map.remove(&key);
-                            }
-                        }
+                        drop_ref(&inner.subscriptions, &key);
                     }
                     frames.push(ack(method, json!({"channel": channel, "symbol": sym}), &req_id));
                 }
@@ -597,22 +580,15 @@ async fn connection(socket: WebSocket, inner: Arc<Inner>) {
             c = control.recv() => if let Ok(Control::Kill) = c { break },
         }
     }
-    let mut map = lock(&inner.subscriptions);
     for key in subs {
-        if let Some(n) = map.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&key);
-            }
-        }
+        drop_ref(&inner.subscriptions, &key);
     }
-    drop(map);
     inner.connections.fetch_sub(1, Ordering::SeqCst);
 }
 
 async fn asset_pairs_handler(State(inner): State<Arc<Inner>>) -> Response {
     if !inner.available.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "simulated outage").into_response();
+        return unavailable();
     }
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -630,7 +606,7 @@ struct OhlcQuery {
 
 async fn ohlc_handler(State(inner): State<Arc<Inner>>, Query(q): Query<OhlcQuery>) -> Response {
     if !inner.available.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "simulated outage").into_response();
+        return unavailable();
     }
     let err = |e: &str| Json(json!({"error": [e]})).into_response();
     let Some(pair) = q

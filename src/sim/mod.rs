@@ -3,12 +3,15 @@
 //! anyone can try the product offline.
 
 pub mod binance;
+pub mod coinbase;
 pub mod kraken;
 pub mod market;
+mod util;
 
 use std::time::Duration;
 
 pub use binance::SimBinance;
+pub use coinbase::SimCoinbase;
 pub use kraken::SimKraken;
 
 /// Cadences and limits of a simulated exchange.

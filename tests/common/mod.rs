@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use exchange_relay::config::Config;
-use exchange_relay::sim::{SimBinance, SimKraken, SimOptions};
+use exchange_relay::sim::{SimBinance, SimCoinbase, SimKraken, SimOptions};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -133,6 +133,7 @@ pub async fn start_relay_unready(config: Config) -> Relay {
 pub struct Sims {
     pub binance: SimBinance,
     pub kraken: SimKraken,
+    pub coinbase: SimCoinbase,
 }
 
 pub async fn start_sims(opts: SimOptions) -> Sims {
@@ -142,10 +143,20 @@ pub async fn start_sims(opts: SimOptions) -> Sims {
     )
     .await
     .unwrap();
-    let kraken = SimKraken::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), opts)
+    let kraken = SimKraken::start(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        opts.clone(),
+    )
+    .await
+    .unwrap();
+    let coinbase = SimCoinbase::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), opts)
         .await
         .unwrap();
-    Sims { binance, kraken }
+    Sims {
+        binance,
+        kraken,
+        coinbase,
+    }
 }
 
 /// A config pointing every exchange at its simulator.
@@ -154,6 +165,9 @@ pub fn config_for_all(sims: &Sims) -> Config {
     c.exchanges.kraken.enabled = true;
     c.exchanges.kraken.ws_url = sims.kraken.ws_url();
     c.exchanges.kraken.rest_url = sims.kraken.rest_url();
+    c.exchanges.coinbase.enabled = true;
+    c.exchanges.coinbase.ws_url = sims.coinbase.ws_url();
+    c.exchanges.coinbase.rest_url = sims.coinbase.rest_url();
     c
 }
 
