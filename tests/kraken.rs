@@ -226,3 +226,30 @@ async fn kraken_reconnects_and_resubscribes_after_a_drop() {
     assert_eq!(s["krakenStreams"], 2);
     assert!(s["upstreams"]["kraken"]["reconnects"].as_u64().unwrap() >= 1);
 }
+
+#[tokio::test]
+async fn no_stale_book_is_replayed_while_the_exchange_is_away() {
+    let (sims, relay) = start_all().await;
+    let mut first = Client::connect(&relay).await;
+    first.subscribe(&["depth:BTCUSD@kraken"]).await;
+    first.recv_until(is_type("depth")).await;
+    sims.kraken.set_available(false);
+    sims.kraken.kill_connections();
+    eventually("the relay to notice", || sims.kraken.connections() == 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut late = Client::connect(&relay).await;
+    late.subscribe(&["depth:BTCUSD@kraken"]).await;
+    assert_eq!(late.recv().await["type"], "subscribed");
+    let next = late.recv().await;
+    assert_eq!(
+        error_code(&next),
+        "UPSTREAM_UNAVAILABLE",
+        "no cached book, just the truth: {next}"
+    );
+    let quiet = tokio::time::timeout(Duration::from_millis(500), late.recv()).await;
+    assert!(quiet.is_err(), "a stale book was replayed: {quiet:?}");
+
+    sims.kraken.set_available(true);
+    late.recv_until(is_type("depth")).await;
+}

@@ -270,7 +270,7 @@ impl CoinbaseSession {
                 *book = LocalBook::default();
             }
             out.push(Decoded::Resyncing {
-                symbol: p.clone(),
+                stream: format!("level2:{p}"),
                 why: why.to_string(),
             });
         }
@@ -873,7 +873,7 @@ mod tests {
         let resynced: Vec<&str> = out
             .iter()
             .filter_map(|d| match d {
-                Decoded::Resyncing { symbol, .. } => Some(symbol.as_str()),
+                Decoded::Resyncing { stream, .. } => Some(stream.as_str()),
                 _ => None,
             })
             .collect();

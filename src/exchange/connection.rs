@@ -136,6 +136,20 @@ pub async fn run(ex: Arc<Exchange>, conn: Arc<Conn>, hub: Weak<Hub>, shutdown: C
         let outcome = session(&ex, &conn, &hub, &shutdown, ws, initial).await;
         conn.connected.store(false, Ordering::Relaxed);
         conn.active().clear();
+        // Books held for replay are stale from the moment the socket is gone.
+        // (Keys are collected first: the hub's lock order is topic, then connection.)
+        let books: Vec<FeedKey> = conn
+            .desired()
+            .streams
+            .values()
+            .filter(|k| k.feed == crate::events::Feed::Book)
+            .cloned()
+            .collect();
+        if let Some(hub) = hub.upgrade() {
+            for key in &books {
+                hub.invalidate(key);
+            }
+        }
         if started.elapsed() >= HEALTHY_AFTER {
             backoff.reset();
         }
@@ -206,9 +220,12 @@ impl Live<'_> {
                 return Step::Leave(Outcome::Reconnect { immediate: true });
             }
             Decoded::Send(frame) => self.outgoing.push_back(frame),
-            Decoded::Resyncing { symbol, why } => {
+            Decoded::Resyncing { stream, why } => {
                 Stats::add(&self.ex.stats.resyncs, 1);
-                tracing::warn!(%exchange, conn = self.conn.id, %symbol, %why, "order book resync");
+                tracing::warn!(%exchange, conn = self.conn.id, %stream, %why, "order book resync");
+                if let (Some(key), Some(hub)) = (self.requested.get(&stream), self.hub.upgrade()) {
+                    hub.invalidate(key);
+                }
             }
             Decoded::Fetch { tag, url } => {
                 let http = self.ex.http.clone();

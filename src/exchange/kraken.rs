@@ -384,7 +384,7 @@ impl KrakenSession {
     /// Resyncs one symbol's book from a fresh snapshot; the connection and other symbols stay.
     fn resync(&mut self, symbol: &str, why: &str, out: &mut Vec<Decoded>) {
         out.push(Decoded::Resyncing {
-            symbol: symbol.to_string(),
+            stream: format!("book:{symbol}"),
             why: why.to_string(),
         });
         if let Some(book) = self.books.get_mut(symbol) {
@@ -1098,7 +1098,7 @@ mod tests {
         s.decode(&bad, 0, &mut out).unwrap();
         assert!(out
             .iter()
-            .any(|d| matches!(d, Decoded::Resyncing { symbol, .. } if symbol == "MATIC/USD")));
+            .any(|d| matches!(d, Decoded::Resyncing { stream, .. } if stream == "book:MATIC/USD")));
         let frames: Vec<&String> = out
             .iter()
             .filter_map(|d| match d {

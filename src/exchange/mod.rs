@@ -101,8 +101,9 @@ pub enum Decoded {
     Send(String),
     /// A REST GET whose body (or error) comes back through [`Session::on_fetched`].
     Fetch { tag: u64, url: String },
-    /// A book was found inconsistent and is being rebuilt from a fresh snapshot (counted).
-    Resyncing { symbol: String, why: String },
+    /// The book of `stream` was found inconsistent and is being rebuilt from a fresh snapshot
+    /// (counted; its cached value is dropped so nobody is served the bad book meanwhile).
+    Resyncing { stream: String, why: String },
 }
 
 /// What a session is given when a connection opens.

@@ -489,6 +489,14 @@ impl Hub {
         }
     }
 
+    /// Forgets the current value of a feed that can no longer vouch for it (a book being
+    /// resynced, or whose connection dropped), so new subscribers wait for a fresh one.
+    pub fn invalidate(&self, key: &FeedKey) {
+        if let Some(topic) = self.topic(&TopicKey::Feed(key.clone())) {
+            topic.lock().last = None;
+        }
+    }
+
     /// The exchange refused a feed for good: its subscribers get `code` and `unsubscribed`,
     /// and the topic goes (upstream stream included).
     pub fn reject(&self, key: &FeedKey, code: ErrorCode, message: &str) {
