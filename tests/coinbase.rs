@@ -232,3 +232,49 @@ async fn many_subscriptions_stay_under_the_message_limit() {
     let s = relay.stats().await;
     assert_eq!(s["coinbaseStreams"], 24);
 }
+
+#[tokio::test]
+async fn one_minute_candles_built_from_trades_equal_the_exchanges_own() {
+    // The simulated exchange's clock runs 30x: a minute of trades every two seconds.
+    let mut opts = exchange_relay::sim::SimOptions::fast();
+    opts.time_scale = 30.0;
+    let sims = start_sims(opts).await;
+    let relay = start_relay(config_for_all(&sims)).await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["klines:ETHUSD@coinbase:1m", "klines:BTCUSD@coinbase:3m"])
+        .await;
+    let mut finals: Vec<Value> = Vec::new();
+    while finals.len() < 4 {
+        let k = c
+            .recv_until(is_msg("kline", "klines:ETHUSD@coinbase:1m"))
+            .await;
+        if k["data"]["isFinal"] == true {
+            finals.push(k["data"].clone());
+        }
+    }
+    let truth = sims.coinbase.closed_candles("ETH-USD", Interval::M1);
+    // The first candle was seeded from REST mid-minute; every later one must be exact.
+    for k in &finals[1..] {
+        let t = k["time"].as_i64().unwrap();
+        let c = truth
+            .iter()
+            .find(|c| c.open_time == t)
+            .expect("the exchange closed this candle");
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
+        for (field, want) in [
+            ("open", c.open),
+            ("high", c.high),
+            ("low", c.low),
+            ("close", c.close),
+            ("volume", c.volume),
+            ("quoteVolume", c.quote_volume),
+        ] {
+            assert!(
+                close(k[field].as_f64().unwrap(), want),
+                "{field}: {k} vs {c:?}"
+            );
+        }
+        assert_eq!(k["trades"].as_u64().unwrap(), c.trades, "{k} vs {c:?}");
+        assert_eq!(k["closeTime"].as_i64().unwrap(), t + 59_999);
+    }
+}

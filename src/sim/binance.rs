@@ -261,6 +261,7 @@ async fn run_market(inner: Arc<Inner>, stop: CancellationToken) {
         (start, start, start, start);
     let mut last = Instant::now();
     let mut update_id = 1u64;
+    let clock = super::util::SimClock::new(opts.time_scale);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -269,7 +270,7 @@ async fn run_market(inner: Arc<Inner>, stop: CancellationToken) {
         let now = Instant::now();
         let dt = now.duration_since(last).as_secs_f64();
         last = now;
-        let now_ms = now_millis();
+        let now_ms = clock.now_ms();
         let wanted: HashSet<String> = lock(&inner.streams)
             .iter()
             .filter(|(_, n)| **n > 0)

@@ -303,6 +303,7 @@ async fn run_market(inner: Arc<Inner>, stop: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = Instant::now();
     let mut next_ticker = last;
+    let clock = super::util::SimClock::new(opts.time_scale);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -311,7 +312,7 @@ async fn run_market(inner: Arc<Inner>, stop: CancellationToken) {
         let now = Instant::now();
         let dt = now.duration_since(last).as_secs_f64();
         last = now;
-        let now_ms = now_millis();
+        let now_ms = clock.now_ms();
         let ticker_due = now >= next_ticker;
         if ticker_due {
             next_ticker = now + opts.ticker_every;

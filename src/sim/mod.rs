@@ -37,6 +37,8 @@ pub struct SimOptions {
     pub seed: u64,
     /// Multiplies every market's trade rate (load tests, slow-consumer tests).
     pub rate_scale: f64,
+    /// How much faster than wall time the exchange's clock runs (trade times, candles).
+    pub time_scale: f64,
 }
 
 impl SimOptions {
@@ -53,6 +55,7 @@ impl SimOptions {
             max_streams_per_connection: 1024,
             seed: 42,
             rate_scale: 1.0,
+            time_scale: 1.0,
         }
     }
 

@@ -39,6 +39,29 @@ pub fn drop_ref(map: &Mutex<HashMap<String, usize>>, key: &str) {
     }
 }
 
+/// The exchange's clock: wall time, optionally running `scale` times faster from the moment
+/// the simulator started (so a test sees minutes of candles in seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct SimClock {
+    origin_ms: i64,
+    origin: std::time::Instant,
+    scale: f64,
+}
+
+impl SimClock {
+    pub fn new(scale: f64) -> SimClock {
+        SimClock {
+            origin_ms: crate::protocol::now_millis(),
+            origin: std::time::Instant::now(),
+            scale,
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.origin_ms + (self.origin.elapsed().as_secs_f64() * 1000.0 * self.scale) as i64
+    }
+}
+
 /// Decimal places of a tick or lot size (`0.01` → 2).
 pub fn decimals(step: f64) -> usize {
     let s = format!("{step:.10}");
