@@ -153,6 +153,10 @@ pub async fn run(ex: Arc<Exchange>, conn: Arc<Conn>, hub: Weak<Hub>, shutdown: C
         if started.elapsed() >= HEALTHY_AFTER {
             backoff.reset();
         }
+        // Until a new connection is up, subscribers are told the exchange is away.
+        if matches!(outcome, Outcome::Reconnect { .. }) {
+            ex.stats.failing.store(true, Ordering::Relaxed);
+        }
         match outcome {
             Outcome::Shutdown => return,
             Outcome::Idle => continue,

@@ -239,7 +239,7 @@ pub struct ExchangeStats {
     /// Order books rebuilt after a gap, checksum failure or crossed book.
     pub resyncs: AtomicU64,
     pub last_message_at: AtomicMillis,
-    /// The last connect attempt failed and none has succeeded since.
+    /// A connection was lost or a connect attempt failed, and none has succeeded since.
     pub failing: AtomicBool,
 }
 
