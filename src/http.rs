@@ -200,7 +200,9 @@ async fn ws_upgrade(
         .filter(|t| !t.is_empty())
         .map(|t| state.auth.verify(t));
     let max = cfg.max_message_bytes;
-    ws.read_buffer_size(4 * 1024)
+    // Client requests are small; tungstenite grows the buffer for a larger frame. Every KiB
+    // here is a KiB per connection (10 MiB at 10,000 clients).
+    ws.read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(4 << 20)
         .max_message_size(max)

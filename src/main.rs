@@ -29,8 +29,24 @@ struct Args {
     log_json: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // One CPU (a container limit, or pinned with taskset): tokio's multi-thread scheduler then
+    // only adds work stealing and queue overflow to every wake; the current-thread scheduler
+    // runs the same tasks in order. Measured by `loadgen`, see README § Performance.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(relay_main())
+}
+
+async fn relay_main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = exchange_relay::log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt().with_env_filter(filter);

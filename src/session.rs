@@ -1,6 +1,8 @@
-//! One task per client: reads and answers requests, enforces the request rate, the subscription
-//! cap, authentication and keep-alive; a second task per client writes its [`Outbox`] to the
-//! socket in batches (`feed` several frames, one `flush`) and pings it.
+//! One task per client: it writes the client's [`Outbox`] to the socket in batches (`feed`
+//! several frames, one `flush`), reads and answers requests (rate limit, subscription cap,
+//! authentication), pings the client and closes it when it goes silent. One task rather than a
+//! reader and a writer: no lock between two halves of the socket, one wake per delivery, one
+//! timer, half the per-connection memory (measured by `loadgen`, README § Performance).
 //!
 //! [`Outbox`]: crate::hub::Outbox
 
@@ -9,31 +11,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{timeout, Instant};
 
 use crate::auth::{AuthError, Identity};
 use crate::domain::Channel;
 use crate::http::{AppState, ConnGuard};
 use crate::hub::{Attached, Client, Close, Held};
-use crate::protocol::{close, msg, now_millis, parse_request, ErrorCode, Request, RequestId};
+use crate::protocol::{
+    close, msg, now_millis, parse_request, ErrorCode, Frame, Request, RequestId,
+};
 use crate::stats::Stats;
 
 /// Frames moved from the outbox per write batch.
 const WRITE_BATCH: usize = 64;
 /// How long the last words and the close frame may take on a stuck socket.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// A write that makes no progress for this long means the client is gone.
-const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Rate-limit violations tolerated (refilled one a second) before the client is closed 1008.
 const ABUSE_BURST: u32 = 20;
 
 /// Runs a client from upgrade to close. `at_connect` is the result of verifying a token sent
 /// with the upgrade request, if any.
 pub async fn run(
-    socket: WebSocket,
+    mut socket: WebSocket,
     state: AppState,
     at_connect: Option<Result<Identity, AuthError>>,
     guard: ConnGuard,
@@ -44,22 +45,13 @@ pub async fn run(
     let client = hub.register_client();
     Stats::add(&hub.stats.total_connections, 1);
     let cfg = &state.config.server;
-    let (sink, stream) = socket.split();
-    let mut writer = Writer {
-        handle: tokio::spawn(write_loop(
-            sink,
-            client.clone(),
-            Duration::from_millis(cfg.ping_interval_ms),
-        )),
-        done: false,
-    };
 
     let mut session = Session::new(state.clone(), client.clone());
     match at_connect {
         Some(Err(e)) => {
             // PROTOCOL.md: a bad token at connect gets an error, then close 1008.
             let code = auth_code(&e);
-            hub_send(&session, msg::error(None, code, &e.to_string(), &None));
+            session.send(msg::error(None, code, &e.to_string(), &None));
             client.outbox.close(Close {
                 code: close::POLICY,
                 reason: "invalid token",
@@ -68,45 +60,25 @@ pub async fn run(
             });
         }
         other => {
-            session.identity = other.and_then(Result::ok);
+            session.set_identity(other.and_then(Result::ok));
             let user = session.identity.as_ref().map(|i| i.user.as_str());
-            hub_send(
-                &session,
-                msg::connected(&client.name, user, cfg.max_subscriptions_per_client),
-            );
+            session.send(msg::connected(
+                &client.name,
+                user,
+                cfg.max_subscriptions_per_client,
+            ));
         }
     }
     tracing::debug!(client = %client.name, authenticated = session.identity.is_some(), "client connected");
 
-    session.read_loop(stream, &mut writer).await;
-
+    let close = session.serve(&mut socket).await;
+    // Out of the hub first: no more fan-out to it, and it no longer counts as connected while
+    // the closing handshake takes its time.
     hub.unregister_client(&client);
-    // Let the writer deliver the close; a client that does not read gets dropped.
-    writer.wait(CLOSE_TIMEOUT).await;
-    if !writer.done {
-        writer.handle.abort();
+    if let Some(close) = close {
+        finish(&mut socket, close).await;
     }
     tracing::debug!(client = %client.name, "client disconnected");
-}
-
-/// The client's writer task; `done` once it has been joined, so it is never polled again.
-struct Writer {
-    handle: tokio::task::JoinHandle<()>,
-    done: bool,
-}
-
-impl Writer {
-    async fn wait(&mut self, limit: Duration) {
-        if !self.done && timeout(limit, &mut self.handle).await.is_ok() {
-            self.done = true;
-        }
-    }
-}
-
-fn hub_send(session: &Session, frame: crate::protocol::Frame) {
-    if session.client.outbox.push_control(frame) == crate::hub::Pushed::Queued {
-        Stats::add(&session.state.hub.stats.messages_out, 1);
-    }
 }
 
 fn auth_code(e: &AuthError) -> ErrorCode {
@@ -120,6 +92,8 @@ struct Session {
     state: AppState,
     client: Arc<Client>,
     identity: Option<Identity>,
+    /// When `identity`'s token expires; kept beside it so the loop reads no clock for it.
+    expires: Option<Instant>,
     limiter: DefaultDirectRateLimiter,
     /// Refused requests allowed before the client counts as abusive (sustained flooding).
     abuse: DefaultDirectRateLimiter,
@@ -137,79 +111,143 @@ impl Session {
             state,
             client,
             identity: None,
+            expires: None,
         }
     }
 
-    fn send(&self, frame: crate::protocol::Frame) {
-        hub_send(self, frame);
+    fn send(&self, frame: Frame) {
+        if self.client.outbox.push_control(frame) == crate::hub::Pushed::Queued {
+            Stats::add(&self.state.hub.stats.messages_out, 1);
+        }
     }
 
     fn error(&self, channel: Option<&str>, code: ErrorCode, message: &str, id: &RequestId) {
         self.send(msg::error(channel, code, message, id));
     }
 
-    /// When the current token expires, as a deadline.
-    fn expiry(&self) -> Option<Instant> {
-        let exp = self.identity.as_ref()?.expires_at?;
-        let left_ms = (exp * 1000 - now_millis()).max(0) as u64;
-        Some(Instant::now() + Duration::from_millis(left_ms))
+    /// Sets (or clears) who the client is, and when that stops being true.
+    fn set_identity(&mut self, identity: Option<Identity>) {
+        self.expires = identity.as_ref().and_then(|i| i.expires_at).map(|exp| {
+            let left_ms = (exp * 1000 - now_millis()).max(0) as u64;
+            Instant::now() + Duration::from_millis(left_ms)
+        });
+        self.identity = identity;
     }
 
-    async fn read_loop(&mut self, mut stream: SplitStream<WebSocket>, writer: &mut Writer) {
+    /// The client's life: deliver, read, ping, until it leaves (`None`) or the relay decides to
+    /// close it (the close to perform).
+    async fn serve(&mut self, ws: &mut WebSocket) -> Option<Close> {
         let cfg = self.state.config.server.clone();
         let idle = Duration::from_millis(cfg.client_timeout_ms);
-        let mut deadline = Instant::now() + idle;
+        let ping_every = Duration::from_millis(cfg.ping_interval_ms);
+        let mut last_heard = Instant::now();
+        let mut next_ping = last_heard + ping_every;
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        // Off once the client is being closed: what it sends then is not read.
+        let mut reading = true;
+        let mut shutting_down = false;
         let mut shutdown = std::pin::pin!(self.state.shutdown.clone().cancelled_owned());
+        // One timer per client, aimed at whichever comes first: ping, silence, token expiry.
+        let timer = tokio::time::sleep_until(next_ping);
+        tokio::pin!(timer);
         loop {
-            let expiry = self.expiry();
+            let expiry = self.expires;
+            let wake = [Some(next_ping), Some(last_heard + idle), expiry]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(next_ping);
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
             tokio::select! {
-                frame = stream.next() => {
-                    deadline = Instant::now() + idle;
+                biased;
+                close = self.client.outbox.next_batch(&mut batch, WRITE_BATCH) => match close {
+                    Some(close) => return Some(close),
+                    None => {
+                        if !self.write_batch(ws, &mut batch).await {
+                            // Abandoned for a close (slow consumer, dead peer)? Deliver it.
+                            return self.client.outbox.closing();
+                        }
+                    }
+                },
+                frame = ws.next(), if reading => {
+                    last_heard = Instant::now();
                     match frame {
                         Some(Ok(Message::Text(text))) => {
                             Stats::add(&self.state.hub.stats.messages_in, 1);
-                            if !self.admit() {
-                                break;
+                            if self.admit() {
+                                self.handle(text.as_str());
+                            } else {
+                                reading = false;
                             }
-                            self.handle(text.as_str());
                         }
                         Some(Ok(Message::Binary(_))) => {
                             Stats::add(&self.state.hub.stats.messages_in, 1);
-                            if !self.admit() {
-                                break;
+                            if self.admit() {
+                                self.error(None, ErrorCode::InvalidJson, "binary frames are not supported; send JSON text", &None);
+                            } else {
+                                reading = false;
                             }
-                            self.error(None, ErrorCode::InvalidJson, "binary frames are not supported; send JSON text", &None);
                         }
-                        Some(Ok(Message::Close(_))) | None => break,
+                        Some(Ok(Message::Close(_))) | None => return None,
                         Some(Ok(_)) => {} // ping/pong: liveness only
                         Some(Err(e)) => {
-                            if is_too_big(e) {
-                                self.error(None, ErrorCode::InvalidJson, &format!("message too large: the limit is {} bytes", cfg.max_message_bytes), &None);
-                                self.client.outbox.close(Close { code: close::TOO_BIG, reason: "message too large", last_words: None, abort: false });
-                                // The rest of the oversized frame is unread garbage: stop reading.
-                                writer.wait(CLOSE_TIMEOUT).await;
+                            if !is_too_big(e) {
+                                return None;
                             }
-                            break;
+                            self.error(None, ErrorCode::InvalidJson, &format!("message too large: the limit is {} bytes", cfg.max_message_bytes), &None);
+                            self.client.outbox.close(Close { code: close::TOO_BIG, reason: "message too large", last_words: None, abort: false });
+                            // The rest of the oversized frame is unread garbage: stop reading.
+                            reading = false;
                         }
                     }
                 }
-                _ = sleep_until(deadline) => {
-                    tracing::info!(client = %self.client.name, "client silent past client_timeout_ms; closing");
-                    self.client.outbox.close(Close { code: close::POLICY, reason: "no traffic or pong within the timeout", last_words: None, abort: true });
-                    break;
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if now >= last_heard + idle {
+                        tracing::info!(client = %self.client.name, "client silent past client_timeout_ms; closing");
+                        self.client.outbox.close(Close { code: close::POLICY, reason: "no traffic or pong within the timeout", last_words: None, abort: true });
+                        reading = false;
+                        // Push the wake-up past the deadline; the outbox branch closes next.
+                        last_heard = now;
+                    }
+                    if expiry.is_some_and(|e| now >= e) {
+                        self.token_expired();
+                    }
+                    if now >= next_ping {
+                        next_ping = now + ping_every;
+                        let ping = ws.send(Message::Ping(Default::default()));
+                        let sent = tokio::select! {
+                            result = ping => result.is_ok(),
+                            _ = self.client.outbox.aborted() => false,
+                        };
+                        if !sent {
+                            return self.client.outbox.closing();
+                        }
+                    }
                 }
-                _ = sleep_until(expiry.unwrap_or(deadline)), if expiry.is_some() => self.token_expired(),
-                _ = &mut writer.handle, if !writer.done => {
-                    writer.done = true;
-                    break;
-                }
-                _ = &mut shutdown => {
+                _ = &mut shutdown, if !shutting_down => {
+                    shutting_down = true;
+                    reading = false;
                     self.client.outbox.close(Close { code: close::GOING_AWAY, reason: "server shutting down", last_words: None, abort: false });
-                    // Give the writer time to deliver what is queued and the close frame.
-                    writer.wait(CLOSE_TIMEOUT).await;
-                    break;
                 }
             }
+        }
+    }
+
+    /// Writes a batch with one flush. A write blocked on a full socket is abandoned when the
+    /// client is closed without delivery (slow consumer, dead peer); no timer per write.
+    async fn write_batch(&self, ws: &mut WebSocket, batch: &mut Vec<Frame>) -> bool {
+        let write = async {
+            for frame in batch.drain(..) {
+                ws.feed(Message::Text(frame)).await?;
+            }
+            ws.flush().await
+        };
+        tokio::select! {
+            result = write => result.is_ok(),
+            _ = self.client.outbox.aborted() => false,
         }
     }
 
@@ -372,7 +410,7 @@ impl Session {
                     identity.expires_at,
                     id,
                 ));
-                self.identity = Some(identity);
+                self.set_identity(Some(identity));
             }
             Err(e) => self.error(None, auth_code(&e), &e.to_string(), id),
         }
@@ -380,7 +418,7 @@ impl Session {
 
     fn token_expired(&mut self) {
         tracing::debug!(client = %self.client.name, "token expired on an open connection");
-        self.identity = None;
+        self.set_identity(None);
         let dropped = self.drop_private(|_| true, Some(ErrorCode::TokenExpired));
         if dropped == 0 {
             self.error(
@@ -435,41 +473,26 @@ fn is_too_big(e: axum::Error) -> bool {
     }
 }
 
-/// Drains the outbox to the socket; pings every `ping_every`; performs the close.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    client: Arc<Client>,
-    ping_every: Duration,
-) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    loop {
-        tokio::select! {
-            close = client.outbox.next_batch(&mut batch, WRITE_BATCH) => {
-                if let Some(close) = close {
-                    if let Some(words) = close.last_words {
-                        let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Text(words))).await;
-                    }
-                    let frame = CloseFrame { code: close.code, reason: close.reason.into() };
-                    let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
-                    return;
-                }
-                let write = async {
-                    for frame in batch.drain(..) {
-                        sink.feed(Message::Text(frame)).await?;
-                    }
-                    sink.flush().await
-                };
-                match timeout(WRITE_STALL, write).await {
-                    Ok(Ok(())) => {}
-                    _ => return,
-                }
-            }
-            _ = ping.tick() => {
-                if timeout(WRITE_STALL, sink.send(Message::Ping(Default::default()))).await.map_or(true, |r| r.is_err()) {
-                    return;
-                }
+/// Sends the last words and the close frame, then completes the closing handshake: reads (and
+/// discards) until the client's close or EOF. Dropping a socket with unread input makes the
+/// kernel send RST, which can destroy the close frame before the client reads it. All of it
+/// within [`CLOSE_TIMEOUT`], for peers that are stuck or gone.
+async fn finish(ws: &mut WebSocket, close: Close) {
+    let _ = timeout(CLOSE_TIMEOUT, async {
+        if let Some(words) = close.last_words {
+            ws.send(Message::Text(words)).await?;
+        }
+        let frame = CloseFrame {
+            code: close.code,
+            reason: close.reason.into(),
+        };
+        ws.send(Message::Close(Some(frame))).await?;
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
             }
         }
-    }
+        Ok::<(), axum::Error>(())
+    })
+    .await;
 }
