@@ -23,6 +23,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
@@ -143,10 +144,35 @@ struct Feed {
     /// Windows of one second in which a connection sent more than 5 messages.
     rate_violations: AtomicU64,
     next_id: AtomicU64,
+    /// Frames dropped because a relay connection's queue was full (must stay 0).
+    dropped: AtomicU64,
+    /// Trades emitted on a stream no relay connection was subscribed to (yet).
+    unrouted: AtomicU64,
     times: Arc<SendTimes>,
 }
 
 impl Feed {
+    /// Trades sent to at least one relay connection so far.
+    fn routed(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed) - 1 - self.unrouted.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the relay has subscribed `n` streams upstream (it paces its SUBSCRIBE
+    /// requests under Binance's limit, so many streams take seconds).
+    async fn wait_for_streams(&self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.subscribed_streams() < n {
+            if Instant::now() > deadline {
+                bail!(
+                    "the relay subscribed {} of {n} streams upstream",
+                    self.subscribed_streams()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     fn subscribed_streams(&self) -> usize {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns
@@ -166,10 +192,17 @@ impl Feed {
             "{{\"stream\":\"{stream}\",\"data\":{{\"e\":\"trade\",\"E\":{ms},\"s\":\"{symbol}\",\"t\":{id},\"p\":\"100.00000000\",\"q\":\"1.00000000\",\"T\":{ms},\"m\":false,\"M\":true}}}}"
         );
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut routed = false;
         for (subs, tx) in conns.iter() {
             if subs.lock().map(|s| s.contains(&stream)).unwrap_or(false) {
-                let _ = tx.try_send(frame.clone());
+                routed = true;
+                if tx.try_send(frame.clone()).is_err() {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
+        }
+        if !routed {
+            self.unrouted.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -186,6 +219,8 @@ async fn start_feed(
         control_messages: AtomicU64::new(0),
         rate_violations: AtomicU64::new(0),
         next_id: AtomicU64::new(1),
+        dropped: AtomicU64::new(0),
+        unrouted: AtomicU64::new(0),
         times,
     });
     let app = Router::new()
@@ -193,7 +228,13 @@ async fn start_feed(
         .route("/stream", get(feed_ws))
         .with_state(feed.clone());
     tokio::task::spawn_local(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(
+            listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .await;
     });
     Ok((feed, addr))
 }
@@ -669,13 +710,15 @@ impl Point {
 }
 
 /// Measures one window: trades flow at `rates` while clients read; returns the figures.
+/// `fanout` is how many reading clients each trade goes to: the expected deliveries are the
+/// trades the feed actually emitted in the window times that.
 async fn measure(
     args: &Args,
     relay: &RelayProcess,
     feed: &Arc<Feed>,
     meter: &Rc<RefCell<Meter>>,
     rates: Vec<(usize, f64)>,
-    expected_per_s: f64,
+    fanout: f64,
 ) -> Point {
     let total = Duration::from_secs(args.warmup + args.duration);
     let emitter = tokio::task::spawn_local(emit_loop(feed.clone(), rates, Instant::now() + total));
@@ -691,12 +734,15 @@ async fn measure(
         cpu_seconds(std::process::id()),
         Instant::now(),
     );
+    let emitted0 = feed.routed();
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     let (cpu1, me1, secs) = (
         cpu_seconds(relay.pid()),
         cpu_seconds(std::process::id()),
         t0.elapsed().as_secs_f64(),
     );
+    let emitted = feed.routed() - emitted0;
+    let expected_per_s = emitted as f64 * fanout / secs;
     let _ = emitter.await;
     // Let deliveries already in flight land, then stop recording.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -783,6 +829,7 @@ async fn fanout(args: &Args, clients: usize, rates: &[f64], slow_percent: f64) -
             tokio::task::spawn_local(ws.read_loop(meter.clone(), times.clone()));
         }
     }
+    feed.wait_for_streams(1).await?;
     let readers = clients - slow;
     println!(
         "fan-out: 1 channel x {clients} clients ({slow} not reading), relay pid {} on cpu {}",
@@ -792,15 +839,7 @@ async fn fanout(args: &Args, clients: usize, rates: &[f64], slow_percent: f64) -
     for &rate in rates {
         let mut points = Vec::new();
         for _ in 0..args.repeat {
-            let p = measure(
-                args,
-                &relay,
-                &feed,
-                &meter,
-                vec![(0, rate)],
-                rate * readers as f64,
-            )
-            .await;
+            let p = measure(args, &relay, &feed, &meter, vec![(0, rate)], readers as f64).await;
             print_point(&format!("{clients}c x {rate} msg/s"), &p);
             points.push(p);
         }
@@ -837,6 +876,7 @@ async fn breadth(args: &Args, channels: usize, per_channel: usize, mean_rate: f6
     for c in sockets {
         tokio::task::spawn_local(c.read_loop(meter.clone(), times.clone()));
     }
+    feed.wait_for_streams(channels).await?;
     // Mixed rates: spread 0.2x..1.8x of the mean, deterministic.
     let rates: Vec<(usize, f64)> = (0..channels)
         .map(|i| {
@@ -846,18 +886,40 @@ async fn breadth(args: &Args, channels: usize, per_channel: usize, mean_rate: f6
             )
         })
         .collect();
-    let expected: f64 = rates.iter().map(|(_, r)| r * per_channel as f64).sum();
     println!(
         "breadth: {channels} channels x {per_channel} clients, {:.0} trades/s upstream",
         rates.iter().map(|r| r.1).sum::<f64>()
     );
     let mut points = Vec::new();
     for _ in 0..args.repeat {
-        let p = measure(args, &relay, &feed, &meter, rates.clone(), expected).await;
+        let p = measure(
+            args,
+            &relay,
+            &feed,
+            &meter,
+            rates.clone(),
+            per_channel as f64,
+        )
+        .await;
         print_point(&format!("{channels}ch x {per_channel}c"), &p);
         points.push(p);
     }
     summarize(&format!("{channels}ch x {per_channel}c"), &points);
+    let stats: serde_json::Value = reqwest::get(format!("http://{}/api/v1/ws/stats", relay.addr))
+        .await?
+        .json()
+        .await?;
+    println!(
+        "relay stats: binanceStreams {} (feed subscribed to {}), totalSubscriptions {}, connections {}, messagesIn {}, feed emitted {} dropped {} unrouted {}",
+        stats["data"]["binanceStreams"],
+        feed.subscribed_streams(),
+        stats["data"]["totalSubscriptions"],
+        stats["data"]["upstreams"]["binance"]["connections"],
+        stats["data"]["messagesIn"],
+        feed.next_id.load(Ordering::Relaxed) - 1,
+        feed.dropped.load(Ordering::Relaxed),
+        feed.unrouted.load(Ordering::Relaxed)
+    );
     Ok(())
 }
 

@@ -212,6 +212,18 @@ impl Outbox {
         self.lock().closing.is_some()
     }
 
+    /// Drops everything queued, as a writer that delivered it would; returns how many frames.
+    /// For benchmarks and tests that have no socket behind the outbox.
+    pub fn discard_queued(&self) -> usize {
+        let mut batch = Vec::new();
+        let mut n = 0;
+        while let Some(None) = self.take(&mut batch, 1024) {
+            n += batch.len();
+            batch.clear();
+        }
+        n
+    }
+
     /// The close decided for this client, if any.
     pub fn closing(&self) -> Option<Close> {
         self.lock().closing.clone()

@@ -18,6 +18,7 @@ use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
@@ -224,9 +225,14 @@ impl SimKraken {
             .with_state(inner.clone());
         let s = stop.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { s.cancelled().await })
-                .await;
+            let _ = axum::serve(
+                listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app,
+            )
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await;
         });
         tokio::spawn(run_market(inner.clone(), stop.clone()));
         Ok(SimKraken { inner, addr, stop })
