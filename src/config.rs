@@ -54,6 +54,9 @@ pub struct ServerConfig {
     /// megabytes), so a stalled client backs up into the relay's conflating queue within
     /// moments instead of receiving seconds of stale data from the kernel later.
     pub client_send_buffer_bytes: usize,
+    /// Serve `/autobahn`, an echo endpoint on the same WebSocket stack as `/ws`, for the
+    /// Autobahn conformance suite. Off in production.
+    pub autobahn_echo: bool,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +76,7 @@ impl Default for ServerConfig {
             client_queue_capacity: 1_024,
             shutdown_grace_ms: 5_000,
             client_send_buffer_bytes: 256 * 1024,
+            autobahn_echo: false,
         }
     }
 }

@@ -54,7 +54,12 @@ impl AppState {
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let router = if state.config.server.autobahn_echo {
+        Router::new().route("/autobahn", get(autobahn_echo))
+    } else {
+        Router::new()
+    };
+    router
         .route("/ws", get(ws_upgrade))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -199,6 +204,11 @@ async fn ws_upgrade(
     let at_connect = token
         .filter(|t| !t.is_empty())
         .map(|t| state.auth.verify(t));
+    configure(ws, cfg).on_upgrade(move |socket| session::run(socket, state, at_connect, guard))
+}
+
+/// The WebSocket settings of every client connection.
+fn configure(ws: WebSocketUpgrade, cfg: &crate::config::ServerConfig) -> WebSocketUpgrade {
     let max = cfg.max_message_bytes;
     // Client requests are small; tungstenite grows the buffer for a larger frame. Every KiB
     // here is a KiB per connection (10 MiB at 10,000 clients).
@@ -207,7 +217,37 @@ async fn ws_upgrade(
         .max_write_buffer_size(4 << 20)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| session::run(socket, state, at_connect, guard))
+}
+
+/// `/autobahn` (only with `server.autobahn_echo`): echoes every message on the same
+/// WebSocket settings and error handling as `/ws`, so the Autobahn suite, which expects an
+/// echo server, tests the relay's WebSocket layer.
+async fn autobahn_echo(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    use axum::extract::ws::{CloseFrame, Message};
+    use futures_util::StreamExt;
+    configure(ws, &state.config.server).on_upgrade(|mut socket| async move {
+        while let Some(msg) = socket.next().await {
+            let reply = match msg {
+                Ok(Message::Text(t)) => Message::Text(t),
+                Ok(Message::Binary(b)) => Message::Binary(b),
+                Ok(_) => continue, // pings are answered by tungstenite, closes too
+                Err(e) => match session::protocol_close(e) {
+                    Some((code, reason)) => {
+                        let frame = CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        };
+                        let _ = socket.send(Message::Close(Some(frame))).await;
+                        continue; // read on until the peer's close or EOF
+                    }
+                    None => return,
+                },
+            };
+            if socket.send(reply).await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 async fn health(State(state): State<AppState>) -> Json<Value> {

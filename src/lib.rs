@@ -29,26 +29,56 @@ use crate::http::{AppInner, AppState, ConnTracker};
 use crate::hub::{Close, Hub};
 use crate::protocol::close;
 
-/// The relay's log filter: `directives` (RUST_LOG syntax; `info` when absent) with tungstenite
-/// capped at DEBUG whatever they say, because at TRACE it prints every frame and handshake
-/// request, tokens included (`?token=`, `{"type":"auth"}`), and tokens never reach the logs.
+/// The relay's log filter: `directives` (RUST_LOG syntax; `info` when absent), except that
+/// tungstenite never logs at TRACE, where it prints every frame and handshake request, tokens
+/// included (`?token=`, `{"type":"auth"}`): tokens never reach the logs. A directive sets a
+/// level rather than capping one, so the cap is added only where TRACE would reach tungstenite.
 pub fn log_filter(directives: Option<&str>) -> tracing_subscriber::EnvFilter {
     let base = directives.unwrap_or("info");
     let mut filter = tracing_subscriber::EnvFilter::try_new(base)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    for target in [
-        "tungstenite=debug",
-        "tungstenite::protocol=debug",
-        "tungstenite::handshake=debug",
-        "tungstenite::handshake::client=debug",
-        "tungstenite::handshake::server=debug",
-        "tokio_tungstenite=debug",
-    ] {
-        if let Ok(d) = target.parse() {
-            filter = filter.add_directive(d);
+    let traces_tungstenite = base.split(',').any(|d| {
+        let d = d.trim().to_ascii_lowercase();
+        match d.split_once('=') {
+            None => d == "trace",
+            Some((target, level)) => level == "trace" && target.contains("tungstenite"),
+        }
+    });
+    if traces_tungstenite {
+        for target in [
+            "tungstenite=debug",
+            "tungstenite::protocol=debug",
+            "tungstenite::handshake=debug",
+            "tungstenite::handshake::client=debug",
+            "tungstenite::handshake::server=debug",
+            "tokio_tungstenite=debug",
+        ] {
+            if let Ok(d) = target.parse() {
+                filter = filter.add_directive(d);
+            }
         }
     }
     filter
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::level_filters::LevelFilter;
+
+    #[test]
+    fn the_tungstenite_cap_never_raises_a_level() {
+        // A quiet relay stays quiet: the cap must not enable tungstenite's DEBUG output.
+        assert_eq!(
+            log_filter(Some("warn")).max_level_hint(),
+            Some(LevelFilter::WARN)
+        );
+        assert_eq!(log_filter(None).max_level_hint(), Some(LevelFilter::INFO));
+        assert_eq!(
+            log_filter(Some("trace")).max_level_hint(),
+            Some(LevelFilter::TRACE)
+        );
+    }
 }
 
 /// Why the relay could not start.

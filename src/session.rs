@@ -193,12 +193,14 @@ impl Session {
                         Some(Ok(Message::Close(_))) | None => return None,
                         Some(Ok(_)) => {} // ping/pong: liveness only
                         Some(Err(e)) => {
-                            if !is_too_big(e) {
-                                return None;
+                            let Some((code, reason)) = protocol_close(e) else {
+                                return None; // the connection itself failed
+                            };
+                            if code == close::TOO_BIG {
+                                self.error(None, ErrorCode::InvalidJson, &format!("message too large: the limit is {} bytes", cfg.max_message_bytes), &None);
                             }
-                            self.error(None, ErrorCode::InvalidJson, &format!("message too large: the limit is {} bytes", cfg.max_message_bytes), &None);
-                            self.client.outbox.close(Close { code: close::TOO_BIG, reason: "message too large", last_words: None, abort: false });
-                            // The rest of the oversized frame is unread garbage: stop reading.
+                            self.client.outbox.close(Close { code, reason, last_words: None, abort: false });
+                            // What follows a broken frame cannot be trusted: stop reading.
                             reading = false;
                         }
                     }
@@ -465,11 +467,17 @@ fn held_exchange(state: &AppState, name: &str) -> String {
         .map_or_else(|| "the exchange".to_string(), |e| e.to_string())
 }
 
-fn is_too_big(e: axum::Error) -> bool {
+/// The close a peer's WebSocket violation calls for (RFC 6455 §7.4.1): 1009 for a frame over
+/// the size limit, 1007 for a text frame that is not UTF-8, 1002 for any other protocol
+/// violation; `None` when the connection itself failed (nothing to say it to).
+pub fn protocol_close(e: axum::Error) -> Option<(u16, &'static str)> {
     use tokio_tungstenite::tungstenite::Error as WsError;
-    match e.into_inner().downcast::<WsError>() {
-        Ok(inner) => matches!(*inner, WsError::Capacity(_)),
-        Err(_) => false,
+    let inner = e.into_inner().downcast::<WsError>().ok()?;
+    match *inner {
+        WsError::Capacity(_) => Some((close::TOO_BIG, "message too large")),
+        WsError::Utf8(_) => Some((close::INVALID_DATA, "text frame is not valid UTF-8")),
+        WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "WebSocket protocol violation")),
+        _ => None,
     }
 }
 
