@@ -57,6 +57,11 @@ pub struct ServerConfig {
     /// Serve `/autobahn`, an echo endpoint on the same WebSocket stack as `/ws`, for the
     /// Autobahn conformance suite. Off in production.
     pub autobahn_echo: bool,
+    /// New WebSocket connections per second from one IP (bursts of twice that); beyond: 429.
+    pub max_connects_per_ip_per_second: u32,
+    /// Error replies a connection may provoke at once (refilled one a second); beyond it the
+    /// client is closed with 1008: a client that only sends bad requests is broken or hostile.
+    pub client_error_budget: u32,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +82,8 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 5_000,
             client_send_buffer_bytes: 256 * 1024,
             autobahn_echo: false,
+            max_connects_per_ip_per_second: 50,
+            client_error_budget: 100,
         }
     }
 }
@@ -326,7 +333,7 @@ impl Config {
         if let Err(e) = s.listen_addr() {
             p.push(format!("server.listen: {e}"));
         }
-        let positive: [(&str, u64); 11] = [
+        let positive: [(&str, u64); 13] = [
             (
                 "max_subscriptions_per_client",
                 s.max_subscriptions_per_client as u64,
@@ -347,6 +354,11 @@ impl Config {
                 "client_send_buffer_bytes",
                 s.client_send_buffer_bytes as u64,
             ),
+            (
+                "max_connects_per_ip_per_second",
+                u64::from(s.max_connects_per_ip_per_second),
+            ),
+            ("client_error_budget", u64::from(s.client_error_budget)),
         ];
         for (key, value) in positive {
             if value == 0 {

@@ -68,11 +68,14 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Counts WebSocket connections per IP and in total, for the caps.
+/// Counts WebSocket connections per IP and in total, for the caps, and paces new ones per IP.
 pub struct ConnTracker {
     inner: Arc<Mutex<TrackerState>>,
     max_total: usize,
     max_per_ip: usize,
+    connect_rate: governor::DefaultKeyedRateLimiter<IpAddr>,
+    /// Upgrades since the rate limiter last forgot idle IPs.
+    since_prune: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Default)]
@@ -101,15 +104,30 @@ impl Drop for ConnGuard {
 }
 
 impl ConnTracker {
-    pub fn new(max_total: usize, max_per_ip: usize) -> ConnTracker {
+    pub fn new(max_total: usize, max_per_ip: usize, connects_per_second: u32) -> ConnTracker {
+        let rate =
+            std::num::NonZeroU32::new(connects_per_second).unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
         ConnTracker {
             inner: Arc::new(Mutex::new(TrackerState::default())),
             max_total,
             max_per_ip,
+            connect_rate: governor::RateLimiter::keyed(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ),
+            since_prune: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
     fn try_acquire(&self, ip: IpAddr) -> Result<ConnGuard, Refusal> {
+        // Forget IPs that have been quiet, so the limiter's memory tracks active clients only.
+        if self.since_prune.fetch_add(1, Ordering::Relaxed) >= 10_000 {
+            self.since_prune.store(0, Ordering::Relaxed);
+            self.connect_rate.retain_recent();
+        }
+        if self.connect_rate.check_key(&ip).is_err() {
+            return Err(Refusal::Rate);
+        }
         let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if st.total >= self.max_total {
             return Err(Refusal::Total);
@@ -133,6 +151,8 @@ enum Refusal {
     Total,
     /// `server.max_connections_per_ip` reached: 429.
     PerIp,
+    /// `server.max_connects_per_ip_per_second` exceeded: 429.
+    Rate,
 }
 
 impl IntoResponse for Refusal {
@@ -147,6 +167,11 @@ impl IntoResponse for Refusal {
                 StatusCode::TOO_MANY_REQUESTS,
                 "TOO_MANY_CONNECTIONS",
                 "too many connections from your address; close some and retry",
+            ),
+            Refusal::Rate => refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_CONNECTS",
+                "your address is opening connections too fast; slow down and retry",
             ),
         }
     }

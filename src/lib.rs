@@ -107,6 +107,7 @@ pub async fn run(
         conns: ConnTracker::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,
+            config.server.max_connects_per_ip_per_second,
         ),
         hub: hub.clone(),
         auth,

@@ -97,6 +97,8 @@ struct Session {
     limiter: DefaultDirectRateLimiter,
     /// Refused requests allowed before the client counts as abusive (sustained flooding).
     abuse: DefaultDirectRateLimiter,
+    /// Error replies allowed before the client counts as broken or hostile.
+    errors: DefaultDirectRateLimiter,
 }
 
 impl Session {
@@ -105,7 +107,11 @@ impl Session {
         let per_second = NonZeroU32::new(cfg.client_requests_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(cfg.client_request_burst).unwrap_or(NonZeroU32::MIN);
         let abuse_burst = NonZeroU32::new(ABUSE_BURST).unwrap_or(NonZeroU32::MIN);
+        let error_budget = NonZeroU32::new(cfg.client_error_budget).unwrap_or(NonZeroU32::MIN);
         Session {
+            errors: RateLimiter::direct(
+                Quota::per_second(NonZeroU32::MIN).allow_burst(error_budget),
+            ),
             limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
             abuse: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN).allow_burst(abuse_burst)),
             state,
@@ -121,7 +127,28 @@ impl Session {
         }
     }
 
+    /// Answers a request with an error, within the connection's error budget: past it the
+    /// client is closed with 1008, after what is queued.
     fn error(&self, channel: Option<&str>, code: ErrorCode, message: &str, id: &RequestId) {
+        if self.client.outbox.is_closing() {
+            return;
+        }
+        if self.errors.check().is_err() {
+            tracing::info!(client = %self.client.name, "client spent its error budget; closing with 1008");
+            let last_words = msg::error(
+                None,
+                code,
+                "too many invalid requests; closing the connection",
+                id,
+            );
+            self.client.outbox.close(Close {
+                code: close::POLICY,
+                reason: "too many invalid requests",
+                last_words: Some(last_words),
+                abort: false,
+            });
+            return;
+        }
         self.send(msg::error(channel, code, message, id));
     }
 
@@ -423,12 +450,13 @@ impl Session {
         self.set_identity(None);
         let dropped = self.drop_private(|_| true, Some(ErrorCode::TokenExpired));
         if dropped == 0 {
-            self.error(
+            // Not a reply to a request: outside the error budget.
+            self.send(msg::error(
                 None,
                 ErrorCode::TokenExpired,
                 "your token has expired; private channels need a fresh one",
                 &None,
-            );
+            ));
         }
     }
 
@@ -444,12 +472,12 @@ impl Session {
                 n += 1;
                 self.send(msg::unsubscribed(&held.name, &None));
                 if let Some(code) = code {
-                    self.error(
+                    self.send(msg::error(
                         Some(&held.name),
                         code,
                         "your token has expired; send {\"type\":\"auth\",\"token\":...} with a fresh one and subscribe again",
                         &None,
-                    );
+                    ));
                 }
             }
         }

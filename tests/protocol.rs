@@ -487,3 +487,54 @@ async fn a_peer_that_stops_answering_pings_is_closed() {
     }
     assert_eq!(relay.stats().await["connectedClients"], 1);
 }
+
+#[tokio::test]
+async fn a_client_that_only_sends_bad_requests_spends_its_error_budget() {
+    let sim = start_sim().await;
+    let mut cfg = config_for(&sim);
+    cfg.server.client_error_budget = 5;
+    let relay = start_relay(cfg).await;
+    let mut c = Client::connect(&relay).await;
+    let bad: Vec<String> = (0..10).map(|i| format!("price:bad{i}")).collect();
+    c.send(json!({"type": "subscribe", "channels": bad})).await;
+    let (code, _, before) = c.recv_close().await;
+    assert_eq!(code, 1008);
+    let errors = before.iter().filter(|v| v["type"] == "error").count();
+    assert_eq!(errors, 6, "five answers, then the closing one: {before:?}");
+    assert!(before.last().unwrap()["data"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("too many invalid requests"));
+
+    // A client within its budget is unaffected.
+    let mut ok = Client::connect(&relay).await;
+    ok.subscribe(&["price:bad"]).await;
+    assert_eq!(error_code(&ok.recv().await), "INVALID_CHANNEL");
+    ok.send(json!({"type": "ping"})).await;
+    assert_eq!(ok.recv().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn connections_from_one_address_are_paced() {
+    let sim = start_sim().await;
+    let mut cfg = config_for(&sim);
+    cfg.server.max_connects_per_ip_per_second = 1; // bursts of 2
+    let relay = start_relay(cfg).await;
+    let _a = Client::connect(&relay).await;
+    let _b = Client::connect(&relay).await;
+    let resp = reqwest::Client::new()
+        .get(relay.http("/ws"))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().get("retry-after").is_some());
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "TOO_MANY_CONNECTS");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let _c = Client::connect(&relay).await;
+}

@@ -289,3 +289,27 @@ async fn streams_beyond_the_per_connection_limit_open_another_connection() {
     assert_eq!(stats["upstreams"]["binance"]["connections"], 3);
     assert_eq!(stats["binanceStreams"], 12);
 }
+
+#[tokio::test]
+async fn a_rate_limited_rest_api_is_left_alone_for_retry_after() {
+    let sim = start_sim().await;
+    sim.set_rest_rate_limited(Some(2));
+    let relay = start_relay_unready(config_for(&sim)).await;
+    eventually("the first exchangeInfo request", || {
+        sim.exchange_info_requests() >= 1
+    })
+    .await;
+    let first = tokio::time::Instant::now();
+    // Backoff alone would retry within a second; Retry-After says two.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(
+        sim.exchange_info_requests(),
+        1,
+        "retried before Retry-After"
+    );
+    sim.set_rest_rate_limited(None);
+    eventually_ready(&relay).await;
+    // `first` was observed by polling, a little after the request itself.
+    assert!(first.elapsed() >= Duration::from_millis(1800));
+    assert_eq!(sim.exchange_info_requests(), 2);
+}

@@ -383,7 +383,7 @@ async fn start_relay(args: &Args, feed: SocketAddr) -> Result<RelayProcess> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let config = format!(
         "[server]\nlisten = \"{addr}\"\nmax_connections = 20000\nmax_connections_per_ip = 20000\n\
-         client_requests_per_second = 1000\nclient_request_burst = 1000\n\
+         client_requests_per_second = 1000\nclient_request_burst = 1000\nmax_connects_per_ip_per_second = 100000\n\
          [streams]\nclose_delay_ms = 1000\n\
          [exchanges.binance]\nws_url = \"ws://{feed}\"\nrest_url = \"http://{feed}\"\n\
          [exchanges.coinbase]\nenabled = false\n[exchanges.kraken]\nenabled = false\n"

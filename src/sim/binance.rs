@@ -63,6 +63,9 @@ struct Inner {
     exchange_info: String,
     available: AtomicBool,
     stalled: AtomicBool,
+    /// While set, `exchangeInfo` answers 429 with this `Retry-After` (seconds).
+    rest_limited: Mutex<Option<u64>>,
+    exchange_info_requests: AtomicU64,
     connections: AtomicUsize,
     connects: AtomicU64,
     control_messages: AtomicU64,
@@ -103,6 +106,8 @@ impl SimBinance {
             exchange_info: include_str!("../../fixtures/binance/exchangeInfo.json").to_string(),
             available: AtomicBool::new(true),
             stalled: AtomicBool::new(false),
+            rest_limited: Mutex::new(None),
+            exchange_info_requests: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             connects: AtomicU64::new(0),
             control_messages: AtomicU64::new(0),
@@ -190,6 +195,17 @@ impl SimBinance {
     /// While unavailable, upgrades and REST calls get 503 (an outage).
     pub fn set_available(&self, available: bool) {
         self.inner.available.store(available, Ordering::SeqCst);
+    }
+
+    /// While `Some(s)`, `exchangeInfo` answers 429 with `Retry-After: s`, as Binance does when
+    /// the IP's request weight is spent.
+    pub fn set_rest_rate_limited(&self, retry_after_s: Option<u64>) {
+        *lock(&self.inner.rest_limited) = retry_after_s;
+    }
+
+    /// `exchangeInfo` requests received.
+    pub fn exchange_info_requests(&self) -> u64 {
+        self.inner.exchange_info_requests.load(Ordering::SeqCst)
     }
 
     /// While stalled, open connections go silent: no data, no pings.
@@ -606,6 +622,16 @@ fn with_market<T>(
 async fn exchange_info(State(inner): State<Arc<Inner>>) -> Response {
     if !inner.available.load(Ordering::SeqCst) {
         return unavailable();
+    }
+    inner.exchange_info_requests.fetch_add(1, Ordering::SeqCst);
+    if let Some(secs) = *lock(&inner.rest_limited) {
+        let body = json!({"code": -1003, "msg": "Too much request weight used; current limit is 6000 request weight per 1 MINUTE."});
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::RETRY_AFTER, secs.to_string())],
+            Json(body),
+        )
+            .into_response();
     }
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],

@@ -1,0 +1,9 @@
+//! Client messages: never panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = exchange_relay::protocol::parse_request(s);
+    }
+});
