@@ -60,6 +60,38 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+
+    /// Skips straight to the longest wait.
+    pub fn saturate(&mut self) {
+        self.attempt = 16;
+    }
+}
+
+/// Whether a failed connection attempt is worth a quick retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Network trouble, timeouts, 5xx, 429: retry with the normal backoff.
+    Retryable,
+    /// The exchange refused us (401/403/404/451...): retrying soon will not help, so the
+    /// relay waits the longest backoff between attempts and says so at error level. It never
+    /// gives up: a geo-block can be lifted, a misconfigured URL fixed by a redeploy.
+    Terminal,
+}
+
+pub fn classify(error: &tokio_tungstenite::tungstenite::Error) -> Failure {
+    use tokio_tungstenite::tungstenite::Error;
+    match error {
+        Error::Http(resp) => {
+            let status = resp.status().as_u16();
+            if (400..500).contains(&status) && status != 408 && status != 429 {
+                Failure::Terminal
+            } else {
+                Failure::Retryable
+            }
+        }
+        Error::Url(_) | Error::Tls(_) => Failure::Terminal,
+        _ => Failure::Retryable,
+    }
 }
 
 enum Outcome {
@@ -114,14 +146,21 @@ pub async fn run(ex: Arc<Exchange>, conn: Arc<Conn>, hub: Weak<Hub>, shutdown: C
         let ws = match result {
             Ok(Ok((ws, _))) => ws,
             failure => {
-                let error = match failure {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".to_string(),
+                let (error, kind) = match failure {
+                    Ok(Err(e)) => (e.to_string(), classify(&e)),
+                    _ => ("timed out".to_string(), Failure::Retryable),
                 };
                 ex.stats.failing.store(true, Ordering::Relaxed);
                 Stats::add(&ex.stats.connect_failures, 1);
+                if kind == Failure::Terminal {
+                    backoff.saturate();
+                }
                 let wait = backoff.next_delay();
-                tracing::warn!(%exchange, conn = conn.id, %error, retry_in_ms = wait.as_millis() as u64, "upstream connect failed");
+                if kind == Failure::Terminal {
+                    tracing::error!(%exchange, conn = conn.id, %error, retry_in_ms = wait.as_millis() as u64, "exchange refused the connection; check the URL, credentials or region (retrying slowly)");
+                } else {
+                    tracing::warn!(%exchange, conn = conn.id, %error, retry_in_ms = wait.as_millis() as u64, "upstream connect failed");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = sleep(wait) => continue,
@@ -463,6 +502,24 @@ fn sync_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_terminal_and_trouble_is_retryable() {
+        use tokio_tungstenite::tungstenite::http::Response;
+        use tokio_tungstenite::tungstenite::Error;
+        let http = |code: u16| {
+            Error::Http(Box::new(
+                Response::builder().status(code).body(None).unwrap(),
+            ))
+        };
+        assert_eq!(classify(&http(451)), Failure::Terminal, "geo-blocked");
+        assert_eq!(classify(&http(403)), Failure::Terminal);
+        assert_eq!(classify(&http(429)), Failure::Retryable);
+        assert_eq!(classify(&http(503)), Failure::Retryable);
+        assert_eq!(classify(&Error::ConnectionClosed), Failure::Retryable);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(classify(&Error::Io(io)), Failure::Retryable);
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_caps() {
