@@ -28,7 +28,9 @@ use crate::stats::Stats;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that lived this long was healthy: the next failure starts the backoff afresh.
-const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Short enough that periodic cuts (Binance renewals, exchange restarts) do not escalate the
+/// backoff; long enough that a connection dropped right after opening (flapping) does.
+const HEALTHY_AFTER: Duration = Duration::from_secs(5);
 /// Largest upstream frame accepted (full order-book snapshots can be large).
 const MAX_UPSTREAM_MESSAGE: usize = 16 << 20;
 

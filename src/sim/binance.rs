@@ -49,6 +49,8 @@ enum Control {
     Kill,
     /// Send `serverShutdown` on every connection.
     ServerShutdown,
+    /// Send a frame that is not JSON on every connection.
+    Garbage,
 }
 
 struct Inner {
@@ -190,6 +192,11 @@ impl SimBinance {
     /// Announces `serverShutdown` on every connection.
     pub fn server_shutdown(&self) {
         let _ = self.inner.control.send(Control::ServerShutdown);
+    }
+
+    /// Sends a corrupt (truncated, not JSON) frame on every connection.
+    pub fn send_garbage(&self) {
+        let _ = self.inner.control.send(Control::Garbage);
     }
 
     /// While unavailable, upgrades and REST calls get 503 (an outage).
@@ -564,6 +571,9 @@ async fn connection(socket: WebSocket, inner: Arc<Inner>, initial: Vec<String>, 
             },
             c = control.recv() => match c {
                 Ok(Control::Kill) => break,
+                Ok(Control::Garbage) => {
+                    let _ = tx.send(Message::text("{\"stream\":\"btcusdt@trade\",\"data\":{\"e\":\"tra")).await;
+                }
                 Ok(Control::ServerShutdown) => {
                     let event = json!({"e":"serverShutdown","E":now_millis()});
                     let text = if combined { json!({"stream":"!serverShutdown","data":event}) } else { event };
