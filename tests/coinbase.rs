@@ -11,22 +11,6 @@ use common::*;
 use exchange_relay::domain::Interval;
 use serde_json::{json, Value};
 
-fn levels(v: &Value) -> Vec<[f64; 2]> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|l| [l[0].as_f64().unwrap(), l[1].as_f64().unwrap()])
-        .collect()
-}
-
-fn same(a: &[[f64; 2]], b: &[[f64; 2]]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            (x[0] - y[0]).abs() <= 1e-9 * x[0].abs().max(1.0)
-                && (x[1] - y[1]).abs() <= 1e-9 * x[1].abs().max(1.0)
-        })
-}
-
 #[tokio::test]
 async fn every_kind_is_served_from_coinbase() {
     let (sims, relay) = start_all().await;
@@ -87,7 +71,9 @@ async fn a_sequence_gap_resyncs_the_books_in_place() {
         assert!(bids[0][0] < asks[0][0], "crossed book sent");
         let truth = sims.coinbase.published_books(product);
         assert!(
-            truth.iter().any(|(b, a)| same(b, &bids) && same(a, &asks)),
+            truth
+                .iter()
+                .any(|(b, a)| same_levels(b, &bids) && same_levels(a, &asks)),
             "client book matches no true book of {product}"
         );
         checked += 1;
@@ -118,28 +104,7 @@ async fn one_second_candles_built_from_trades_equal_the_exchanges_own() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let truth = sims.coinbase.closed_candles("ETH-USD", Interval::S1);
-    for k in &finals[1..] {
-        let t = k["time"].as_i64().unwrap();
-        let c = truth
-            .iter()
-            .find(|c| c.open_time == t)
-            .expect("the exchange closed this candle");
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
-        for (field, want) in [
-            ("open", c.open),
-            ("high", c.high),
-            ("low", c.low),
-            ("close", c.close),
-            ("volume", c.volume),
-            ("quoteVolume", c.quote_volume),
-        ] {
-            assert!(
-                close(k[field].as_f64().unwrap(), want),
-                "{field}: {k} vs {c:?}"
-            );
-        }
-        assert_eq!(k["trades"].as_u64().unwrap(), c.trades);
-    }
+    assert_candles_match(&finals[1..], &truth);
 }
 
 #[tokio::test]
@@ -254,27 +219,5 @@ async fn one_minute_candles_built_from_trades_equal_the_exchanges_own() {
     }
     let truth = sims.coinbase.closed_candles("ETH-USD", Interval::M1);
     // The first candle was seeded from REST mid-minute; every later one must be exact.
-    for k in &finals[1..] {
-        let t = k["time"].as_i64().unwrap();
-        let c = truth
-            .iter()
-            .find(|c| c.open_time == t)
-            .expect("the exchange closed this candle");
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
-        for (field, want) in [
-            ("open", c.open),
-            ("high", c.high),
-            ("low", c.low),
-            ("close", c.close),
-            ("volume", c.volume),
-            ("quoteVolume", c.quote_volume),
-        ] {
-            assert!(
-                close(k[field].as_f64().unwrap(), want),
-                "{field}: {k} vs {c:?}"
-            );
-        }
-        assert_eq!(k["trades"].as_u64().unwrap(), c.trades, "{k} vs {c:?}");
-        assert_eq!(k["closeTime"].as_i64().unwrap(), t + 59_999);
-    }
+    assert_candles_match(&finals[1..], &truth);
 }

@@ -441,15 +441,7 @@ async fn connection_caps_refuse_before_the_upgrade() {
     let relay = start_relay(cfg).await;
     let _a = Client::connect(&relay).await;
     let _b = Client::connect(&relay).await;
-    let resp = reqwest::Client::new()
-        .get(relay.http("/ws"))
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await
-        .unwrap();
+    let resp = raw_upgrade(&relay).await;
     assert_eq!(resp.status(), 429);
     assert!(resp.headers().get("retry-after").is_some());
 
@@ -522,15 +514,7 @@ async fn connections_from_one_address_are_paced() {
     let relay = start_relay(cfg).await;
     let _a = Client::connect(&relay).await;
     let _b = Client::connect(&relay).await;
-    let resp = reqwest::Client::new()
-        .get(relay.http("/ws"))
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await
-        .unwrap();
+    let resp = raw_upgrade(&relay).await;
     assert_eq!(resp.status(), 429);
     assert!(resp.headers().get("retry-after").is_some());
     let body: serde_json::Value = resp.json().await.unwrap();

@@ -21,7 +21,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -126,18 +125,12 @@ impl SimBinance {
             .route("/api/v3/depth", get(depth))
             .route("/api/v3/klines", get(klines))
             .with_state(inner.clone());
-        let s = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(
-                listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                app,
-            )
-            .with_graceful_shutdown(async move { s.cancelled().await })
-            .await;
-        });
-        tokio::spawn(run_market(inner.clone(), stop.clone()));
+        super::util::serve(
+            listener,
+            app,
+            run_market(inner.clone(), stop.clone()),
+            &stop,
+        );
         Ok(SimBinance { inner, addr, stop })
     }
 

@@ -20,7 +20,6 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -161,18 +160,12 @@ impl SimCoinbase {
                 get(candles_handler),
             )
             .with_state(inner.clone());
-        let s = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(
-                listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                app,
-            )
-            .with_graceful_shutdown(async move { s.cancelled().await })
-            .await;
-        });
-        tokio::spawn(run_market(inner.clone(), stop.clone()));
+        super::util::serve(
+            listener,
+            app,
+            run_market(inner.clone(), stop.clone()),
+            &stop,
+        );
         Ok(SimCoinbase { inner, addr, stop })
     }
 

@@ -18,7 +18,6 @@ use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
@@ -223,18 +222,12 @@ impl SimKraken {
             .route("/0/public/AssetPairs", get(asset_pairs_handler))
             .route("/0/public/OHLC", get(ohlc_handler))
             .with_state(inner.clone());
-        let s = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(
-                listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                app,
-            )
-            .with_graceful_shutdown(async move { s.cancelled().await })
-            .await;
-        });
-        tokio::spawn(run_market(inner.clone(), stop.clone()));
+        super::util::serve(
+            listener,
+            app,
+            run_market(inner.clone(), stop.clone()),
+            &stop,
+        );
         Ok(SimKraken { inner, addr, stop })
     }
 

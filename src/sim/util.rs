@@ -5,6 +5,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -68,4 +72,26 @@ pub fn decimals(step: f64) -> usize {
     s.trim_end_matches('0')
         .split_once('.')
         .map_or(0, |(_, f)| f.len())
+}
+
+/// Serves `app` on `listener` (TCP_NODELAY, as exchanges send small frames) and runs `market`,
+/// both until `stop` is cancelled.
+pub fn serve(
+    listener: TcpListener,
+    app: Router,
+    market: impl std::future::Future<Output = ()> + Send + 'static,
+    stop: &CancellationToken,
+) {
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(
+            listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .with_graceful_shutdown(async move { s.cancelled().await })
+        .await;
+    });
+    tokio::spawn(market);
 }

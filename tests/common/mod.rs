@@ -340,3 +340,65 @@ pub fn token_with(secret: &str, claims: Value) -> String {
     )
     .unwrap()
 }
+
+/// `[[price, qty], ...]` of a depth message side.
+pub fn levels(v: &Value) -> Vec<[f64; 2]> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| [l[0].as_f64().unwrap(), l[1].as_f64().unwrap()])
+        .collect()
+}
+
+/// Two book sides with the same levels (prices and quantities equal to 1e-9 relative).
+pub fn same_levels(a: &[[f64; 2]], b: &[[f64; 2]]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| close(x[0], y[0]) && close(x[1], y[1]))
+}
+
+pub fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(1.0)
+}
+
+/// Checks relay klines (`data` objects) against the candles the exchange closed from the same
+/// trades, field by field (trade-built candles have an exact quote volume too).
+pub fn assert_candles_match(klines: &[Value], truth: &[exchange_relay::sim::market::Candle]) {
+    for k in klines {
+        let t = k["time"].as_i64().unwrap();
+        let c = truth
+            .iter()
+            .find(|c| c.open_time == t)
+            .expect("the exchange closed this candle");
+        let fields = [
+            ("open", c.open),
+            ("high", c.high),
+            ("low", c.low),
+            ("close", c.close),
+            ("volume", c.volume),
+            ("quoteVolume", c.quote_volume),
+        ];
+        for (field, want) in fields {
+            assert!(
+                close(k[field].as_f64().unwrap(), want),
+                "{field}: {k} vs {c:?}"
+            );
+        }
+        assert_eq!(k["trades"].as_u64().unwrap(), c.trades, "{k} vs {c:?}");
+        assert_eq!(k["closeTime"].as_i64().unwrap(), c.close_time);
+    }
+}
+
+/// A WebSocket upgrade request by plain HTTP, to see refusals (status, headers, body).
+pub async fn raw_upgrade(relay: &Relay) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(relay.http("/ws"))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap()
+}
