@@ -372,13 +372,39 @@ impl KrakenSession {
         json!({"method": method, "params": params, "req_id": req_id}).to_string()
     }
 
-    fn book_frames(&mut self, method: &str, symbols: &[&str], out: &mut Vec<Decoded>) {
-        let extra = if method == "subscribe" {
-            json!({"depth": BOOK_DEPTH})
-        } else {
-            json!({})
+    /// One `subscribe`/`unsubscribe` frame for `channel` (with its parameter: the ohlc interval)
+    /// on `symbols`. The per-channel rules live here only: books at depth 25, trades without
+    /// the 50-trade snapshot (history, not news).
+    fn frame(
+        &mut self,
+        method: &str,
+        channel: &str,
+        param: Option<&str>,
+        symbols: &[&str],
+        out: &mut Vec<Decoded>,
+    ) {
+        let subscribing = method == "subscribe";
+        let extra = match channel {
+            "book" if subscribing => json!({"depth": BOOK_DEPTH}),
+            "trade" if subscribing => json!({"snapshot": false}),
+            "ohlc" => json!({"interval": param.and_then(|p| p.parse::<u32>().ok()).unwrap_or(1)}),
+            _ => json!({}),
         };
-        out.push(Decoded::Send(self.request(method, "book", symbols, extra)));
+        let frame = self.request(method, channel, symbols, extra);
+        out.push(Decoded::Send(frame));
+    }
+
+    /// Sends one frame per (channel, parameter) group.
+    fn frames(
+        &mut self,
+        method: &str,
+        groups: BTreeMap<(String, Option<String>), Vec<String>>,
+        out: &mut Vec<Decoded>,
+    ) {
+        for ((channel, param), symbols) in groups {
+            let syms: Vec<&str> = symbols.iter().map(String::as_str).collect();
+            self.frame(method, &channel, param.as_deref(), &syms, out);
+        }
     }
 
     /// Resyncs one symbol's book from a fresh snapshot; the connection and other symbols stay.
@@ -392,8 +418,8 @@ impl KrakenSession {
             book.bids.clear();
             book.asks.clear();
         }
-        self.book_frames("unsubscribe", &[symbol], out);
-        self.book_frames("subscribe", &[symbol], out);
+        self.frame("unsubscribe", "book", None, &[symbol], out);
+        self.frame("subscribe", "book", None, &[symbol], out);
     }
 
     fn precisions(&self, symbol: &str, fallback: (u32, u32)) -> (u32, u32) {
@@ -639,22 +665,7 @@ impl Session for KrakenSession {
                     .push(symbol),
             }
         }
-        for ((channel, param), symbols) in upstream {
-            let syms: Vec<&str> = symbols.iter().map(String::as_str).collect();
-            let frame = match channel.as_str() {
-                "book" => {
-                    self.book_frames("subscribe", &syms, out);
-                    continue;
-                }
-                "trade" => self.request("subscribe", "trade", &syms, json!({"snapshot": false})),
-                "ohlc" => {
-                    let interval: u32 = param.and_then(|p| p.parse().ok()).unwrap_or(1);
-                    self.request("subscribe", "ohlc", &syms, json!({"interval": interval}))
-                }
-                _ => self.request("subscribe", &channel, &syms, json!({})),
-            };
-            out.push(Decoded::Send(frame));
-        }
+        self.frames("subscribe", upstream, out);
     }
 
     fn unsubscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Decoded>) {
@@ -700,15 +711,7 @@ impl Session for KrakenSession {
                     .push(symbol),
             }
         }
-        for ((channel, param), symbols) in upstream {
-            let syms: Vec<&str> = symbols.iter().map(String::as_str).collect();
-            let extra = match (channel.as_str(), param) {
-                ("ohlc", Some(p)) => json!({"interval": p.parse::<u32>().unwrap_or(1)}),
-                _ => json!({}),
-            };
-            let frame = self.request("unsubscribe", &channel, &syms, extra);
-            out.push(Decoded::Send(frame));
-        }
+        self.frames("unsubscribe", upstream, out);
     }
 
     fn decode(
