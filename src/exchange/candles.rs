@@ -6,6 +6,9 @@
 //! first; a trade for a finalised bucket is dropped rather than reopening it. A bucket without
 //! trades produces no candle (Coinbase's and Kraken's own candles behave the same).
 //!
+//! The forming candle is sent at most once per session tick (every trade would be dozens of
+//! messages a second on a busy market); final candles are sent at once.
+//!
 //! The candle forming when a subscription starts is seeded from the exchange's REST candles,
 //! so its open/high/low/volume cover the part of the bucket before the subscription. REST
 //! candles carry no trade ids, so trades up to the moment the seed was requested are assumed
@@ -65,6 +68,10 @@ pub struct TradeCandles {
     pending: Option<Vec<Trade>>,
     /// Trades of the seeded bucket at or before this time are in the seed already.
     seeded_until: Option<(i64, i64)>,
+    /// Trades changed the forming candle since it was last sent. Forming candles go out at
+    /// most once a tick (250 ms): a busy market trades dozens of times a second, and a chart
+    /// needs the candle, not every step of it. Final candles go out at once.
+    changed: bool,
 }
 
 impl TradeCandles {
@@ -85,6 +92,7 @@ impl TradeCandles {
             seen_order: VecDeque::new(),
             pending: None,
             seeded_until: None,
+            changed: false,
         }
     }
 
@@ -192,10 +200,12 @@ impl TradeCandles {
         b.quote_volume += t.quantity * t.price;
         b.trades += 1;
         b.last_time = b.last_time.max(t.time_ms);
-        self.emit_forming(out);
+        // The forming candle goes out on the next tick, once, however many trades changed it.
+        self.changed = true;
     }
 
-    /// Finalises a candle whose bucket ended more than [`GRACE_MS`] ago.
+    /// Sends the forming candle if trades changed it since the last tick, and finalises a
+    /// candle whose bucket ended more than [`GRACE_MS`] ago.
     pub fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Kline>) {
         if self
             .forming
@@ -203,6 +213,9 @@ impl TradeCandles {
             .is_some_and(|f| now_ms > f.close_time + GRACE_MS)
         {
             self.finalize(out);
+        } else if self.changed {
+            self.changed = false;
+            self.emit_forming(out);
         }
     }
 
@@ -220,6 +233,7 @@ impl TradeCandles {
     }
 
     fn finalize(&mut self, out: &mut Vec<Kline>) {
+        self.changed = false;
         if let Some(b) = self.forming.take() {
             self.last_final = Some(b.open_time);
             out.push(self.kline(&b, true));
@@ -281,9 +295,15 @@ mod tests {
         c.on_trade(&trade(2, 1_500, 12.0, 2.0), &mut out);
         c.on_trade(&trade(2, 1_500, 12.0, 2.0), &mut out); // duplicate
         c.on_trade(&trade(3, 1_900, 9.0, 1.0), &mut out);
+        assert!(out.is_empty(), "forming candles wait for the tick");
+        c.on_tick(1_950, &mut out);
+        assert_eq!(out.len(), 1, "one forming update for three trades");
+        assert_eq!((out[0].trades, out[0].is_final), (3, false));
+        c.on_tick(1_960, &mut out);
+        assert_eq!(out.len(), 1, "nothing changed, nothing sent");
         out.clear();
         c.on_trade(&trade(4, 2_100, 11.0, 1.0), &mut out);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 1, "the final candle goes out at once");
         let fin = &out[0];
         assert!(fin.is_final);
         assert_eq!((fin.open_time, fin.close_time), (1_000, 1_999));
@@ -293,7 +313,8 @@ mod tests {
         );
         assert_eq!((fin.volume, fin.trades), (4.0, 3));
         assert_eq!(fin.quote_volume, Some(10.0 + 24.0 + 9.0));
-        assert!(!out[1].is_final);
+        c.on_tick(2_200, &mut out);
+        assert!(!out[1].is_final && out[1].open_time == 2_000);
         // A late trade for the final candle does not reopen it.
         out.clear();
         c.on_trade(&trade(5, 1_950, 100.0, 1.0), &mut out);
@@ -314,6 +335,7 @@ mod tests {
         let mut out = Vec::new();
         c.on_trade(&trade(2, 5_000, 20.0, 1.0), &mut out);
         c.on_trade(&trade(1, 4_000, 10.0, 1.0), &mut out);
+        c.on_tick(5_000, &mut out);
         assert_eq!(out.last().unwrap().close, 20.0);
     }
 
@@ -359,6 +381,7 @@ mod tests {
         ];
         // Asked at 150 s: trade 7 (130 s) is in the seed, trade 8 (170 s) is not.
         c.seed(&rows, 150_000, &mut out);
+        c.on_tick(170_000, &mut out);
         let last = out.last().unwrap();
         assert_eq!(
             (last.open_time, last.open, last.high, last.low),

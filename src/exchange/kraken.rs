@@ -1207,6 +1207,15 @@ mod tests {
             (trade.side, trade.trade_id.clone(), trade.time_ms),
             (Side::Sell, TradeId::Number(4665906), 1695628177708)
         );
+        // The trade-built candle goes out on the next tick.
+        assert!(!out.iter().any(|d| matches!(
+            d,
+            Decoded::Event {
+                event: MarketEvent::Kline(_),
+                ..
+            }
+        )));
+        s.on_tick(1695628177708 + 100, &mut out);
         assert!(out.iter().any(|d| matches!(d, Decoded::Event { stream, event: MarketEvent::Kline(_) } if stream == "candles:1s:MATIC/USD")));
         out.clear();
         s.decode(r#"{"channel":"ohlc","type":"update","timestamp":"2023-10-04T16:26:30.524394914Z","data":[{"symbol":"MATIC/USD","open":0.5624,"high":0.5628,"low":0.5622,"close":0.5627,"trades":12,"volume":30927.68066226,"vwap":0.5626,"interval_begin":"2023-10-04T16:25:00.000000000Z","interval":5,"timestamp":"2023-10-04T16:30:00.000000Z"}]}"#, 0, &mut out).unwrap();
