@@ -18,7 +18,7 @@ use tokio::time::{timeout, Instant};
 use crate::auth::{AuthError, Identity};
 use crate::domain::Channel;
 use crate::http::{AppState, ConnGuard};
-use crate::hub::{Attached, Client, Close, Held};
+use crate::hub::{Attached, Client, Close, Held, TopicKey};
 use crate::protocol::{
     close, msg, now_millis, parse_request, ErrorCode, Frame, Request, RequestId,
 };
@@ -390,10 +390,13 @@ impl Session {
             topic: self.state.hub.topic_for(&channel),
             channel,
         };
+        let exchange = match &held.topic {
+            TopicKey::Feed(key) => key.exchange.to_string(),
+            TopicKey::Published(_) => "the exchange".to_string(),
+        };
         match self.state.hub.attach(&self.client, held, id) {
             Attached::Live => {}
             Attached::Unavailable => {
-                let exchange = held_exchange(&self.state, name);
                 self.error(
                     Some(name),
                     ErrorCode::UpstreamUnavailable,
@@ -483,16 +486,6 @@ impl Session {
         }
         n
     }
-}
-
-fn held_exchange(state: &AppState, name: &str) -> String {
-    name.parse::<Channel>()
-        .ok()
-        .and_then(|c| {
-            c.market()
-                .map(|m| m.exchange_or(state.hub.default_exchange))
-        })
-        .map_or_else(|| "the exchange".to_string(), |e| e.to_string())
 }
 
 /// The close a peer's WebSocket violation calls for (RFC 6455 §7.4.1): 1009 for a frame over

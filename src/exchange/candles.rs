@@ -96,10 +96,6 @@ impl TradeCandles {
         }
     }
 
-    pub fn interval(&self) -> Interval {
-        self.interval
-    }
-
     /// Seeds the forming candle from REST `rows` (any granularity dividing the interval),
     /// fetched at `asked_at_ms`, then replays the trades that arrived meanwhile.
     pub fn seed(&mut self, rows: &[SeedCandle], asked_at_ms: i64, out: &mut Vec<Kline>) {

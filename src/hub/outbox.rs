@@ -229,15 +229,6 @@ impl Outbox {
         self.lock().closing.clone()
     }
 
-    /// Frames currently queued.
-    pub fn len(&self) -> usize {
-        self.lock().queue.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Waits for work: moves up to `max` queued frames into `batch` and returns `None`, or
     /// returns the close to perform once there is nothing (left) to deliver before it.
     pub async fn next_batch(&self, batch: &mut Vec<Frame>, max: usize) -> Option<Close> {

@@ -212,14 +212,6 @@ impl SimBinance {
     pub fn set_stalled(&self, stalled: bool) {
         self.inner.stalled.store(stalled, Ordering::SeqCst);
     }
-
-    /// The current trade count of a market (to compare against what clients saw).
-    pub fn last_price(&self, symbol: &str) -> Option<f64> {
-        lock(&self.inner.markets)
-            .iter()
-            .find(|m| m.symbol == symbol)
-            .map(|m| m.stats.last)
-    }
 }
 
 fn d8(v: f64) -> String {
