@@ -395,12 +395,7 @@ impl KrakenSession {
     }
 
     /// Sends one frame per (channel, parameter) group.
-    fn frames(
-        &mut self,
-        method: &str,
-        groups: BTreeMap<(String, Option<String>), Vec<String>>,
-        out: &mut Vec<Decoded>,
-    ) {
+    fn frames(&mut self, method: &str, groups: Groups, out: &mut Vec<Decoded>) {
         for ((channel, param), symbols) in groups {
             let syms: Vec<&str> = symbols.iter().map(String::as_str).collect();
             self.frame(method, &channel, param.as_deref(), &syms, out);
@@ -594,6 +589,16 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
+/// Symbols per (channel, parameter): one Kraken frame each.
+type Groups = BTreeMap<(String, Option<String>), Vec<String>>;
+
+fn group(groups: &mut Groups, channel: &str, param: Option<&str>, symbol: String) {
+    groups
+        .entry((channel.to_string(), param.map(String::from)))
+        .or_default()
+        .push(symbol);
+}
+
 /// Splits our stream name: (`channel`, parameter, native symbol).
 fn parts(stream: &str) -> Option<(&str, Option<&str>, &str)> {
     let (channel, rest) = stream.split_once(':')?;
@@ -608,7 +613,7 @@ fn parts(stream: &str) -> Option<(&str, Option<&str>, &str)> {
 
 impl Session for KrakenSession {
     fn subscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Decoded>) {
-        let mut upstream: BTreeMap<(String, Option<String>), Vec<String>> = BTreeMap::new();
+        let mut upstream = Groups::new();
         for stream in streams {
             let Some((channel, param, symbol)) = parts(stream) else {
                 continue;
@@ -634,10 +639,7 @@ impl Session for KrakenSession {
                     let users = self.trade_users.entry(symbol.clone()).or_default();
                     *users += 1;
                     if *users == 1 {
-                        upstream
-                            .entry(("trade".into(), None))
-                            .or_default()
-                            .push(symbol);
+                        group(&mut upstream, "trade", None, symbol);
                     }
                 }
                 "ohlc" => {
@@ -654,22 +656,16 @@ impl Session for KrakenSession {
                             last_final: None,
                         },
                     );
-                    upstream
-                        .entry(("ohlc".into(), param.map(String::from)))
-                        .or_default()
-                        .push(symbol);
+                    group(&mut upstream, "ohlc", param, symbol);
                 }
-                _ => upstream
-                    .entry((channel.to_string(), None))
-                    .or_default()
-                    .push(symbol),
+                _ => group(&mut upstream, channel, None, symbol),
             }
         }
         self.frames("subscribe", upstream, out);
     }
 
     fn unsubscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Decoded>) {
-        let mut upstream: BTreeMap<(String, Option<String>), Vec<String>> = BTreeMap::new();
+        let mut upstream = Groups::new();
         for stream in streams {
             let Some((channel, param, symbol)) = parts(stream) else {
                 continue;
@@ -685,30 +681,18 @@ impl Session for KrakenSession {
                     *users = users.saturating_sub(1);
                     if *users == 0 {
                         self.trade_users.remove(&symbol);
-                        upstream
-                            .entry(("trade".into(), None))
-                            .or_default()
-                            .push(symbol);
+                        group(&mut upstream, "trade", None, symbol);
                     }
                 }
                 "ohlc" => {
                     self.native.remove(stream);
-                    upstream
-                        .entry(("ohlc".into(), param.map(String::from)))
-                        .or_default()
-                        .push(symbol);
+                    group(&mut upstream, "ohlc", param, symbol);
                 }
                 "book" => {
                     self.books.remove(&symbol);
-                    upstream
-                        .entry(("book".into(), None))
-                        .or_default()
-                        .push(symbol);
+                    group(&mut upstream, "book", None, symbol);
                 }
-                _ => upstream
-                    .entry((channel.to_string(), None))
-                    .or_default()
-                    .push(symbol),
+                _ => group(&mut upstream, channel, None, symbol),
             }
         }
         self.frames("unsubscribe", upstream, out);
