@@ -83,14 +83,14 @@ fn fanout(c: &mut Criterion) {
     let channel: Channel = "trades:BTCUSDT".parse().unwrap();
     let clients: Vec<_> = (0..1000)
         .map(|_| {
-            let client = hub.register_client();
+            let client = hub.register_client(None);
             let held = Held {
                 name: Arc::from("trades:BTCUSDT"),
                 topic: hub.topic_for(&channel),
                 channel: channel.clone(),
             };
             hub.attach(&client, held, &None);
-            client.outbox.discard_queued();
+            client.outbox.take_queued();
             client
         })
         .collect();
@@ -110,7 +110,7 @@ fn fanout(c: &mut Criterion) {
                 }
                 spent += start.elapsed();
                 for c in &clients {
-                    c.outbox.discard_queued();
+                    c.outbox.take_queued();
                 }
                 left -= n;
             }

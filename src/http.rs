@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,10 +20,11 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::domain::Channel;
-use crate::hub::Hub;
-use crate::protocol::{iso_millis, ErrorCode};
+use crate::hub::{Close, Hub};
+use crate::protocol::{close, iso_millis, ErrorCode};
 use crate::session;
 use crate::stats::Stats;
+use crate::ws::{self, Upgrade, Wire};
 
 /// Shared by every handler and session; cheap to clone.
 #[derive(Clone)]
@@ -194,7 +195,7 @@ async fn ws_upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let cfg = &state.config.server;
     if !cfg.allowed_origins.is_empty() {
@@ -229,49 +230,54 @@ async fn ws_upgrade(
     let at_connect = token
         .filter(|t| !t.is_empty())
         .map(|t| state.auth.verify(t));
-    configure(ws, cfg).on_upgrade(move |socket| session::run(socket, state, at_connect, guard))
+    upgrade.on_upgrade(move |socket, prefix| session::run(socket, prefix, state, at_connect, guard))
 }
 
-/// The WebSocket settings of every client connection.
-fn configure(ws: WebSocketUpgrade, cfg: &crate::config::ServerConfig) -> WebSocketUpgrade {
-    let max = cfg.max_message_bytes;
-    // Client requests are small; tungstenite grows the buffer for a larger frame. Every KiB
-    // here is a KiB per connection (10 MiB at 10,000 clients).
-    ws.read_buffer_size(1024)
-        .write_buffer_size(16 * 1024)
-        .max_write_buffer_size(4 << 20)
-        .max_message_size(max)
-        .max_frame_size(max)
-}
-
-/// `/autobahn` (only with `server.autobahn_echo`): echoes every message on the same
-/// WebSocket settings and error handling as `/ws`, so the Autobahn suite, which expects an
-/// echo server, tests the relay's WebSocket layer.
-async fn autobahn_echo(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    use axum::extract::ws::{CloseFrame, Message};
+/// `/autobahn` (only with `server.autobahn_echo`): echoes every message through the same
+/// WebSocket path as `/ws` (the same reader, limits, outbox writer and close handling), so the
+/// Autobahn suite, which expects an echo server, tests the relay's WebSocket layer.
+async fn autobahn_echo(State(state): State<AppState>, upgrade: Upgrade) -> Response {
     use futures_util::StreamExt;
-    configure(ws, &state.config.server).on_upgrade(|mut socket| async move {
-        while let Some(msg) = socket.next().await {
-            let reply = match msg {
-                Ok(Message::Text(t)) => Message::Text(t),
-                Ok(Message::Binary(b)) => Message::Binary(b),
-                Ok(_) => continue, // pings are answered by tungstenite, closes too
-                Err(e) => match session::protocol_close(e) {
-                    Some((code, reason)) => {
-                        let frame = CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        };
-                        let _ = socket.send(Message::Close(Some(frame))).await;
-                        continue; // read on until the peer's close or EOF
-                    }
-                    None => return,
-                },
-            };
-            if socket.send(reply).await.is_err() {
-                return;
+    use tokio_tungstenite::tungstenite::Message;
+    upgrade.on_upgrade(move |socket, prefix| async move {
+        let cfg = &state.config.server;
+        let client = Arc::new(crate::hub::Client::new(
+            0,
+            cfg.client_queue_capacity,
+            cfg.max_subscriptions_per_client,
+            Some(socket.clone()),
+        ));
+        let mut incoming = ws::incoming(socket, prefix, client.clone(), cfg.max_message_bytes).await;
+        let mut reading = true;
+        let close = loop {
+            tokio::select! {
+                close = client.outbox.deliver() => break close,
+                msg = incoming.next(), if reading => {
+                    let reply = match msg {
+                        Some(Ok(Message::Text(t))) => Wire::text(t.as_str()),
+                        Some(Ok(Message::Binary(b))) => Wire::binary(&b),
+                        Some(Ok(Message::Close(frame))) => {
+                            let (code, reason) = frame.map_or((close::NO_STATUS, String::new()), |f| (f.code.into(), f.reason.to_string()));
+                            client.outbox.close(Close { code, reason: reason.into(), last_words: None, abort: true });
+                            reading = false;
+                            continue;
+                        }
+                        Some(Ok(_)) => continue, // pings are answered by tungstenite
+                        Some(Err(e)) => match ws::protocol_close(&e) {
+                            Some((code, reason)) => {
+                                client.outbox.close(Close { code, reason: reason.into(), last_words: None, abort: false });
+                                reading = false;
+                                continue;
+                            }
+                            None => return,
+                        },
+                        None => return,
+                    };
+                    client.outbox.push_wire(reply);
+                }
             }
-        }
+        };
+        session::finish(&mut incoming, &client, close).await;
     })
 }
 

@@ -15,6 +15,7 @@ pub mod server;
 pub mod session;
 pub mod sim;
 pub mod stats;
+pub mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -134,7 +135,7 @@ pub async fn run(
     tracing::info!("shutting down: closing clients with 1001 and upstreams");
     hub.close_all(Close {
         code: close::GOING_AWAY,
-        reason: "server shutting down",
+        reason: "server shutting down".into(),
         last_words: None,
         abort: false,
     });

@@ -15,6 +15,10 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// Never sent as such: a close frame without a code (the reply to one).
+    pub const NO_STATUS: u16 = 1005;
+    /// Never sent: the connection was lost, there is no one to send a close frame to.
+    pub const ABNORMAL: u16 = 1006;
     pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;

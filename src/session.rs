@@ -1,8 +1,7 @@
-//! One task per client: it writes the client's [`Outbox`] to the socket in batches (`feed`
-//! several frames, one `flush`), reads and answers requests (rate limit, subscription cap,
-//! authentication), pings the client and closes it when it goes silent. One task rather than a
-//! reader and a writer: no lock between two halves of the socket, one wake per delivery, one
-//! timer, half the per-connection memory (measured by `loadgen`, README § Performance).
+//! One task per client: it reads and answers requests (rate limit, subscription cap,
+//! authentication), pings the client, closes it when it goes silent, and writes out what its
+//! [`Outbox`] had to queue while the socket was full. Deliveries to a client that keeps up do
+//! not involve this task at all: the fan-out writes them (README § Performance).
 //!
 //! [`Outbox`]: crate::hub::Outbox
 
@@ -10,10 +9,12 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use bytes::Bytes;
+use futures_util::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::auth::{AuthError, Identity};
 use crate::domain::Channel;
@@ -23,18 +24,18 @@ use crate::protocol::{
     close, msg, now_millis, parse_request, ErrorCode, Frame, Request, RequestId,
 };
 use crate::stats::Stats;
+use crate::ws::{self, Incoming, Wire};
 
-/// Frames moved from the outbox per write batch.
-const WRITE_BATCH: usize = 64;
 /// How long the last words and the close frame may take on a stuck socket.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Rate-limit violations tolerated (refilled one a second) before the client is closed 1008.
 const ABUSE_BURST: u32 = 20;
 
-/// Runs a client from upgrade to close. `at_connect` is the result of verifying a token sent
-/// with the upgrade request, if any.
+/// Runs a client from upgrade to close. `prefix` is what the client sent right after its
+/// upgrade request; `at_connect` the result of verifying a token sent with that request, if any.
 pub async fn run(
-    mut socket: WebSocket,
+    socket: Arc<TcpStream>,
+    prefix: Bytes,
     state: AppState,
     at_connect: Option<Result<Identity, AuthError>>,
     guard: ConnGuard,
@@ -42,7 +43,14 @@ pub async fn run(
     let _guard = guard;
     let _task = state.clients.token();
     let hub = &state.hub;
-    let client = hub.register_client();
+    let client = hub.register_client(Some(socket.clone()));
+    let mut incoming = ws::incoming(
+        socket,
+        prefix,
+        client.clone(),
+        state.config.server.max_message_bytes,
+    )
+    .await;
     Stats::add(&hub.stats.total_connections, 1);
     let cfg = &state.config.server;
 
@@ -54,7 +62,7 @@ pub async fn run(
             session.send(msg::error(None, code, &e.to_string(), &None));
             client.outbox.close(Close {
                 code: close::POLICY,
-                reason: "invalid token",
+                reason: "invalid token".into(),
                 last_words: None,
                 abort: false,
             });
@@ -71,12 +79,12 @@ pub async fn run(
     }
     tracing::debug!(client = %client.name, authenticated = session.identity.is_some(), "client connected");
 
-    let close = session.serve(&mut socket).await;
+    let close = session.serve(&mut incoming).await;
     // Out of the hub first: no more fan-out to it, and it no longer counts as connected while
     // the closing handshake takes its time.
     hub.unregister_client(&client);
     if let Some(close) = close {
-        finish(&mut socket, close).await;
+        finish(&mut incoming, &client, close).await;
     }
     tracing::debug!(client = %client.name, "client disconnected");
 }
@@ -143,7 +151,7 @@ impl Session {
             );
             self.client.outbox.close(Close {
                 code: close::POLICY,
-                reason: "too many invalid requests",
+                reason: "too many invalid requests".into(),
                 last_words: Some(last_words),
                 abort: false,
             });
@@ -163,13 +171,12 @@ impl Session {
 
     /// The client's life: deliver, read, ping, until it leaves (`None`) or the relay decides to
     /// close it (the close to perform).
-    async fn serve(&mut self, ws: &mut WebSocket) -> Option<Close> {
+    async fn serve(&mut self, ws: &mut Incoming) -> Option<Close> {
         let cfg = self.state.config.server.clone();
         let idle = Duration::from_millis(cfg.client_timeout_ms);
         let ping_every = Duration::from_millis(cfg.ping_interval_ms);
         let mut last_heard = Instant::now();
         let mut next_ping = last_heard + ping_every;
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
         // Off once the client is being closed: what it sends then is not read.
         let mut reading = true;
         let mut shutting_down = false;
@@ -189,15 +196,7 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                close = self.client.outbox.next_batch(&mut batch, WRITE_BATCH) => match close {
-                    Some(close) => return Some(close),
-                    None => {
-                        if !self.write_batch(ws, &mut batch).await {
-                            // Abandoned for a close (slow consumer, dead peer)? Deliver it.
-                            return self.client.outbox.closing();
-                        }
-                    }
-                },
+                close = self.client.outbox.deliver() => return Some(close),
                 frame = ws.next(), if reading => {
                     last_heard = Instant::now();
                     match frame {
@@ -217,16 +216,23 @@ impl Session {
                                 reading = false;
                             }
                         }
-                        Some(Ok(Message::Close(_))) | None => return None,
+                        Some(Ok(Message::Close(frame))) => {
+                            // Answered at once, echoing the client's code (RFC 6455 §5.5.1);
+                            // what is still queued for it is dropped.
+                            let (code, reason) = frame.map_or((close::NO_STATUS, String::new()), |f| (f.code.into(), f.reason.to_string()));
+                            self.client.outbox.close(Close { code, reason: reason.into(), last_words: None, abort: true });
+                            reading = false;
+                        }
+                        None => return None,
                         Some(Ok(_)) => {} // ping/pong: liveness only
                         Some(Err(e)) => {
-                            let Some((code, reason)) = protocol_close(e) else {
+                            let Some((code, reason)) = ws::protocol_close(&e) else {
                                 return None; // the connection itself failed
                             };
                             if code == close::TOO_BIG {
                                 self.error(None, ErrorCode::InvalidJson, &format!("message too large: the limit is {} bytes", cfg.max_message_bytes), &None);
                             }
-                            self.client.outbox.close(Close { code, reason, last_words: None, abort: false });
+                            self.client.outbox.close(Close { code, reason: reason.into(), last_words: None, abort: false });
                             // What follows a broken frame cannot be trusted: stop reading.
                             reading = false;
                         }
@@ -236,7 +242,7 @@ impl Session {
                     let now = Instant::now();
                     if now >= last_heard + idle {
                         tracing::info!(client = %self.client.name, "client silent past client_timeout_ms; closing");
-                        self.client.outbox.close(Close { code: close::POLICY, reason: "no traffic or pong within the timeout", last_words: None, abort: true });
+                        self.client.outbox.close(Close { code: close::POLICY, reason: "no traffic or pong within the timeout".into(), last_words: None, abort: true });
                         reading = false;
                         // Push the wake-up past the deadline; the outbox branch closes next.
                         last_heard = now;
@@ -246,37 +252,15 @@ impl Session {
                     }
                     if now >= next_ping {
                         next_ping = now + ping_every;
-                        let ping = ws.send(Message::Ping(Default::default()));
-                        let sent = tokio::select! {
-                            result = ping => result.is_ok(),
-                            _ = self.client.outbox.aborted() => false,
-                        };
-                        if !sent {
-                            return self.client.outbox.closing();
-                        }
+                        self.client.outbox.push_wire(Wire::ping());
                     }
                 }
                 _ = &mut shutdown, if !shutting_down => {
                     shutting_down = true;
                     reading = false;
-                    self.client.outbox.close(Close { code: close::GOING_AWAY, reason: "server shutting down", last_words: None, abort: false });
+                    self.client.outbox.close(Close { code: close::GOING_AWAY, reason: "server shutting down".into(), last_words: None, abort: false });
                 }
             }
-        }
-    }
-
-    /// Writes a batch with one flush. A write blocked on a full socket is abandoned when the
-    /// client is closed without delivery (slow consumer, dead peer); no timer per write.
-    async fn write_batch(&self, ws: &mut WebSocket, batch: &mut Vec<Frame>) -> bool {
-        let write = async {
-            for frame in batch.drain(..) {
-                ws.feed(Message::Text(frame)).await?;
-            }
-            ws.flush().await
-        };
-        tokio::select! {
-            result = write => result.is_ok(),
-            _ = self.client.outbox.aborted() => false,
         }
     }
 
@@ -308,7 +292,7 @@ impl Session {
         );
         self.client.outbox.close(Close {
             code: close::POLICY,
-            reason: "request rate exceeded",
+            reason: "request rate exceeded".into(),
             last_words: Some(last_words),
             abort: false,
         });
@@ -488,40 +472,22 @@ impl Session {
     }
 }
 
-/// The close a peer's WebSocket violation calls for (RFC 6455 §7.4.1): 1009 for a frame over
-/// the size limit, 1007 for a text frame that is not UTF-8, 1002 for any other protocol
-/// violation; `None` when the connection itself failed (nothing to say it to).
-pub fn protocol_close(e: axum::Error) -> Option<(u16, &'static str)> {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let inner = e.into_inner().downcast::<WsError>().ok()?;
-    match *inner {
-        WsError::Capacity(_) => Some((close::TOO_BIG, "message too large")),
-        WsError::Utf8(_) => Some((close::INVALID_DATA, "text frame is not valid UTF-8")),
-        WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "WebSocket protocol violation")),
-        _ => None,
-    }
-}
-
 /// Sends the last words and the close frame, then completes the closing handshake: reads (and
 /// discards) until the client's close or EOF. Dropping a socket with unread input makes the
 /// kernel send RST, which can destroy the close frame before the client reads it. All of it
 /// within [`CLOSE_TIMEOUT`], for peers that are stuck or gone.
-async fn finish(ws: &mut WebSocket, close: Close) {
+pub async fn finish(ws: &mut Incoming, client: &Client, close: Close) {
+    if close.code == close::ABNORMAL {
+        return; // the connection is gone
+    }
     let _ = timeout(CLOSE_TIMEOUT, async {
-        if let Some(words) = close.last_words {
-            ws.send(Message::Text(words)).await?;
-        }
-        let frame = CloseFrame {
-            code: close.code,
-            reason: close.reason.into(),
-        };
-        ws.send(Message::Close(Some(frame))).await?;
+        client.outbox.write_close(&close).await?;
         while let Some(Ok(m)) = ws.next().await {
             if matches!(m, Message::Close(_)) {
                 break;
             }
         }
-        Ok::<(), axum::Error>(())
+        Ok::<(), std::io::Error>(())
     })
     .await;
 }

@@ -522,3 +522,50 @@ async fn connections_from_one_address_are_paced() {
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let _c = Client::connect(&relay).await;
 }
+
+#[tokio::test]
+async fn a_plain_http_request_to_ws_is_told_to_upgrade() {
+    let (_sim, relay) = start().await;
+    let resp = reqwest::get(relay.http("/ws")).await.unwrap();
+    assert_eq!(resp.status(), 426);
+    assert_eq!(resp.headers()["upgrade"], "websocket");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["success"], false);
+    assert_eq!(body["error"]["code"], "WEBSOCKET_UPGRADE_REQUIRED");
+    let bad_version = reqwest::Client::new()
+        .get(relay.http("/ws"))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "8")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_version.status(), 400);
+}
+
+#[tokio::test]
+async fn a_client_close_is_echoed_while_data_flows() {
+    let (_sim, relay) = start().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["trades:BTCUSDT"]).await;
+    c.recv_until(is_type("trade")).await;
+    let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 4000.into(),
+        reason: "done here".into(),
+    };
+    c.send_raw(Message::Close(Some(frame))).await;
+    let (code, reason, _) = c.recv_close().await;
+    assert_eq!((code, reason.as_str()), (4000, "done here"));
+    // The relay let go of the client and its subscription.
+    let mut stats = relay.stats().await;
+    for _ in 0..100 {
+        if stats["connectedClients"] == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        stats = relay.stats().await;
+    }
+    assert_eq!(stats["connectedClients"], 0);
+    assert_eq!(stats["totalSubscriptions"], 0);
+}

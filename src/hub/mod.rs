@@ -8,9 +8,12 @@
 //! (a re-checked, generation-stamped release, so a quick unsubscribe/subscribe storm never reaches
 //! the exchange). Empty topics are always removed: nothing grows with churn.
 //!
-//! Locks: the topic map (`RwLock`) is taken before a topic's own `Mutex`, each briefly and never
-//! across an `.await`. Each event is rendered once per channel and the bytes are shared by every
-//! subscriber's [`Outbox`].
+//! Locks: the topic map (`RwLock`) is taken before a topic's own `Mutex`, and that before a
+//! client's outbox; none across an `.await`. Each event is rendered and framed once per channel,
+//! and the fan-out loop writes that one buffer to every subscriber's socket in turn (see
+//! [`Outbox`]), holding the topic's lock so a subscription, its ack and its first value are never
+//! overtaken by an event. A write never waits, so the lock is held for one non-blocking `send`
+//! per subscriber.
 
 pub mod outbox;
 
@@ -20,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,6 +33,7 @@ use crate::events::{render, Delivery, FeedKey, MarketEvent};
 use crate::exchange::{Check, Upstreams};
 use crate::protocol::{msg, now_iso, ErrorCode, RequestId};
 use crate::stats::Stats;
+use crate::ws::Wire;
 pub use outbox::{Close, Outbox, Pushed};
 
 /// What a subscription is fed from.
@@ -59,11 +64,17 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(id: u64, queue_capacity: usize, max_subscriptions: usize) -> Client {
+    /// A client writing to `socket`; `None` for an in-process subscriber whose frames queue.
+    pub fn new(
+        id: u64,
+        queue_capacity: usize,
+        max_subscriptions: usize,
+        socket: Option<Arc<TcpStream>>,
+    ) -> Client {
         Client {
             id,
             name: Arc::from(format!("c-{id:x}")),
-            outbox: Outbox::new(queue_capacity, max_subscriptions),
+            outbox: Outbox::new(queue_capacity, max_subscriptions, socket),
             subs: Mutex::new(Vec::new()),
         }
     }
@@ -179,9 +190,14 @@ impl Hub {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn register_client(&self) -> Arc<Client> {
+    pub fn register_client(&self, socket: Option<Arc<TcpStream>>) -> Arc<Client> {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
-        let client = Arc::new(Client::new(id, self.queue_capacity, self.max_subscriptions));
+        let client = Arc::new(Client::new(
+            id,
+            self.queue_capacity,
+            self.max_subscriptions,
+            socket,
+        ));
         self.clients().insert(id, client.clone());
         client
     }
@@ -291,7 +307,8 @@ impl Hub {
             if let (TopicKey::Feed(key), Some(last)) = (&held.topic, &st.last) {
                 if let Some((frame, delivery)) = render(key, &held.channel, &name, last, &now_iso())
                 {
-                    self.count_push(client.outbox.push_data(&name, frame, delivery));
+                    let wire = Wire::text(frame.as_str());
+                    self.count_push(client.outbox.push_data(&name, &wire, delivery));
                 }
             }
             client.subs().push(held.clone());
@@ -415,8 +432,9 @@ impl Hub {
             else {
                 continue;
             };
+            let wire = Wire::text(frame.as_str());
             for client in &feed.subscribers {
-                match client.outbox.push_data(&feed.name, frame.clone(), delivery) {
+                match client.outbox.push_data(&feed.name, &wire, delivery) {
                     Pushed::Queued => queued += 1,
                     Pushed::Conflated => conflated += 1,
                     Pushed::Overflowed => {
@@ -445,10 +463,11 @@ impl Hub {
         let mut delivered = 0;
         for feed in &st.channels {
             let frame = msg::published(&feed.channel, &feed.name, data);
+            let wire = Wire::text(frame.as_str());
             for client in &feed.subscribers {
                 let pushed = client
                     .outbox
-                    .push_data(&feed.name, frame.clone(), Delivery::Reliable);
+                    .push_data(&feed.name, &wire, Delivery::Reliable);
                 if pushed == Pushed::Queued {
                     delivered += 1;
                 }

@@ -1,0 +1,385 @@
+//! The relay's server side of WebSocket (RFC 6455), built for fan-out.
+//!
+//! Outgoing frames are encoded once ([`Wire`]: header and payload in one buffer) and written
+//! by the client's [`Outbox`] straight to the socket, from the fan-out loop itself when the
+//! client is keeping up: one `send` per delivery and nothing else, no task woken, no copy into a
+//! per-connection buffer. Incoming frames are read by tungstenite ([`Inbound`] is its socket), so
+//! masking, fragmentation, UTF-8, size limits and protocol errors are handled by a proven
+//! implementation; the few frames tungstenite itself wants to send (pong, close reply) go
+//! through the same outbox, in order with everything else.
+//!
+//! [`Outbox`]: crate::hub::Outbox
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use axum::body::Body;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::hub::Client;
+use crate::protocol::close;
+
+/// A complete server-to-client frame (FIN set, unmasked), shared by every client it goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wire(Bytes);
+
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+/// RFC 6455 §5.5: control frame payloads are at most 125 bytes.
+const MAX_CONTROL_PAYLOAD: usize = 125;
+
+impl Wire {
+    pub fn text(payload: &str) -> Wire {
+        Wire::frame(OP_TEXT, payload.as_bytes())
+    }
+
+    pub fn binary(payload: &[u8]) -> Wire {
+        Wire::frame(OP_BINARY, payload)
+    }
+
+    pub fn ping() -> Wire {
+        Wire(Bytes::from_static(&[0x80 | OP_PING, 0]))
+    }
+
+    /// A close frame with `code` and as much of `reason` as fits (whole characters).
+    /// [`close::NO_STATUS`] gives an empty close frame, the reply to one that had no code.
+    pub fn close(code: u16, reason: &str) -> Wire {
+        if code == close::NO_STATUS {
+            return Wire::frame(OP_CLOSE, &[]);
+        }
+        let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut payload = Vec::with_capacity(2 + end);
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(&reason.as_bytes()[..end]);
+        Wire::frame(OP_CLOSE, &payload)
+    }
+
+    /// Frame bytes as they arrived from another writer (tungstenite's pong and close replies),
+    /// already encoded.
+    pub fn encoded(bytes: Bytes) -> Wire {
+        Wire(bytes)
+    }
+
+    fn frame(opcode: u8, payload: &[u8]) -> Wire {
+        let n = payload.len();
+        let mut buf = BytesMut::with_capacity(n + 10);
+        buf.put_u8(0x80 | opcode);
+        if n < 126 {
+            buf.put_u8(n as u8);
+        } else if let Ok(n) = u16::try_from(n) {
+            buf.put_u8(126);
+            buf.put_u16(n);
+        } else {
+            buf.put_u8(127);
+            buf.put_u64(n as u64);
+        }
+        buf.extend_from_slice(payload);
+        Wire(buf.freeze())
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The payload, for tests and diagnostics (frames written by this module only).
+    pub fn payload(&self) -> &[u8] {
+        let b = &self.0;
+        let skip = match b.get(1).map(|l| l & 0x7f) {
+            Some(126) => 4,
+            Some(127) => 10,
+            Some(_) => 2,
+            None => return &[],
+        };
+        b.get(skip..).unwrap_or_default()
+    }
+}
+
+/// A validated WebSocket upgrade request for a handler to accept.
+pub struct Upgrade {
+    key: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+/// Why a request to a WebSocket endpoint was not an upgrade. Plain HTTP clients (curl) get a
+/// JSON body saying what is missing, like every other error of the API.
+#[derive(Debug)]
+pub enum NotUpgrade {
+    Method,
+    Headers,
+    Version,
+    Key,
+    /// The connection cannot be taken over (not HTTP/1.1 with upgrades).
+    Unsupported,
+}
+
+impl IntoResponse for NotUpgrade {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            NotUpgrade::Method => (StatusCode::METHOD_NOT_ALLOWED, "use GET for a WebSocket upgrade"),
+            NotUpgrade::Headers => (
+                StatusCode::UPGRADE_REQUIRED,
+                "this endpoint speaks WebSocket: send Connection: Upgrade and Upgrade: websocket (use wscat, websocat or a browser)",
+            ),
+            NotUpgrade::Version => (StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13"),
+            NotUpgrade::Key => (StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing"),
+            NotUpgrade::Unsupported => (
+                StatusCode::UPGRADE_REQUIRED,
+                "this connection cannot be upgraded; use HTTP/1.1",
+            ),
+        };
+        let body = serde_json::json!({"success": false, "error": {"code": "WEBSOCKET_UPGRADE_REQUIRED", "message": message}});
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UPGRADE_REQUIRED {
+            resp.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        resp
+    }
+}
+
+fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = NotUpgrade;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, NotUpgrade> {
+        if parts.method != Method::GET {
+            return Err(NotUpgrade::Method);
+        }
+        if !header_has(&parts.headers, header::CONNECTION, "upgrade")
+            || !header_has(&parts.headers, header::UPGRADE, "websocket")
+        {
+            return Err(NotUpgrade::Headers);
+        }
+        if !header_has(&parts.headers, header::SEC_WEBSOCKET_VERSION, "13") {
+            return Err(NotUpgrade::Version);
+        }
+        let key = parts
+            .headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .cloned()
+            .ok_or(NotUpgrade::Key)?;
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(NotUpgrade::Unsupported)?;
+        Ok(Upgrade { key, on_upgrade })
+    }
+}
+
+impl Upgrade {
+    /// Answers 101 and, once the connection is handed over, runs `serve` with the socket and
+    /// whatever the client sent after its request (usually nothing).
+    pub fn on_upgrade<F, Fut>(self, serve: F) -> Response
+    where
+        F: FnOnce(Arc<TcpStream>, Bytes) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let accept =
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(self.key.as_bytes());
+        let on_upgrade = self.on_upgrade;
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(error) => {
+                    tracing::debug!(%error, "WebSocket upgrade failed");
+                    return;
+                }
+            };
+            match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => serve(Arc::new(parts.io.into_inner()), parts.read_buf).await,
+                Err(_) => tracing::error!("upgraded connection is not a TCP stream; dropped"),
+            }
+        });
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        resp
+    }
+}
+
+/// The socket tungstenite reads client frames from. What it writes (pongs, close replies) is
+/// queued on the client's outbox, behind whatever is already there.
+pub struct Inbound {
+    socket: Arc<TcpStream>,
+    /// Bytes hyper read past the upgrade request.
+    prefix: Bytes,
+    client: Arc<Client>,
+}
+
+/// A client's incoming side: tungstenite over [`Inbound`].
+pub type Incoming = WebSocketStream<Inbound>;
+
+/// The incoming side of an upgraded connection, with the relay's limits: `max_message_bytes`
+/// per message and frame, and a 1 KiB read buffer (client requests are small; tungstenite grows
+/// it for a larger frame, and every KiB here is a KiB per connection).
+pub async fn incoming(
+    socket: Arc<TcpStream>,
+    prefix: Bytes,
+    client: Arc<Client>,
+    max_message_bytes: usize,
+) -> Incoming {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes));
+    // The prefix is a view into hyper's read buffer: copy it out (rarely anything) so the
+    // buffer itself is freed rather than kept for the life of the connection.
+    let prefix = if prefix.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&prefix)
+    };
+    let inbound = Inbound {
+        socket,
+        prefix,
+        client,
+    };
+    WebSocketStream::from_raw_socket(inbound, Role::Server, Some(config)).await
+}
+
+impl AsyncRead for Inbound {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            if this.prefix.is_empty() {
+                this.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(this.socket.poll_read_ready(cx))?;
+            match this.socket.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Inbound {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // tungstenite hands over whole frames and only ever after writing the previous ones,
+        // so each call is one or more complete frames.
+        self.client
+            .outbox
+            .push_wire(Wire::encoded(Bytes::copy_from_slice(buf)));
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The close a peer's WebSocket violation calls for (RFC 6455 §7.4.1): 1009 for a frame over
+/// the size limit, 1007 for a text frame that is not UTF-8, 1002 for any other protocol
+/// violation; `None` when the connection itself failed (nothing to say it to).
+pub fn protocol_close(e: &WsError) -> Option<(u16, &'static str)> {
+    match e {
+        WsError::Capacity(_) => Some((close::TOO_BIG, "message too large")),
+        WsError::Utf8(_) => Some((close::INVALID_DATA, "text frame is not valid UTF-8")),
+        WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "WebSocket protocol violation")),
+        _ => None,
+    }
+}
+
+/// Writes `frames` in order, waiting for room as needed.
+pub async fn write_all(socket: &TcpStream, frames: &[Bytes]) -> io::Result<()> {
+    for frame in frames {
+        let mut rest = &frame[..];
+        while !rest.is_empty() {
+            socket.writable().await?;
+            match socket.try_write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_the_length_in_the_shortest_form() {
+        let short = Wire::text("hi");
+        assert_eq!(&short.bytes()[..], b"\x81\x02hi");
+        let medium = Wire::text(&"x".repeat(300));
+        assert_eq!(&medium.bytes()[..4], &[0x81, 126, 0x01, 0x2c]);
+        assert_eq!(medium.payload().len(), 300);
+        let long = Wire::binary(&vec![7u8; 70_000]);
+        assert_eq!(&long.bytes()[..2], &[0x82, 127]);
+        assert_eq!(&long.bytes()[2..10], &70_000u64.to_be_bytes());
+        assert_eq!(long.payload().len(), 70_000);
+    }
+
+    #[test]
+    fn close_frames_fit_the_control_limit_on_a_character_boundary() {
+        let c = Wire::close(1013, &"é".repeat(100));
+        assert_eq!(c.bytes()[0], 0x88);
+        assert!(c.payload().len() <= MAX_CONTROL_PAYLOAD);
+        assert_eq!(&c.payload()[..2], &1013u16.to_be_bytes());
+        assert!(std::str::from_utf8(&c.payload()[2..]).is_ok());
+        assert_eq!(&Wire::close(close::NO_STATUS, "x").bytes()[..], &[0x88, 0]);
+        assert_eq!(&Wire::ping().bytes()[..], &[0x89, 0]);
+    }
+}
