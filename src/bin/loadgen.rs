@@ -450,6 +450,10 @@ struct Meter {
     histogram: Histogram<u64>,
     delivered: u64,
     recording: bool,
+    /// Only trades sent in [from_us, to_us) count, so deliveries match the trades the feed
+    /// emitted in the measurement window (late arrivals of those still count).
+    from_us: u64,
+    to_us: u64,
 }
 
 /// A measuring client: a WebSocket spoken by hand over a plain socket. At 100k messages/s
@@ -599,7 +603,7 @@ impl RawClient {
                             let now = times.now_us();
                             let sent = times.get(id);
                             let mut m = meter.borrow_mut();
-                            if m.recording && sent > 0 {
+                            if m.recording && sent >= m.from_us && sent < m.to_us {
                                 m.delivered += 1;
                                 let _ = m.histogram.record(now.saturating_sub(sent).max(1));
                             }
@@ -728,6 +732,8 @@ async fn measure(
         m.histogram.reset();
         m.delivered = 0;
         m.recording = true;
+        m.from_us = feed.times.now_us().max(1);
+        m.to_us = u64::MAX;
     }
     let (cpu0, me0, t0) = (
         cpu_seconds(relay.pid()),
@@ -742,6 +748,7 @@ async fn measure(
         t0.elapsed().as_secs_f64(),
     );
     let emitted = feed.routed() - emitted0;
+    meter.borrow_mut().to_us = feed.times.now_us();
     let expected_per_s = emitted as f64 * fanout / secs;
     let _ = emitter.await;
     // Let deliveries already in flight land, then stop recording.
@@ -805,6 +812,8 @@ fn new_meter() -> Rc<RefCell<Meter>> {
         }),
         delivered: 0,
         recording: false,
+        from_us: 0,
+        to_us: u64::MAX,
     }))
 }
 

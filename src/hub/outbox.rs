@@ -238,7 +238,11 @@ impl Outbox {
         if !st.idle() {
             return None;
         }
-        match socket.try_write(wire.bytes()) {
+        // A plain non-blocking send: tokio's readiness bookkeeping (a cache miss per client at
+        // this rate) is left to the writer path, which re-learns it on its first WouldBlock.
+        let sent =
+            socket2::SockRef::from(&**socket).send_with_flags(wire.bytes(), libc::MSG_NOSIGNAL);
+        match sent {
             Ok(n) if n == wire.len() => Some(Pushed::Queued),
             Ok(n) => {
                 st.partial = Some(wire.bytes().slice(n..));
