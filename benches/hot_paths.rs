@@ -106,7 +106,7 @@ fn fanout(c: &mut Criterion) {
                 let n = left.min(500);
                 let start = Instant::now();
                 for _ in 0..n {
-                    hub.dispatch(&k, trade_event());
+                    hub.dispatch(&k, vec![trade_event()]);
                 }
                 spent += start.elapsed();
                 for c in &clients {

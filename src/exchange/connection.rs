@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::{
     frame::coding::CloseCode, CloseFrame, WebSocketConfig,
@@ -20,13 +20,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::{Conn, Decoded, Exchange, SessionContext, TICK};
-use crate::events::FeedKey;
+use crate::events::{FeedKey, MarketEvent};
 use crate::hub::Hub;
 use crate::protocol::now_millis;
 use crate::stats::Stats;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upstream frames decoded together when several have arrived (see the read branch).
+const BURST: usize = 64;
 /// A connection that lived this long was healthy: the next failure starts the backoff afresh.
 /// Short enough that periodic cuts (Binance renewals, exchange restarts) do not escalate the
 /// backoff; long enough that a connection dropped right after opening (flapping) does.
@@ -233,6 +235,8 @@ struct Live<'a> {
     /// Frames waiting for their turn under the exchange's message limit.
     outgoing: std::collections::VecDeque<String>,
     fetches: tokio::sync::mpsc::Sender<(u64, Result<String, String>)>,
+    /// Events decoded and not yet dispatched: a burst of frames read at once goes out together.
+    events: Vec<(FeedKey, MarketEvent)>,
 }
 
 impl Live<'_> {
@@ -240,11 +244,15 @@ impl Live<'_> {
         let exchange = self.ex.adapter.id();
         match d {
             Decoded::Event { stream, event } => {
-                if let (Some(key), Some(hub)) = (self.requested.get(&stream), self.hub.upgrade()) {
-                    hub.dispatch(key, event);
+                if let Some(key) = self.requested.get(&stream) {
+                    self.events.push((key.clone(), event));
                 }
+                return Step::Continue;
             }
-            Decoded::Ack => {}
+            _ => self.flush_events(),
+        }
+        match d {
+            Decoded::Event { .. } | Decoded::Ack => {}
             Decoded::Rejected(why) => {
                 Stats::add(&self.ex.stats.rejected_requests, 1);
                 tracing::warn!(%exchange, conn = self.conn.id, %why, "exchange refused a request");
@@ -293,7 +301,28 @@ impl Live<'_> {
                 return Step::Leave(o);
             }
         }
+        self.flush_events();
         Step::Continue
+    }
+
+    /// Hands the events decoded so far to the hub, each feed's in one burst (in order within
+    /// a feed), so a client gets a burst in one write.
+    fn flush_events(&mut self) {
+        if self.events.is_empty() {
+            return;
+        }
+        let Some(hub) = self.hub.upgrade() else {
+            self.events.clear();
+            return;
+        };
+        let mut rest = std::mem::take(&mut self.events);
+        while let Some((key, _)) = rest.first() {
+            let key = key.clone();
+            let (mine, others): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| *k == key);
+            hub.dispatch(&key, mine.into_iter().map(|(_, e)| e).collect());
+            rest = others;
+        }
+        self.events = rest;
     }
 }
 
@@ -324,6 +353,7 @@ async fn session(
         requested: BTreeMap::new(),
         outgoing: std::collections::VecDeque::new(),
         fetches: fetch_tx,
+        events: Vec::new(),
     };
     let mut out = Vec::new();
     proto.on_connect(now_millis(), &mut out);
@@ -364,33 +394,50 @@ async fn session(
             }
             frame = stream.next() => {
                 last_rx = Instant::now();
-                match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        ex.stats.last_message_at.set(now_millis());
-                        if let Some(h) = hub.upgrade() {
-                            Stats::add(&h.stats.messages_in, 1);
+                // Whatever else has arrived is decoded with it (up to BURST frames), so when the
+                // relay falls behind, clients get the backlog in one write each, not one apiece.
+                let mut next = Some(frame);
+                let mut taken = 0;
+                let mut leave = None;
+                while let Some(frame) = next.take() {
+                    match frame {
+                        Some(Ok(Message::Text(text))) => {
+                            ex.stats.last_message_at.set(now_millis());
+                            if let Some(h) = hub.upgrade() {
+                                Stats::add(&h.stats.messages_in, 1);
+                            }
+                            if let Err(error) = proto.decode(text.as_str(), now_millis(), &mut out) {
+                                Stats::add(&ex.stats.decode_errors, 1);
+                                tracing::warn!(%exchange, conn = conn.id, %error, "undecodable upstream frame ignored");
+                            }
                         }
-                        if let Err(error) = proto.decode(text.as_str(), now_millis(), &mut out) {
-                            Stats::add(&ex.stats.decode_errors, 1);
-                            tracing::warn!(%exchange, conn = conn.id, %error, "undecodable upstream frame ignored");
+                        Some(Ok(Message::Close(frame))) => {
+                            tracing::warn!(%exchange, conn = conn.id, ?frame, "exchange closed the connection");
+                            leave = Some(Outcome::Reconnect { immediate: false });
+                            break;
                         }
-                        if let Step::Leave(o) = live.handle_all(&mut out) {
-                            return o;
+                        Some(Ok(_)) => {} // pings are answered by tungstenite; binary is not used
+                        Some(Err(error)) => {
+                            tracing::warn!(%exchange, conn = conn.id, %error, "upstream connection failed");
+                            leave = Some(Outcome::Reconnect { immediate: false });
+                            break;
+                        }
+                        None => {
+                            tracing::warn!(%exchange, conn = conn.id, "upstream connection ended");
+                            leave = Some(Outcome::Reconnect { immediate: false });
+                            break;
                         }
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        tracing::warn!(%exchange, conn = conn.id, ?frame, "exchange closed the connection");
-                        return Outcome::Reconnect { immediate: false };
+                    taken += 1;
+                    if taken < BURST {
+                        next = stream.next().now_or_never();
                     }
-                    Some(Ok(_)) => {} // pings are answered by tungstenite; binary is not used
-                    Some(Err(error)) => {
-                        tracing::warn!(%exchange, conn = conn.id, %error, "upstream connection failed");
-                        return Outcome::Reconnect { immediate: false };
-                    }
-                    None => {
-                        tracing::warn!(%exchange, conn = conn.id, "upstream connection ended");
-                        return Outcome::Reconnect { immediate: false };
-                    }
+                }
+                if let Step::Leave(o) = live.handle_all(&mut out) {
+                    return o;
+                }
+                if let Some(o) = leave {
+                    return o;
                 }
             }
             Some((tag, body)) = fetch_rx.recv() => {

@@ -34,7 +34,7 @@ use crate::exchange::{Check, Upstreams};
 use crate::protocol::{msg, now_iso, ErrorCode, RequestId};
 use crate::stats::Stats;
 use crate::ws::Wire;
-pub use outbox::{Close, Outbox, Pushed};
+pub use outbox::{Close, Outbox, Pushed, Tally};
 
 /// What a subscription is fed from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -307,8 +307,10 @@ impl Hub {
             if let (TopicKey::Feed(key), Some(last)) = (&held.topic, &st.last) {
                 if let Some((frame, delivery)) = render(key, &held.channel, &name, last, &now_iso())
                 {
-                    let wire = Wire::text(frame.as_str());
-                    self.count_push(client.outbox.push_data(&name, &wire, delivery));
+                    let tally = client
+                        .outbox
+                        .push_data(&name, &[(Wire::text(frame.as_str()), delivery)]);
+                    self.count_tally(tally);
                 }
             }
             client.subs().push(held.clone());
@@ -402,6 +404,15 @@ impl Hub {
         self.count_push(client.outbox.push_control(frame));
     }
 
+    fn count_tally(&self, tally: Tally) {
+        Stats::add(&self.stats.messages_out, tally.queued);
+        Stats::add(&self.stats.conflated, tally.conflated);
+        Stats::add(
+            &self.stats.slow_consumer_disconnects,
+            u64::from(tally.overflowed),
+        );
+    }
+
     fn count_push(&self, pushed: Pushed) {
         match pushed {
             Pushed::Queued => Stats::add(&self.stats.messages_out, 1),
@@ -411,46 +422,56 @@ impl Hub {
         }
     }
 
-    /// Fans an upstream event out to every channel of its topic.
-    pub fn dispatch(&self, key: &FeedKey, event: MarketEvent) {
+    /// Fans upstream events of one feed out to every channel of its topic, in order. A burst
+    /// (events read from the exchange at once, as when the relay catches up) reaches each
+    /// subscriber in one write.
+    pub fn dispatch(&self, key: &FeedKey, events: Vec<MarketEvent>) {
         let Some(topic) = self.topic(&TopicKey::Feed(key.clone())) else {
             return;
         };
         let mut st = topic.lock();
-        if let MarketEvent::Kline(k) = &event {
+        let mut events = events;
+        events.retain(|event| {
+            let MarketEvent::Kline(k) = event else {
+                return true;
+            };
             if st.last_final_kline.is_some_and(|t| k.open_time <= t) {
-                return;
+                return false;
             }
             if k.is_final {
                 st.last_final_kline = Some(k.open_time);
             }
-        }
+            true
+        });
         let now = now_iso();
-        let (mut queued, mut conflated, mut overflowed) = (0u64, 0u64, 0u64);
+        let mut total = Tally::default();
+        let mut overflowed = 0u64;
+        let mut frames = Vec::with_capacity(events.len());
         for feed in &st.channels {
-            let Some((frame, delivery)) = render(key, &feed.channel, &feed.name, &event, &now)
-            else {
+            frames.clear();
+            frames.extend(events.iter().filter_map(|event| {
+                let (frame, delivery) = render(key, &feed.channel, &feed.name, event, &now)?;
+                Some((Wire::text(frame.as_str()), delivery))
+            }));
+            if frames.is_empty() {
                 continue;
-            };
-            let wire = Wire::text(frame.as_str());
+            }
             for client in &feed.subscribers {
-                match client.outbox.push_data(&feed.name, &wire, delivery) {
-                    Pushed::Queued => queued += 1,
-                    Pushed::Conflated => conflated += 1,
-                    Pushed::Overflowed => {
-                        overflowed += 1;
-                        tracing::info!(client = %client.name, channel = %feed.name, "slow consumer: closing with 1013");
-                    }
-                    Pushed::Closed => {}
+                let tally = client.outbox.push_data(&feed.name, &frames);
+                total.queued += tally.queued;
+                total.conflated += tally.conflated;
+                if tally.overflowed {
+                    overflowed += 1;
+                    tracing::info!(client = %client.name, channel = %feed.name, "slow consumer: closing with 1013");
                 }
             }
         }
-        if event.is_current_value() {
-            st.last = Some(event);
+        if let Some(last) = events.into_iter().rev().find(MarketEvent::is_current_value) {
+            st.last = Some(last);
         }
         drop(st);
-        Stats::add(&self.stats.messages_out, queued);
-        Stats::add(&self.stats.conflated, conflated);
+        Stats::add(&self.stats.messages_out, total.queued);
+        Stats::add(&self.stats.conflated, total.conflated);
         Stats::add(&self.stats.slow_consumer_disconnects, overflowed);
     }
 
@@ -463,15 +484,11 @@ impl Hub {
         let mut delivered = 0;
         for feed in &st.channels {
             let frame = msg::published(&feed.channel, &feed.name, data);
-            let wire = Wire::text(frame.as_str());
+            let frames = [(Wire::text(frame.as_str()), Delivery::Reliable)];
             for client in &feed.subscribers {
-                let pushed = client
-                    .outbox
-                    .push_data(&feed.name, &wire, Delivery::Reliable);
-                if pushed == Pushed::Queued {
-                    delivered += 1;
-                }
-                self.count_push(pushed);
+                let tally = client.outbox.push_data(&feed.name, &frames);
+                delivered += tally.queued as usize;
+                self.count_tally(tally);
             }
         }
         delivered

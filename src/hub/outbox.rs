@@ -50,6 +50,43 @@ pub struct Close {
     pub abort: bool,
 }
 
+/// What a burst of data messages came to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Written to the socket or queued behind earlier frames.
+    pub queued: u64,
+    /// Replaced older queued values of the same channel.
+    pub conflated: u64,
+    /// The client could not keep up: it is being closed with 1013.
+    pub overflowed: bool,
+}
+
+/// A frame to write, alone or with how it is delivered.
+trait AsWire {
+    fn wire(&self) -> &Wire;
+}
+
+impl AsWire for Wire {
+    fn wire(&self) -> &Wire {
+        self
+    }
+}
+
+impl AsWire for (Wire, Delivery) {
+    fn wire(&self) -> &Wire {
+        &self.0
+    }
+}
+
+/// How far [`Outbox::write_now`] got.
+enum Written {
+    All,
+    /// This many frames went (the last perhaps only partly); the rest must queue.
+    Frames(usize),
+    /// The socket failed.
+    Lost,
+}
+
 /// What happened to a pushed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -180,8 +217,10 @@ impl Outbox {
         if st.closing.is_some() {
             return Pushed::Closed;
         }
-        if let Some(pushed) = self.write_now(&mut st, &wire) {
-            return pushed;
+        match self.write_now(&mut st, std::slice::from_ref(&wire)) {
+            Written::All => return Pushed::Queued,
+            Written::Lost => return Pushed::Closed,
+            Written::Frames(_) => {}
         }
         if st.queue.len() >= self.control_capacity {
             self.overflow(&mut st);
@@ -191,15 +230,46 @@ impl Outbox {
         Pushed::Queued
     }
 
-    /// Sends a data message of `channel`.
-    pub fn push_data(&self, channel: &Arc<str>, wire: &Wire, delivery: Delivery) -> Pushed {
+    /// Sends a burst of data messages of `channel`, in order: while the client keeps up, all
+    /// of them in one write.
+    pub fn push_data(&self, channel: &Arc<str>, frames: &[(Wire, Delivery)]) -> Tally {
+        let mut tally = Tally::default();
         let mut st = self.lock();
         if st.closing.is_some() {
-            return Pushed::Closed;
+            return tally;
         }
-        if let Some(pushed) = self.write_now(&mut st, wire) {
-            return pushed;
+        let rest = match self.write_now(&mut st, frames) {
+            Written::All => {
+                tally.queued = frames.len() as u64;
+                return tally;
+            }
+            Written::Lost => return tally,
+            Written::Frames(n) => {
+                tally.queued = n as u64;
+                &frames[n..]
+            }
+        };
+        for (wire, delivery) in rest {
+            match self.enqueue(&mut st, channel, wire, *delivery) {
+                Pushed::Queued => tally.queued += 1,
+                Pushed::Conflated => tally.conflated += 1,
+                Pushed::Overflowed => {
+                    tally.overflowed = true;
+                    break;
+                }
+                Pushed::Closed => break,
+            }
         }
+        tally
+    }
+
+    fn enqueue(
+        &self,
+        st: &mut State,
+        channel: &Arc<str>,
+        wire: &Wire,
+        delivery: Delivery,
+    ) -> Pushed {
         match delivery {
             Delivery::Conflate => {
                 if let Some(&seq) = st.slots.get(channel) {
@@ -213,12 +283,12 @@ impl Outbox {
                 // Conflatable entries are bounded by the subscription count, so they always fit.
                 let seq = st.head_seq + st.queue.len() as u64;
                 st.slots.insert(channel.clone(), seq);
-                self.append(&mut st, wire.clone(), Some(channel.clone()));
+                self.append(st, wire.clone(), Some(channel.clone()));
                 Pushed::Queued
             }
             Delivery::Reliable => {
                 if st.queue.len() >= self.capacity {
-                    self.overflow(&mut st);
+                    self.overflow(st);
                     return Pushed::Overflowed;
                 }
                 // A forming kline queued before this final one must not be overwritten by the
@@ -226,35 +296,55 @@ impl Outbox {
                 if !st.slots.is_empty() {
                     st.slots.remove(channel);
                 }
-                self.append(&mut st, wire.clone(), None);
+                self.append(st, wire.clone(), None);
                 Pushed::Queued
             }
         }
     }
 
-    /// Writes `wire` to the socket now if nothing is waiting before it. `None`: it has to queue.
-    fn write_now(&self, st: &mut State, wire: &Wire) -> Option<Pushed> {
-        let socket = self.socket.as_ref()?;
-        if !st.idle() {
-            return None;
-        }
-        // A plain non-blocking send: tokio's readiness bookkeeping (a cache miss per client at
+    /// Writes `frames` to the socket now if nothing is waiting before them, as far as the
+    /// socket takes them: a frame it took part of is finished by the client's task.
+    fn write_now<F: AsWire>(&self, st: &mut State, frames: &[F]) -> Written {
+        let Some(socket) = self.socket.as_ref().filter(|_| st.idle()) else {
+            return Written::Frames(0);
+        };
+        // Plain non-blocking sends: tokio's readiness bookkeeping (a cache miss per client at
         // this rate) is left to the writer path, which re-learns it on its first WouldBlock.
-        let sent =
-            socket2::SockRef::from(&**socket).send_with_flags(wire.bytes(), libc::MSG_NOSIGNAL);
-        match sent {
-            Ok(n) if n == wire.len() => Some(Pushed::Queued),
-            Ok(n) => {
-                st.partial = Some(wire.bytes().slice(n..));
-                self.waker.wake();
-                Some(Pushed::Queued)
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            Err(e) => {
-                self.lost(st, &e);
-                Some(Pushed::Closed)
+        let sock = socket2::SockRef::from(&**socket);
+        let mut done = 0;
+        for chunk in frames.chunks(WRITE_BATCH) {
+            let sent = if let [frame] = chunk {
+                sock.send_with_flags(frame.wire().bytes(), libc::MSG_NOSIGNAL)
+            } else {
+                let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
+                for (slot, frame) in slices.iter_mut().zip(chunk) {
+                    *slot = IoSlice::new(frame.wire().bytes());
+                }
+                sock.send_vectored_with_flags(&slices[..chunk.len()], libc::MSG_NOSIGNAL)
+            };
+            let mut n = match sent {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Written::Frames(done),
+                Err(e) => {
+                    self.lost(st, &e);
+                    return Written::Lost;
+                }
+            };
+            for frame in chunk {
+                let wire = frame.wire();
+                if n < wire.len() {
+                    if n > 0 {
+                        st.partial = Some(wire.bytes().slice(n..));
+                        self.waker.wake();
+                        done += 1;
+                    }
+                    return Written::Frames(done);
+                }
+                n -= wire.len();
+                done += 1;
             }
         }
+        Written::All
     }
 
     fn append(&self, st: &mut State, wire: Wire, slot: Option<Arc<str>>) {
@@ -407,6 +497,19 @@ mod tests {
         Wire::text(s)
     }
 
+    /// Pushes one data message; what became of it.
+    fn one(o: &Outbox, channel: &Arc<str>, text: &str, delivery: Delivery) -> Pushed {
+        let t = o.push_data(channel, &[(f(text), delivery)]);
+        match t {
+            Tally {
+                overflowed: true, ..
+            } => Pushed::Overflowed,
+            Tally { conflated: 1, .. } => Pushed::Conflated,
+            Tally { queued: 1, .. } => Pushed::Queued,
+            _ => Pushed::Closed,
+        }
+    }
+
     fn drain(o: &Outbox) -> Vec<String> {
         o.take_queued()
             .iter()
@@ -419,28 +522,13 @@ mod tests {
         let o = Outbox::new(4, 1, None);
         let price: Arc<str> = Arc::from("price:BTCUSDT");
         let eth: Arc<str> = Arc::from("price:ETHUSDT");
-        assert_eq!(
-            o.push_data(&price, &f("p1"), Delivery::Conflate),
-            Pushed::Queued
-        );
-        assert_eq!(
-            o.push_data(&eth, &f("e1"), Delivery::Conflate),
-            Pushed::Queued
-        );
-        assert_eq!(
-            o.push_data(&price, &f("p2"), Delivery::Conflate),
-            Pushed::Conflated
-        );
-        assert_eq!(
-            o.push_data(&price, &f("p3"), Delivery::Conflate),
-            Pushed::Conflated
-        );
+        assert_eq!(one(&o, &price, "p1", Delivery::Conflate), Pushed::Queued);
+        assert_eq!(one(&o, &eth, "e1", Delivery::Conflate), Pushed::Queued);
+        assert_eq!(one(&o, &price, "p2", Delivery::Conflate), Pushed::Conflated);
+        assert_eq!(one(&o, &price, "p3", Delivery::Conflate), Pushed::Conflated);
         assert_eq!(drain(&o), ["p3", "e1"]);
         // After delivery a new value queues again rather than replacing a sent one.
-        assert_eq!(
-            o.push_data(&price, &f("p4"), Delivery::Conflate),
-            Pushed::Queued
-        );
+        assert_eq!(one(&o, &price, "p4", Delivery::Conflate), Pushed::Queued);
         assert_eq!(drain(&o), ["p4"]);
     }
 
@@ -448,14 +536,14 @@ mod tests {
     fn a_final_kline_seals_the_forming_slot() {
         let o = Outbox::new(8, 1, None);
         let k: Arc<str> = Arc::from("klines:BTCUSDT:1m");
-        o.push_data(&k, &f("forming t0"), Delivery::Conflate);
-        o.push_data(&k, &f("final t0"), Delivery::Reliable);
+        one(&o, &k, "forming t0", Delivery::Conflate);
+        one(&o, &k, "final t0", Delivery::Reliable);
         assert_eq!(
-            o.push_data(&k, &f("forming t1"), Delivery::Conflate),
+            one(&o, &k, "forming t1", Delivery::Conflate),
             Pushed::Queued
         );
         assert_eq!(
-            o.push_data(&k, &f("forming t1b"), Delivery::Conflate),
+            one(&o, &k, "forming t1b", Delivery::Conflate),
             Pushed::Conflated
         );
         assert_eq!(drain(&o), ["forming t0", "final t0", "forming t1b"]);
@@ -467,15 +555,12 @@ mod tests {
         let t: Arc<str> = Arc::from("trades:BTCUSDT");
         for i in 0..3 {
             assert_eq!(
-                o.push_data(&t, &f(&i.to_string()), Delivery::Reliable),
+                one(&o, &t, &i.to_string(), Delivery::Reliable),
                 Pushed::Queued
             );
         }
-        assert_eq!(
-            o.push_data(&t, &f("x"), Delivery::Reliable),
-            Pushed::Overflowed
-        );
-        assert_eq!(o.push_data(&t, &f("y"), Delivery::Reliable), Pushed::Closed);
+        assert_eq!(one(&o, &t, "x", Delivery::Reliable), Pushed::Overflowed);
+        assert_eq!(one(&o, &t, "y", Delivery::Reliable), Pushed::Closed);
         assert!(
             drain(&o).is_empty(),
             "an aborted queue is dropped, not delivered"
@@ -541,10 +626,7 @@ mod tests {
         let (server, mut client) = pair().await;
         let o = Outbox::new(8, 1, Some(server));
         let t: Arc<str> = Arc::from("trades:X");
-        assert_eq!(
-            o.push_data(&t, &f("one"), Delivery::Reliable),
-            Pushed::Queued
-        );
+        assert_eq!(one(&o, &t, "one", Delivery::Reliable), Pushed::Queued);
         assert_eq!(o.push_control(Frame::from("two")), Pushed::Queued);
         assert!(o.take_queued().is_empty(), "nothing queued: both went out");
         assert_eq!(read_frames(&mut client, 2).await, ["one", "two"]);
@@ -559,15 +641,12 @@ mod tests {
         // Frames of 3,000 bytes and a reader that is not reading: the socket fills mid-frame.
         let body = |i: usize| format!("{i:05}{}", "x".repeat(2995));
         for i in 0..200 {
-            assert_eq!(
-                o.push_data(&t, &f(&body(i)), Delivery::Reliable),
-                Pushed::Queued
-            );
+            assert_eq!(one(&o, &t, &body(i), Delivery::Reliable), Pushed::Queued);
         }
         // A conflatable value behind them: replaced in the queue, never reordered.
-        o.push_data(&p, &f("price 1"), Delivery::Conflate);
+        one(&o, &p, "price 1", Delivery::Conflate);
         assert_eq!(
-            o.push_data(&p, &f("price 2"), Delivery::Conflate),
+            one(&o, &p, "price 2", Delivery::Conflate),
             Pushed::Conflated
         );
         let writer = {
@@ -593,13 +672,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_burst_is_written_together_and_what_does_not_fit_queues_in_order() {
+        let (server, mut client) = pair().await;
+        let o = Arc::new(Outbox::new(1_000, 1, Some(server)));
+        let t: Arc<str> = Arc::from("trades:X");
+        let body = |i: usize| format!("{i:05}{}", "z".repeat(1995));
+        let small: Vec<_> = ["a", "b", "c"].map(|s| (f(s), Delivery::Reliable)).to_vec();
+        assert_eq!(o.push_data(&t, &small).queued, 3);
+        assert!(
+            o.take_queued().is_empty(),
+            "three frames fit the socket at once"
+        );
+        assert_eq!(read_frames(&mut client, 3).await, ["a", "b", "c"]);
+        // 200 frames (400 KB) against a few KB of socket buffer: most queue.
+        let burst: Vec<_> = (0..200)
+            .map(|i| (f(&body(i)), Delivery::Reliable))
+            .collect();
+        assert_eq!(o.push_data(&t, &burst).queued, 200);
+        let writer = {
+            let o = o.clone();
+            tokio::spawn(async move { o.deliver().await })
+        };
+        let got = read_frames(&mut client, 200).await;
+        for (i, frame) in got.iter().enumerate() {
+            assert_eq!(frame, &body(i), "frame {i}");
+        }
+        o.close(Close {
+            code: 1000,
+            reason: "done".into(),
+            last_words: None,
+            abort: false,
+        });
+        assert_eq!(writer.await.unwrap().code, 1000);
+    }
+
+    #[tokio::test]
     async fn an_aborting_close_still_completes_the_frame_cut_short() {
         let (server, mut client) = pair().await;
         let o = Outbox::new(1_000, 1, Some(server));
         let t: Arc<str> = Arc::from("trades:X");
         let big = "y".repeat(50_000);
-        o.push_data(&t, &f(&big), Delivery::Reliable);
-        o.push_data(&t, &f("dropped"), Delivery::Reliable);
+        one(&o, &t, &big, Delivery::Reliable);
+        one(&o, &t, "dropped", Delivery::Reliable);
         o.close(Close {
             code: 1013,
             reason: "slow".into(),
