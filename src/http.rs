@@ -21,7 +21,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::domain::Channel;
 use crate::hub::{Close, Hub};
-use crate::protocol::{close, iso_millis, ErrorCode};
+use crate::protocol::{iso_millis, ErrorCode};
 use crate::session;
 use crate::stats::Stats;
 use crate::ws::{self, Upgrade, Wire};
@@ -257,8 +257,7 @@ async fn autobahn_echo(State(state): State<AppState>, upgrade: Upgrade) -> Respo
                         Some(Ok(Message::Text(t))) => Wire::text(t.as_str()),
                         Some(Ok(Message::Binary(b))) => Wire::binary(&b),
                         Some(Ok(Message::Close(frame))) => {
-                            let (code, reason) = frame.map_or((close::NO_STATUS, String::new()), |f| (f.code.into(), f.reason.to_string()));
-                            client.outbox.close(Close { code, reason: reason.into(), last_words: None, abort: true });
+                            client.outbox.close(ws::echo(frame));
                             reading = false;
                             continue;
                         }

@@ -217,10 +217,7 @@ impl Session {
                             }
                         }
                         Some(Ok(Message::Close(frame))) => {
-                            // Answered at once, echoing the client's code (RFC 6455 §5.5.1);
-                            // what is still queued for it is dropped.
-                            let (code, reason) = frame.map_or((close::NO_STATUS, String::new()), |f| (f.code.into(), f.reason.to_string()));
-                            self.client.outbox.close(Close { code, reason: reason.into(), last_words: None, abort: true });
+                            self.client.outbox.close(ws::echo(frame));
                             reading = false;
                         }
                         None => return None,

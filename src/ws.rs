@@ -25,11 +25,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::hub::Client;
+use crate::hub::{Client, Close};
 use crate::protocol::close;
 
 /// A complete server-to-client frame (FIN set, unmasked), shared by every client it goes to.
@@ -336,6 +336,21 @@ pub fn protocol_close(e: &WsError) -> Option<(u16, &'static str)> {
         WsError::Utf8(_) => Some((close::INVALID_DATA, "text frame is not valid UTF-8")),
         WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "WebSocket protocol violation")),
         _ => None,
+    }
+}
+
+/// The answer to a client's close frame: at once, with its code and reason (RFC 6455 §5.5.1;
+/// tungstenite has already turned a code that may not be sent into 1002), dropping whatever
+/// was still queued for the client.
+pub fn echo(frame: Option<CloseFrame>) -> Close {
+    let (code, reason) = frame.map_or((close::NO_STATUS, String::new()), |f| {
+        (f.code.into(), f.reason.to_string())
+    });
+    Close {
+        code,
+        reason: reason.into(),
+        last_words: None,
+        abort: true,
     }
 }
 

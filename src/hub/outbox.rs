@@ -602,6 +602,23 @@ mod tests {
         (Arc::new(server), client.unwrap())
     }
 
+    /// The client's task, as far as writing goes.
+    fn spawn_writer(o: &Arc<Outbox>) -> tokio::task::JoinHandle<Close> {
+        let o = o.clone();
+        tokio::spawn(async move { o.deliver().await })
+    }
+
+    /// Closes normally and checks the writer ends with that close.
+    async fn close_normally(o: &Outbox, writer: tokio::task::JoinHandle<Close>) {
+        o.close(Close {
+            code: 1000,
+            reason: "done".into(),
+            last_words: None,
+            abort: false,
+        });
+        assert_eq!(writer.await.unwrap().code, 1000);
+    }
+
     /// Reads `n` text frames written by [`Wire`] (unmasked, FIN).
     async fn read_frames(s: &mut TcpStream, n: usize) -> Vec<String> {
         let mut out = Vec::new();
@@ -649,10 +666,7 @@ mod tests {
             one(&o, &p, "price 2", Delivery::Conflate),
             Pushed::Conflated
         );
-        let writer = {
-            let o = o.clone();
-            tokio::spawn(async move { o.deliver().await })
-        };
+        let writer = spawn_writer(&o);
         let got = read_frames(&mut client, 201).await;
         for (i, frame) in got.iter().take(200).enumerate() {
             assert_eq!(frame, &body(i), "frame {i}");
@@ -662,13 +676,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         o.push_control(Frame::from("after"));
         assert_eq!(read_frames(&mut client, 1).await, ["after"]);
-        o.close(Close {
-            code: 1000,
-            reason: "done".into(),
-            last_words: None,
-            abort: false,
-        });
-        assert_eq!(writer.await.unwrap().code, 1000);
+        close_normally(&o, writer).await;
     }
 
     #[tokio::test]
@@ -689,21 +697,12 @@ mod tests {
             .map(|i| (f(&body(i)), Delivery::Reliable))
             .collect();
         assert_eq!(o.push_data(&t, &burst).queued, 200);
-        let writer = {
-            let o = o.clone();
-            tokio::spawn(async move { o.deliver().await })
-        };
+        let writer = spawn_writer(&o);
         let got = read_frames(&mut client, 200).await;
         for (i, frame) in got.iter().enumerate() {
             assert_eq!(frame, &body(i), "frame {i}");
         }
-        o.close(Close {
-            code: 1000,
-            reason: "done".into(),
-            last_words: None,
-            abort: false,
-        });
-        assert_eq!(writer.await.unwrap().code, 1000);
+        close_normally(&o, writer).await;
     }
 
     #[tokio::test]
