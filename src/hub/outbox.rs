@@ -408,11 +408,6 @@ impl Outbox {
         self.lock().closing.is_some()
     }
 
-    /// The close decided for this client, if any.
-    pub fn closing(&self) -> Option<Close> {
-        self.lock().closing.clone()
-    }
-
     /// Takes everything queued, as a writer that delivered it would. For in-process subscribers
     /// (benchmarks, tests), which have no socket.
     pub fn take_queued(&self) -> Vec<Wire> {
