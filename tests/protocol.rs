@@ -569,3 +569,47 @@ async fn a_client_close_is_echoed_while_data_flows() {
     assert_eq!(stats["connectedClients"], 0);
     assert_eq!(stats["totalSubscriptions"], 0);
 }
+
+/// A client may send its first frame in the same packet as the upgrade request; the relay
+/// must read it from what the HTTP layer had already buffered.
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_sim, relay) = start().await;
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        relay.addr
+    )
+    .into_bytes();
+    // A masked text frame, as a client must send: {"type":"ping","id":42}
+    let payload = br#"{"type":"ping","id":42}"#;
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    bytes.extend_from_slice(&[0x81, 0x80 | payload.len() as u8]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    stream.write_all(&bytes).await.unwrap();
+
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let text = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+            let s = String::from_utf8_lossy(&got).into_owned();
+            if s.contains(r#""type":"pong""#) {
+                return s;
+            }
+        }
+    })
+    .await
+    .expect("no pong for the frame sent with the upgrade");
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.contains(r#""id":42"#), "{text}");
+}
