@@ -63,11 +63,6 @@ impl Adapter for Binance {
         &self.limits
     }
 
-    fn supports(&self, _feed: Feed) -> Result<(), String> {
-        // Every PROTOCOL.md interval is native, and partial depth covers 5/10/20.
-        Ok(())
-    }
-
     fn stream_name(&self, feed: Feed, instrument: &Instrument) -> String {
         let sym = instrument.native.to_lowercase();
         match feed {

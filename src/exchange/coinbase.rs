@@ -94,10 +94,6 @@ impl Adapter for Coinbase {
         &self.limits
     }
 
-    fn supports(&self, _feed: Feed) -> Result<(), String> {
-        Ok(())
-    }
-
     fn stream_name(&self, feed: Feed, instrument: &Instrument) -> String {
         let p = &instrument.native;
         match feed {
@@ -106,10 +102,6 @@ impl Adapter for Coinbase {
             Feed::Book => format!("level2:{p}"),
             Feed::Klines(iv) => format!("candles:{iv}:{p}"),
         }
-    }
-
-    fn connect_url(&self, ws_base: &str, _initial: &[String]) -> (String, usize) {
-        (ws_base.to_string(), 0)
     }
 
     fn new_session(&self, ctx: SessionContext) -> Box<dyn Session> {

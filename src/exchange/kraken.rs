@@ -112,11 +112,6 @@ impl Adapter for Kraken {
         &self.limits
     }
 
-    fn supports(&self, _feed: Feed) -> Result<(), String> {
-        // Every interval is native or built from trades; depth 5/10/20 fit in 25.
-        Ok(())
-    }
-
     fn stream_name(&self, feed: Feed, instrument: &Instrument) -> String {
         let sym = &instrument.native;
         match feed {
@@ -128,10 +123,6 @@ impl Adapter for Kraken {
                 None => format!("candles:{iv}:{sym}"),
             },
         }
-    }
-
-    fn connect_url(&self, ws_base: &str, _initial: &[String]) -> (String, usize) {
-        (ws_base.to_string(), 0)
     }
 
     fn new_session(&self, ctx: SessionContext) -> Box<dyn Session> {

@@ -170,12 +170,19 @@ impl AttemptBudget {
 pub trait Adapter: Send + Sync + 'static {
     fn id(&self) -> ExchangeId;
     fn limits(&self) -> &Limits;
-    /// Whether the exchange can serve `feed` at all (intervals, depths).
-    fn supports(&self, feed: Feed) -> Result<(), String>;
+    /// Whether the exchange can serve `feed` at all (intervals, depths). Every exchange served
+    /// now does: each interval is native or built from trades, and depth 5/10/20 fits every
+    /// book depth subscribed.
+    fn supports(&self, _feed: Feed) -> Result<(), String> {
+        Ok(())
+    }
     /// The exchange's name for the stream of `feed` on `instrument`.
     fn stream_name(&self, feed: Feed, instrument: &Instrument) -> String;
     /// The URL to connect to, with as many of `initial` streams in it as fit; returns how many.
-    fn connect_url(&self, ws_base: &str, initial: &[String]) -> (String, usize);
+    /// By default the base URL, with every stream subscribed after connecting.
+    fn connect_url(&self, ws_base: &str, _initial: &[String]) -> (String, usize) {
+        (ws_base.to_string(), 0)
+    }
     /// Per-connection protocol state.
     fn new_session(&self, ctx: SessionContext) -> Box<dyn Session>;
     /// Streams that may share one subscribe frame have the same group (Coinbase allows one
