@@ -178,7 +178,8 @@ impl IntoResponse for Refusal {
     }
 }
 
-fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
+/// The API's error shape: `{"success":false,"error":{"code","message"}}`.
+pub(crate) fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
     let body = json!({"success": false, "error": {"code": code, "message": message}});
     (status, Json(body)).into_response()
 }

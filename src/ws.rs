@@ -153,8 +153,7 @@ impl IntoResponse for NotUpgrade {
                 "this connection cannot be upgraded; use HTTP/1.1",
             ),
         };
-        let body = serde_json::json!({"success": false, "error": {"code": "WEBSOCKET_UPGRADE_REQUIRED", "message": message}});
-        let mut resp = (status, axum::Json(body)).into_response();
+        let mut resp = crate::http::error_body(status, "WEBSOCKET_UPGRADE_REQUIRED", message);
         if status == StatusCode::UPGRADE_REQUIRED {
             resp.headers_mut()
                 .insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -376,18 +376,12 @@ impl Outbox {
         tracing::debug!(%error, "client socket failed");
         st.drop_queued();
         st.partial = None;
-        if st
-            .closing
-            .as_ref()
-            .is_none_or(|c| c.code != close::ABNORMAL)
-        {
-            st.closing = Some(Close {
-                code: close::ABNORMAL,
-                reason: "connection lost".into(),
-                last_words: None,
-                abort: true,
-            });
-        }
+        st.closing = Some(Close {
+            code: close::ABNORMAL,
+            reason: "connection lost".into(),
+            last_words: None,
+            abort: true,
+        });
         self.waker.wake();
     }
 
