@@ -152,6 +152,11 @@ struct Feed {
 }
 
 impl Feed {
+    /// The id the next trade will get.
+    fn next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
     /// Trades sent to at least one relay connection so far.
     fn routed(&self) -> u64 {
         self.next_id.load(Ordering::Relaxed) - 1 - self.unrouted.load(Ordering::Relaxed)
@@ -253,16 +258,9 @@ async fn feed_ws(
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> impl IntoResponse {
-    // Streams named in the URL (`/stream?streams=a/b`) are subscribed from the start.
-    let initial: std::collections::HashSet<String> = q
-        .get("streams")
-        .map(|s| {
-            s.split('/')
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default();
+    let initial: std::collections::HashSet<String> = exchange_relay::sim::binance::url_streams(&q)
+        .into_iter()
+        .collect();
     ws.max_write_buffer_size(64 << 20)
         .on_upgrade(move |socket| feed_conn(socket, feed, initial))
 }
@@ -449,11 +447,11 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<T
 struct Meter {
     histogram: Histogram<u64>,
     delivered: u64,
-    recording: bool,
-    /// Only trades sent in [from_us, to_us) count, so deliveries match the trades the feed
-    /// emitted in the measurement window (late arrivals of those still count).
-    from_us: u64,
-    to_us: u64,
+    /// Only trades with ids in [from_id, to_id) count: exactly those the feed emitted in the
+    /// measurement window, however late (the emitter may lag its intended times, and
+    /// deliveries arrive after the window). Empty until a measurement starts.
+    from_id: u64,
+    to_id: u64,
 }
 
 /// A measuring client: a WebSocket spoken by hand over a plain socket. At 100k messages/s
@@ -603,7 +601,7 @@ impl RawClient {
                             let now = times.now_us();
                             let sent = times.get(id);
                             let mut m = meter.borrow_mut();
-                            if m.recording && sent >= m.from_us && sent < m.to_us {
+                            if id >= m.from_id && id < m.to_id && sent > 0 {
                                 m.delivered += 1;
                                 let _ = m.histogram.record(now.saturating_sub(sent).max(1));
                             }
@@ -731,9 +729,8 @@ async fn measure(
         let mut m = meter.borrow_mut();
         m.histogram.reset();
         m.delivered = 0;
-        m.recording = true;
-        m.from_us = feed.times.now_us().max(1);
-        m.to_us = u64::MAX;
+        m.from_id = feed.next_id();
+        m.to_id = u64::MAX;
     }
     let (cpu0, me0, t0) = (
         cpu_seconds(relay.pid()),
@@ -748,13 +745,12 @@ async fn measure(
         t0.elapsed().as_secs_f64(),
     );
     let emitted = feed.routed() - emitted0;
-    meter.borrow_mut().to_us = feed.times.now_us();
+    meter.borrow_mut().to_id = feed.next_id();
     let expected_per_s = emitted as f64 * fanout / secs;
     let _ = emitter.await;
-    // Let deliveries already in flight land, then stop recording.
+    // Let deliveries of trades sent in the window that are still in flight land.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut m = meter.borrow_mut();
-    m.recording = false;
+    let m = meter.borrow();
     let (rss, peak) = rss_kib(relay.pid());
     let q = |p: f64| m.histogram.value_at_quantile(p) as f64 / 1000.0;
     let delivered = m.delivered as f64;
@@ -811,9 +807,8 @@ fn new_meter() -> Rc<RefCell<Meter>> {
             Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid"))
         }),
         delivered: 0,
-        recording: false,
-        from_us: 0,
-        to_us: u64::MAX,
+        from_id: u64::MAX,
+        to_id: 0,
     }))
 }
 

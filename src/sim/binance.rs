@@ -367,7 +367,14 @@ async fn ws_combined(
     if !inner.available.load(Ordering::SeqCst) {
         return unavailable();
     }
-    let initial: Vec<String> = q
+    let initial = url_streams(&q);
+    ws.on_upgrade(move |socket| connection(socket, inner, initial, true))
+}
+
+/// The streams a combined-stream URL names (`/stream?streams=a@trade/b@ticker`): subscribed
+/// from the start.
+pub fn url_streams(query: &HashMap<String, String>) -> Vec<String> {
+    query
         .get("streams")
         .map(|s| {
             s.split('/')
@@ -375,8 +382,7 @@ async fn ws_combined(
                 .map(String::from)
                 .collect()
         })
-        .unwrap_or_default();
-    ws.on_upgrade(move |socket| connection(socket, inner, initial, true))
+        .unwrap_or_default()
 }
 
 async fn ws_raw(State(inner): State<Arc<Inner>>, ws: WebSocketUpgrade) -> Response {
