@@ -14,20 +14,30 @@ fn delivered(line: &str) -> (f64, f64) {
     (nums.next().unwrap(), nums.next().unwrap())
 }
 
-#[test]
-fn fanout_delivers_every_trade_of_the_window_to_every_client() {
+/// Runs loadgen with `scenario` against the relay built beside it; what it printed.
+fn loadgen(scenario: &[&str]) -> String {
+    // Pinned as in a measurement (taskset), on a second CPU where there is one.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let other = if cpus > 1 { "1" } else { "0" };
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["--relay-bin", env!("CARGO_BIN_EXE_exchange-relay")])
+        .args(["--relay-cpu", "0", "--loadgen-cpu", other])
         .args(["--warmup", "1", "--duration", "2"])
-        .args(["fanout", "--clients", "50", "--rates", "20"])
+        .args(scenario)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    text
+}
+
+#[test]
+fn fanout_delivers_every_trade_of_the_window_to_every_client() {
+    let text = loadgen(&["fanout", "--clients", "50", "--rates", "20"]);
     let point = text
         .lines()
         .find(|l| l.starts_with("50c x 20 msg/s"))
@@ -43,4 +53,54 @@ fn fanout_delivers_every_trade_of_the_window_to_every_client() {
         text.contains("relay stats: connectedClients 50 slowConsumerDisconnects 0"),
         "{text}"
     );
+}
+
+#[test]
+fn breadth_delivers_every_channel() {
+    let text = loadgen(&[
+        "breadth",
+        "--channels",
+        "10",
+        "--clients-per-channel",
+        "3",
+        "--mean-rate",
+        "5",
+    ]);
+    let point = text
+        .lines()
+        .find(|l| l.starts_with("10ch x 3c"))
+        .unwrap_or_else(|| panic!("no result line in:\n{text}"));
+    let (got, expected) = delivered(point);
+    assert!(expected > 0.0, "{point}");
+    assert_eq!(got, expected, "{point}");
+    assert!(text.contains("totalSubscriptions 30"), "{text}");
+    assert!(text.contains("dropped 0 unrouted 0"), "{text}");
+}
+
+#[test]
+fn churn_stays_within_the_exchange_limit_and_leaves_nothing_behind() {
+    let text = loadgen(&[
+        "churn",
+        "--clients",
+        "20",
+        "--channels",
+        "10",
+        "--ops-per-client",
+        "2",
+    ]);
+    assert!(text.contains("0 one-second windows over 5 msg/s"), "{text}");
+    assert!(
+        text.contains("binanceStreams 0 (feed still subscribed to 0), totalSubscriptions 0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn idle_reports_memory_per_connection() {
+    let text = loadgen(&["idle", "--clients", "100"]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("idle: 100 connected clients"))
+        .unwrap_or_else(|| panic!("no result line in:\n{text}"));
+    assert!(line.contains("KiB per connection"), "{line}");
 }
