@@ -12,8 +12,19 @@ use crate::domain::UserId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub user: UserId,
-    /// `exp`, seconds since the epoch.
+    /// `exp`, seconds since the epoch, as the token states it (announced to the client).
     pub expires_at: Option<i64>,
+    /// The last moment (ms since the epoch) the token is accepted: `exp` plus the configured
+    /// leeway. One rule for a token checked at connect, in `auth`, at subscribe and while a
+    /// connection stays open.
+    pub valid_until_ms: Option<i64>,
+}
+
+impl Identity {
+    /// Whether the token no longer holds at `now_ms`.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.valid_until_ms.is_some_and(|until| now_ms > until)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,9 +127,14 @@ impl Authenticator {
         let user = UserId::parse(&data.claims.sub).map_err(|e| {
             AuthError::Invalid(format!("token subject is not a valid user id: {e}"))
         })?;
+        let leeway = i64::try_from(self.validation.leeway).unwrap_or(i64::MAX / 2000);
         Ok(Identity {
             user,
             expires_at: data.claims.exp,
+            valid_until_ms: data
+                .claims
+                .exp
+                .map(|exp| exp.saturating_add(leeway).saturating_mul(1000)),
         })
     }
 }
@@ -171,6 +187,21 @@ mod tests {
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo0MTAyNDQ0ODAwfQ.";
         assert!(matches!(a.verify(none), Err(AuthError::Invalid(_))));
         assert!(matches!(a.verify("garbage"), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_token_stays_valid_for_the_leeway_past_exp_and_no_longer() {
+        let exp = now() + 60;
+        let identity = auth()
+            .verify(&token("s3cret", json!({"sub":"u","exp":exp})))
+            .unwrap();
+        assert_eq!(identity.valid_until_ms, Some((exp + 2) * 1000));
+        assert!(!identity.expired(exp * 1000 + 1_999));
+        assert!(!identity.expired((exp + 2) * 1000));
+        assert!(identity.expired((exp + 2) * 1000 + 1));
+        // The connect-time check agrees: a token 1 s past exp is still accepted.
+        let just_past = token("s3cret", json!({"sub":"u","exp":now() - 1}));
+        assert!(auth().verify(&just_past).is_ok());
     }
 
     #[test]

@@ -89,10 +89,32 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
-        self.listen
-            .parse()
-            .map_err(|_| format!("'{}' is not an address like 0.0.0.0:3000", self.listen))
+    /// `listen` checked: an IP address with a port (`0.0.0.0:3000`, `[::1]:3000`) or a host
+    /// name with a port (`localhost:3000`), resolved when the listener binds.
+    pub fn listen_addr(&self) -> Result<&str, String> {
+        let listen = self.listen.as_str();
+        if listen.parse::<SocketAddr>().is_ok() {
+            return Ok(listen);
+        }
+        let bad = || {
+            format!(
+                "'{listen}' is not an address like 0.0.0.0:3000, 127.0.0.1:3000 or localhost:3000"
+            )
+        };
+        let (host, port) = listen.rsplit_once(':').ok_or_else(bad)?;
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && !label.starts_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !host_ok || port.parse::<u16>().is_err() {
+            return Err(bad());
+        }
+        Ok(listen)
     }
 }
 
@@ -315,16 +337,26 @@ impl Config {
             raw_env.insert(path.join("."), value);
         }
 
+        // Every key is checked on its own; a bad one is reported and set aside (its default
+        // stands in), so the value checks below run too and one run reports every problem.
         let mut problems = Vec::new();
         check_keys(&mut table, &raw_env, &mut problems);
-        if !problems.is_empty() {
-            return Err(ConfigError { problems });
+        let config: Config = match toml::Value::Table(table).try_into() {
+            Ok(c) => c,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                problems.push(e.message().to_string());
+                return Err(ConfigError { problems });
+            }
+        };
+        if let Err(e) = config.validate() {
+            problems.extend(e.problems);
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::one(e.message().to_string()))?;
-        config.validate()?;
-        Ok(config)
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -455,15 +487,18 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
     cur.insert(last.clone(), value);
 }
 
-/// Checks every key on its own, so that one bad key does not hide the next.
+/// Checks every key on its own, so that one bad key does not hide the next, and removes the
+/// keys found bad so that the rest can still be read and validated.
 fn check_keys(
     table: &mut toml::Table,
     raw_env: &BTreeMap<String, String>,
     problems: &mut Vec<String>,
 ) {
+    let mut bad_sections = Vec::new();
     for (section, value) in table.iter_mut() {
         let toml::Value::Table(keys) = value else {
             problems.push(format!("{section}: must be a table ([{section}])"));
+            bad_sections.push(section.clone());
             continue;
         };
         match section.as_str() {
@@ -471,6 +506,7 @@ fn check_keys(
             "auth" => check_each::<AuthConfig>(section, keys, raw_env, problems),
             "streams" => check_each::<StreamsConfig>(section, keys, raw_env, problems),
             "exchanges" => {
+                let mut bad = Vec::new();
                 for (key, value) in keys.iter_mut() {
                     let path = format!("exchanges.{key}");
                     if ExchangeId::ALL.iter().any(|id| id.as_str() == key) {
@@ -478,21 +514,36 @@ fn check_keys(
                             toml::Value::Table(inner) => {
                                 check_each::<RawExchange>(&path, inner, raw_env, problems)
                             }
-                            _ => problems.push(format!("{path}: must be a table ([{path}])")),
+                            _ => {
+                                problems.push(format!("{path}: must be a table ([{path}])"));
+                                bad.push(key.clone());
+                            }
                         }
                     } else if key == "default" {
-                        check_one::<RawExchanges>(&path, key, value, raw_env, problems);
+                        if !check_one::<RawExchanges>(&path, key, value, raw_env, problems) {
+                            bad.push(key.clone());
+                        }
                     } else {
                         problems.push(format!(
                             "{path}: unknown key; expected default, binance, coinbase or kraken"
                         ));
+                        bad.push(key.clone());
                     }
                 }
+                for key in bad {
+                    keys.remove(&key);
+                }
             }
-            other => problems.push(format!(
-                "[{other}]: unknown section; expected server, auth, streams or exchanges"
-            )),
+            other => {
+                problems.push(format!(
+                    "[{other}]: unknown section; expected server, auth, streams or exchanges"
+                ));
+                bad_sections.push(section.clone());
+            }
         }
+    }
+    for section in bad_sections {
+        table.remove(&section);
     }
 }
 
@@ -502,32 +553,40 @@ fn check_each<T: DeserializeOwned>(
     raw_env: &BTreeMap<String, String>,
     problems: &mut Vec<String>,
 ) {
+    let mut bad = Vec::new();
     for (key, value) in keys.iter_mut() {
-        check_one::<T>(&format!("{section}.{key}"), key, value, raw_env, problems);
+        if !check_one::<T>(&format!("{section}.{key}"), key, value, raw_env, problems) {
+            bad.push(key.clone());
+        }
+    }
+    for key in bad {
+        keys.remove(&key);
     }
 }
 
-/// Deserialises `T` from a table holding only `key`, every other field defaulted. An
-/// environment value that parsed as TOML but does not fit is retried as the plain string it was
-/// (a numeric secret, say).
+/// Deserialises `T` from a table holding only `key`, every other field defaulted; false (and
+/// the problem recorded) when it does not fit. An environment value that parsed as TOML but
+/// does not fit is retried as the plain string it was (a numeric secret, say).
 fn check_one<T: DeserializeOwned>(
     path: &str,
     key: &str,
     value: &mut toml::Value,
     raw_env: &BTreeMap<String, String>,
     problems: &mut Vec<String>,
-) {
+) -> bool {
     let attempt = |v: &toml::Value| {
         let mut single = toml::Table::new();
         single.insert(key.to_string(), v.clone());
         toml::Value::Table(single).try_into::<T>().map(|_| ())
     };
-    let Err(err) = attempt(value) else { return };
+    let Err(err) = attempt(value) else {
+        return true;
+    };
     if let Some(raw) = raw_env.get(path) {
         let as_string = toml::Value::String(raw.clone());
         if attempt(&as_string).is_ok() {
             *value = as_string;
-            return;
+            return true;
         }
     }
     let message = err.message().trim().replace('\n', " ");
@@ -536,6 +595,7 @@ fn check_one<T: DeserializeOwned>(
     } else {
         problems.push(format!("{path}: {message}"));
     }
+    false
 }
 
 #[cfg(test)]
@@ -575,6 +635,38 @@ mod tests {
     }
 
     #[test]
+    fn listen_takes_addresses_and_host_names() {
+        let listen = |l: &str| {
+            ServerConfig {
+                listen: l.into(),
+                ..ServerConfig::default()
+            }
+            .listen_addr()
+            .map(str::to_string)
+        };
+        for good in [
+            "0.0.0.0:3000",
+            "127.0.0.1:4002",
+            "[::1]:3000",
+            "localhost:4002",
+            "relay-1.internal:80",
+        ] {
+            assert_eq!(listen(good).as_deref(), Ok(good));
+        }
+        for bad in [
+            "nowhere",
+            "localhost",
+            ":3000",
+            "localhost:99999",
+            "a b:1",
+            "http://x:1",
+        ] {
+            let err = listen(bad).unwrap_err();
+            assert!(err.contains("localhost:3000"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn env_overrides_the_file() {
         let c = Config::from_toml(
             "[server]\nlisten = \"127.0.0.1:1\"\n[exchanges.kraken]\nenabled = true\n",
@@ -610,7 +702,13 @@ mod tests {
         assert!(text.contains("server.bogus: unknown key"), "{text}");
         assert!(text.contains("exchanges.default:"), "{text}");
         assert!(text.contains("[extra]: unknown section"), "{text}");
-        assert_eq!(err.problems.len(), 4, "{text}");
+        // The value checks run in the same pass: listen and the ws_url scheme are reported too.
+        assert!(text.contains("server.listen: 'nowhere'"), "{text}");
+        assert!(
+            text.contains("exchanges.binance.ws_url: scheme 'http'"),
+            "{text}"
+        );
+        assert_eq!(err.problems.len(), 6, "{text}");
 
         let err = Config::from_toml(
             "[server]\nlisten = \"nowhere\"\nclient_request_burst = 0\n[exchanges.binance]\nws_url = \"http://x\"\n",

@@ -60,13 +60,80 @@ pub fn app(state: AppState) -> Router {
     } else {
         Router::new()
     };
+    // Read-only endpoints, readable from browser pages (dashboards) under `allowed_origins`.
+    // A method router's layer wraps only the methods it has: OPTIONS is given one, so that
+    // the CORS layer sees (and answers) preflight requests.
+    let cors = cors(&state.config.server.allowed_origins);
+    let readable = Router::new()
+        .route(
+            "/health",
+            get(health).options(preflight).layer(cors.clone()),
+        )
+        .route("/ready", get(ready).options(preflight).layer(cors.clone()))
+        .route(
+            "/api/v1/ws/stats",
+            get(stats).options(preflight).layer(cors),
+        );
     router
         .route("/ws", get(ws_upgrade))
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/api/v1/ws/stats", get(stats))
+        // Never CORS-open: a page must not be able to publish with a key it was handed.
         .route("/api/v1/publish", post(publish))
+        .merge(readable)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// CORS for the read-only endpoints: any origin when `allowed_origins` is empty (as for the
+/// WebSocket), else exactly the listed ones. GET only, no credentials.
+fn cors(allowed_origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = if allowed_origins.is_empty() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([axum::http::Method::GET])
+        .max_age(std::time::Duration::from_secs(3600))
+}
+
+/// Reached only by an OPTIONS that is not a CORS preflight (the layer answers those).
+async fn preflight() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error_body(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        &format!(
+            "no endpoint at {}; the relay serves /ws (WebSocket), /health, /ready, /api/v1/ws/stats and POST /api/v1/publish",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let allowed = if uri.path() == "/api/v1/publish" {
+        "POST"
+    } else {
+        "GET"
+    };
+    let mut resp = error_body(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        &format!("{method} is not served at {}; use {allowed}", uri.path()),
+    );
+    if let Ok(v) = HeaderValue::from_str(allowed) {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
+    resp
 }
 
 /// Counts WebSocket connections per IP and in total, for the caps, and paces new ones per IP.
@@ -284,30 +351,10 @@ async fn autobahn_echo(State(state): State<AppState>, upgrade: Upgrade) -> Respo
 async fn health(State(state): State<AppState>) -> Json<Value> {
     let mut upstreams = serde_json::Map::new();
     for id in crate::domain::ExchangeId::ALL {
-        let cfg = state.config.exchanges.get(id);
         let entry = match state.hub.upstreams.get(id) {
-            None if !cfg.enabled => json!({"state": "disabled"}),
+            None if !state.config.exchanges.get(id).enabled => json!({"state": "disabled"}),
             None => json!({"state": "unavailable", "reason": "not served by this build yet"}),
-            Some(ex) => {
-                let (streams, up, total) = ex.active_streams();
-                let loaded = ex.instruments().is_some();
-                let failing = ex.stats.failing.load(Ordering::Relaxed);
-                let state = if failing || !loaded && total > 0 {
-                    "unreachable"
-                } else if total == 0 {
-                    "idle"
-                } else if up == total {
-                    "connected"
-                } else {
-                    "connecting"
-                };
-                json!({
-                    "state": state,
-                    "instrumentsLoaded": loaded,
-                    "connections": up,
-                    "streams": streams.len(),
-                })
-            }
+            Some(ex) => serde_json::to_value(ex.health()).unwrap_or_default(),
         };
         upstreams.insert(id.to_string(), entry);
     }

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
 use exchange_relay::config::Config;
 use exchange_relay::domain::ExchangeId;
@@ -29,7 +28,19 @@ struct Args {
     log_json: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // The error alone, as a sentence (a bad config is one line per key): no backtrace, which
+    // anyhow would add under RUST_BACKTRACE, and no `Debug` form.
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("exchange-relay: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     // One CPU (a container limit, or pinned with taskset): tokio's multi-thread scheduler then
     // only adds work stealing and queue overflow to every wake; the current-thread scheduler
     // runs the same tasks in order. Measured by `loadgen`, see README § Performance.
@@ -49,7 +60,11 @@ fn main() -> anyhow::Result<()> {
 async fn relay_main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = exchange_relay::log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour only for a person at a terminal: `docker logs`, files and pipes get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     if args.log_json {
         builder.json().init();
     } else {
@@ -67,7 +82,12 @@ async fn relay_main() -> anyhow::Result<()> {
     let addr = config
         .server
         .listen_addr()
-        .map_err(|e| anyhow::anyhow!("server.listen: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("server.listen: {e}"))?
+        .to_string();
+    // Bound before anything else starts, so a busy port fails at once, in one line.
+    let listener = TcpListener::bind(addr.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
 
     // Kept alive for the life of the relay.
     let mut _sims: Vec<Box<dyn std::any::Any>> = Vec::new();
@@ -107,10 +127,8 @@ async fn relay_main() -> anyhow::Result<()> {
         _sims.push(Box::new(coinbase_sim));
     }
 
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    tracing::info!(%addr, demo = args.demo, "exchange-relay listening");
+    let local = listener.local_addr().map_or(addr, |a| a.to_string());
+    tracing::info!(addr = %local, demo = args.demo, "exchange-relay listening");
     exchange_relay::run(config, listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -77,9 +77,7 @@ pub fn parse_request(text: &str) -> Result<(RequestId, Request), RequestError> {
     let value: Value = serde_json::from_str(text).map_err(|e| RequestError {
         id: None,
         code: ErrorCode::InvalidJson,
-        message: format!(
-            "message is not valid JSON ({e}); send an object like {{\"type\":\"ping\"}}"
-        ),
+        message: not_json_hint(text, &e),
     })?;
     let Value::Object(mut obj) = value else {
         return Err(fail(
@@ -152,6 +150,24 @@ pub fn parse_request(text: &str) -> Result<(RequestId, Request), RequestError> {
         }
     };
     Ok((id, request))
+}
+
+/// Why a frame is not JSON, in words that say what to change: the common slips of a person
+/// typing or pasting into wscat first.
+fn not_json_hint(text: &str, e: &serde_json::Error) -> String {
+    let t = text.trim_start();
+    if let Some(rest) = t.strip_prefix('>') {
+        if rest.trim_start().starts_with('{') {
+            return "the message starts with '>': that is wscat's prompt, not part of the message; send only the JSON object, e.g. {\"type\":\"ping\"}".into();
+        }
+    }
+    if t.starts_with('{') && t.contains('\'') && !t.contains('"') {
+        return "JSON needs double quotes: send {\"type\":\"ping\"}, not {'type':'ping'}".into();
+    }
+    if t.is_empty() {
+        return "the message is empty; send a JSON object like {\"type\":\"ping\"}".into();
+    }
+    format!("message is not valid JSON ({e}); send an object like {{\"type\":\"ping\"}}")
 }
 
 /// `"channels": [...]`, or a single `"channel": "..."` for hand-typed requests.

@@ -21,7 +21,7 @@ use crate::domain::Channel;
 use crate::http::{AppState, ConnGuard};
 use crate::hub::{Attached, Client, Close, Held, TopicKey};
 use crate::protocol::{
-    close, msg, now_millis, parse_request, ErrorCode, Frame, Request, RequestId,
+    close, msg, now_millis, parse_request, ErrorCode, Frame, Request, RequestError, RequestId,
 };
 use crate::stats::Stats;
 use crate::ws::{self, Incoming, Wire};
@@ -96,6 +96,16 @@ fn auth_code(e: &AuthError) -> ErrorCode {
     }
 }
 
+/// What the rate limit decided for one request.
+enum Admit {
+    /// Within the limit: carry it out.
+    Yes,
+    /// Over the limit: answered with `RATE_LIMITED` and not carried out.
+    Refused,
+    /// Over the limit for too long: the client is being closed with 1008.
+    Close,
+}
+
 struct Session {
     state: AppState,
     client: Arc<Client>,
@@ -162,10 +172,14 @@ impl Session {
 
     /// Sets (or clears) who the client is, and when that stops being true.
     fn set_identity(&mut self, identity: Option<Identity>) {
-        self.expires = identity.as_ref().and_then(|i| i.expires_at).map(|exp| {
-            let left_ms = (exp * 1000 - now_millis()).max(0) as u64;
-            Instant::now() + Duration::from_millis(left_ms)
-        });
+        // One past the last accepted millisecond (`Identity::expired`).
+        self.expires = identity
+            .as_ref()
+            .and_then(|i| i.valid_until_ms)
+            .map(|until| {
+                let left_ms = (until + 1 - now_millis()).max(0) as u64;
+                Instant::now() + Duration::from_millis(left_ms)
+            });
         self.identity = identity;
     }
 
@@ -202,18 +216,25 @@ impl Session {
                     match frame {
                         Some(Ok(Message::Text(text))) => {
                             Stats::add(&self.state.hub.stats.messages_in, 1);
-                            if self.admit() {
-                                self.handle(text.as_str());
-                            } else {
-                                reading = false;
+                            // Parsed before the rate limit so that a refusal can echo the id;
+                            // parsing is cheap next to what a request does.
+                            let parsed = parse_request(text.as_str());
+                            let id = match &parsed {
+                                Ok((id, _)) => id,
+                                Err(e) => &e.id,
+                            };
+                            match self.admit(id) {
+                                Admit::Yes => self.handle(parsed),
+                                Admit::Refused => {}
+                                Admit::Close => reading = false,
                             }
                         }
                         Some(Ok(Message::Binary(_))) => {
                             Stats::add(&self.state.hub.stats.messages_in, 1);
-                            if self.admit() {
-                                self.error(None, ErrorCode::InvalidJson, "binary frames are not supported; send JSON text", &None);
-                            } else {
-                                reading = false;
+                            match self.admit(&None) {
+                                Admit::Yes => self.error(None, ErrorCode::InvalidJson, "binary frames are not supported; send JSON text", &None),
+                                Admit::Refused => {}
+                                Admit::Close => reading = false,
                             }
                         }
                         Some(Ok(Message::Close(frame))) => {
@@ -261,10 +282,11 @@ impl Session {
         }
     }
 
-    /// Applies the request rate limit. Returns false when the client has to go.
-    fn admit(&mut self) -> bool {
+    /// Applies the request rate limit to a request with `id`. A refused request is not carried
+    /// out: its only answer is the `RATE_LIMITED` error, echoing its id.
+    fn admit(&mut self, id: &RequestId) -> Admit {
         if self.limiter.check().is_ok() {
-            return true;
+            return Admit::Yes;
         }
         Stats::add(&self.state.hub.stats.rate_limited, 1);
         if self.abuse.check().is_ok() {
@@ -273,19 +295,19 @@ impl Session {
                 None,
                 ErrorCode::RateLimited,
                 &format!(
-                    "too many requests: at most {} a second (bursts of {}); this request was ignored",
+                    "too many requests: at most {} a second (bursts of {}); this request was not carried out, send it again later",
                     cfg.client_requests_per_second, cfg.client_request_burst
                 ),
-                &None,
+                id,
             );
-            return true;
+            return Admit::Refused;
         }
         tracing::info!(client = %self.client.name, "client kept flooding; closing with 1008");
         let last_words = msg::error(
             None,
             ErrorCode::RateLimited,
             "too many requests for too long; closing the connection",
-            &None,
+            id,
         );
         self.client.outbox.close(Close {
             code: close::POLICY,
@@ -293,11 +315,11 @@ impl Session {
             last_words: Some(last_words),
             abort: false,
         });
-        false
+        Admit::Close
     }
 
-    fn handle(&mut self, text: &str) {
-        let (id, request) = match parse_request(text) {
+    fn handle(&mut self, parsed: Result<(RequestId, Request), RequestError>) {
+        let (id, request) = match parsed {
             Ok(r) => r,
             Err(e) => return self.error(None, e.code, &e.message, &e.id),
         };
@@ -352,7 +374,7 @@ impl Session {
             // Fixed order: token present, token still valid, token bound to this user.
             let refusal = match &self.identity {
                 None => Some((ErrorCode::AuthRequired, "Authentication required for this channel".to_string())),
-                Some(i) if i.expires_at.is_some_and(|exp| exp * 1000 <= now_millis()) => Some((
+                Some(i) if i.expired(now_millis()) => Some((
                     ErrorCode::TokenExpired,
                     "your token has expired; send {\"type\":\"auth\",\"token\":...} with a fresh one".to_string(),
                 )),

@@ -142,6 +142,31 @@ async fn an_expiring_token_drops_private_channels_and_keeps_public_ones() {
 }
 
 #[tokio::test]
+async fn expiry_on_an_open_connection_applies_the_same_leeway_as_at_connect() {
+    let sim = start_sim().await;
+    let mut cfg = config_for(&sim);
+    cfg.auth.jwt_leeway_secs = 2;
+    let relay = start_relay(cfg).await;
+    let exp = chrono::Utc::now().timestamp() + 1;
+    let mut c = Client::connect(&relay).await;
+    c.send(
+        json!({"type": "auth", "token": token_with(SECRET, json!({"sub": "carol", "exp": exp}))}),
+    )
+    .await;
+    assert_eq!(c.recv().await["type"], "authenticated");
+    c.subscribe(&["orders:carol"]).await;
+    c.recv_until(is_msg("subscribed", "orders:carol")).await;
+    c.recv_until(is_type("unsubscribed")).await;
+    let dropped_at = chrono::Utc::now().timestamp_millis();
+    // Accepted at connect until exp + leeway, so kept open until then too, not dropped at exp.
+    assert!(
+        dropped_at > (exp + 2) * 1000,
+        "dropped {} ms before exp + leeway",
+        (exp + 2) * 1000 - dropped_at
+    );
+}
+
+#[tokio::test]
 async fn publish_checks_its_key_and_channel() {
     let (_sim, relay) = start().await;
     let (status, body) = publish(

@@ -26,22 +26,18 @@ fn a_bad_config_fails_fast_with_a_line_per_key() {
         &path,
         "[server]\nmax_connections = \"lots\"\nlisten = \"nowhere\"\n[exchanges.binance]\nws_url = \"ftp://x\"\n",
     );
-    assert!(
-        err.contains("server.max_connections: invalid type"),
-        "{err}"
-    );
-    // Type errors are reported first; fixing them reveals the value checks, each on its line.
-    let err = start_failing(
-        &path,
-        "[server]\nlisten = \"nowhere\"\n[exchanges.binance]\nws_url = \"ftp://x\"\n",
-    );
+    // Type errors and value checks in one run, each on its own line.
     let lines: Vec<&str> = err
         .lines()
         .filter(|l| {
             l.trim_start().starts_with("server.") || l.trim_start().starts_with("exchanges.")
         })
         .collect();
-    assert_eq!(lines.len(), 3, "{err}");
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(
+        err.contains("server.max_connections: invalid type"),
+        "{err}"
+    );
     assert!(err.contains("server.listen: 'nowhere'"), "{err}");
     assert!(
         err.contains("server.client_request_burst: must be greater than 0"),
@@ -61,4 +57,88 @@ fn a_missing_explicit_config_file_is_an_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/relay.toml"));
+}
+
+#[test]
+fn a_busy_port_fails_at_once_in_one_line_before_the_demo_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_exchange-relay"))
+        .args(["--demo", "--listen", &addr])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("simulated"),
+        "the simulators started before the port was checked: {stdout}"
+    );
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_colour_and_listen_takes_a_host_name() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_exchange-relay"))
+        .args(["--demo", "--listen", "localhost:0"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        let done = line.contains("exchange-relay listening");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = seen.join("\n");
+    assert!(text.contains("exchange-relay listening"), "{text}");
+    assert!(
+        text.contains("addr=127.0.0.1:") || text.contains("addr=[::1]:"),
+        "{text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI escapes in piped logs: {text:?}"
+    );
+}
+
+#[test]
+fn the_docker_build_context_leaves_out_build_output_and_keeps_what_the_dockerfile_copies() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(patterns.contains(&"target/"), "{patterns:?}");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for source in &words[1..words.len() - 1] {
+            let source = source.trim_end_matches('/');
+            assert!(
+                !patterns.iter().any(|p| p.trim_end_matches('/') == source),
+                ".dockerignore leaves out {source}, which the Dockerfile copies"
+            );
+            assert!(root.join(source).exists(), "{source} is copied but missing");
+        }
+    }
 }

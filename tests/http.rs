@@ -64,6 +64,98 @@ async fn health_reports_upstream_state() {
     assert_eq!(h["upstreams"]["binance"]["instrumentsLoaded"], true);
 }
 
+async fn health(relay: &Relay) -> Value {
+    reqwest::get(relay.http("/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn health_says_idle_once_the_last_client_has_gone() {
+    let (sim, relay) = start().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["trades:BTCUSDT"]).await;
+    c.recv_until(is_type("trade")).await;
+    drop(c);
+    // close_delay_ms is 300 in tests: the stream goes, then the connection.
+    eventually("upstream closed", || sim.connections() == 0).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let b = loop {
+        let h = health(&relay).await;
+        let b = h["upstreams"]["binance"].clone();
+        if b["connections"] == 0 && b["wantedConnections"] == 0 {
+            break b;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{b}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(b["state"], "idle", "{b}");
+    assert_eq!(b["streams"], 0, "{b}");
+    assert!(b.get("lastError").is_none(), "{b}");
+}
+
+#[tokio::test]
+async fn health_says_unreachable_since_when_and_why_without_subscribers() {
+    // Nothing listens on the exchange's address: the instrument list cannot be fetched.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let sim = start_sim().await;
+    let mut cfg = config_for(&sim);
+    cfg.exchanges.binance.rest_url = format!("http://{dead_addr}");
+    cfg.exchanges.binance.ws_url = format!("ws://{dead_addr}");
+    let relay = start_relay_unready(cfg).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let b = loop {
+        let b = health(&relay).await["upstreams"]["binance"].clone();
+        if b["state"] == "unreachable" {
+            break b;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{b}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(b["since"].as_str().unwrap().ends_with('Z'), "{b}");
+    assert!(
+        b["lastError"].as_str().unwrap().contains("instrument list"),
+        "{b}"
+    );
+    assert_eq!(b["instrumentsLoaded"], false);
+}
+
+#[tokio::test]
+async fn health_says_unreachable_while_the_exchange_is_away() {
+    let (sim, relay) = start().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["trades:BTCUSDT"]).await;
+    c.recv_until(is_type("trade")).await;
+    sim.set_available(false);
+    sim.kill_connections();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let b = loop {
+        let b = health(&relay).await["upstreams"]["binance"].clone();
+        if b["state"] == "unreachable" {
+            break b;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{b}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(b["since"].is_string() && b["lastError"].is_string(), "{b}");
+    sim.set_available(true);
+    c.recv_until(is_type("trade")).await;
+    let b = loop {
+        let b = health(&relay).await["upstreams"]["binance"].clone();
+        if b["state"] == "connected" {
+            break b;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{b}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(b.get("since").is_none(), "{b}");
+}
+
 #[tokio::test]
 async fn shutdown_closes_clients_with_1001_and_lets_go_of_the_exchange() {
     let (sim, relay) = start().await;
@@ -101,4 +193,85 @@ async fn a_slowloris_request_is_cut_off_after_the_header_timeout() {
     // A complete request on a new connection is still served.
     let h = reqwest::get(relay.http("/health")).await.unwrap();
     assert_eq!(h.status(), 200);
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_json_errors() {
+    let (_sim, relay) = start().await;
+    let http = reqwest::Client::new();
+    for path in ["/", "/nope", "/api/v1/nothing"] {
+        let r = http.get(relay.http(path)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"));
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["success"], false);
+        assert_eq!(body["error"]["code"], "NOT_FOUND");
+        assert!(body["error"]["message"].as_str().unwrap().contains(path));
+    }
+    let r = http
+        .get(relay.http("/api/v1/publish"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "METHOD_NOT_ALLOWED");
+}
+
+#[tokio::test]
+async fn read_only_endpoints_are_cors_readable_and_publish_is_not() {
+    let (_sim, relay) = start().await;
+    let http = reqwest::Client::new();
+    for path in ["/health", "/ready", "/api/v1/ws/stats"] {
+        let r = http
+            .get(relay.http(path))
+            .header("Origin", "https://dash.example.com")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["access-control-allow-origin"], "*", "{path}");
+        let pre = http
+            .request(reqwest::Method::OPTIONS, relay.http(path))
+            .header("Origin", "https://dash.example.com")
+            .header("Access-Control-Request-Method", "GET")
+            .send()
+            .await
+            .unwrap();
+        assert!(pre.status().is_success(), "{path}: {}", pre.status());
+        assert_eq!(pre.headers()["access-control-allow-origin"], "*");
+    }
+    let pre = http
+        .request(reqwest::Method::OPTIONS, relay.http("/api/v1/publish"))
+        .header("Origin", "https://dash.example.com")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(pre.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn cors_follows_allowed_origins() {
+    let sim = start_sim().await;
+    let mut cfg = config_for(&sim);
+    cfg.server.allowed_origins = vec!["https://app.example.com".into()];
+    let relay = start_relay(cfg).await;
+    let http = reqwest::Client::new();
+    let get = |origin: &'static str| {
+        http.get(relay.http("/api/v1/ws/stats"))
+            .header("Origin", origin)
+            .send()
+    };
+    let r = get("https://app.example.com").await.unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let r = get("https://evil.example.com").await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
 }

@@ -65,18 +65,36 @@ async fn symbols_come_from_the_instrument_list_not_string_rules() {
     ])
     .await;
     let mut got = std::collections::HashMap::new();
+    let mut messages = std::collections::HashMap::new();
     for _ in 0..5 {
         let m = c
             .recv_until(|v| v["type"] == "error" || v["type"] == "subscribed")
             .await;
+        let channel = m["channel"].as_str().unwrap().to_string();
+        messages.insert(
+            channel.clone(),
+            m["data"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
         got.insert(
-            m["channel"].as_str().unwrap().to_string(),
+            channel,
             (
                 m["type"].as_str().unwrap().to_string(),
                 error_code(&m).to_string(),
             ),
         );
     }
+    // Each refusal names the market that does exist.
+    assert_eq!(
+        messages["price:XBTUSD@kraken"],
+        "Unknown symbol XBTUSD on kraken; did you mean BTCUSD@kraken? (Kraken's XBT is BTC here)"
+    );
+    assert_eq!(
+        messages["price:BTCUSDT@kraken"],
+        "Unknown symbol BTCUSDT on kraken; did you mean BTCUSD@kraken?"
+    );
     assert_eq!(
         got["price:XBTUSD@kraken"].1, "UNKNOWN_SYMBOL",
         "XBT is BTC on v2"

@@ -84,6 +84,26 @@ async fn malformed_requests_get_errors_and_the_connection_stays() {
 }
 
 #[tokio::test]
+async fn a_line_pasted_with_the_wscat_prompt_is_explained() {
+    let (_sim, relay) = start().await;
+    let mut c = Client::connect(&relay).await;
+    c.send_raw(Message::text(r#"> {"type":"ping"}"#)).await;
+    let e = c.recv().await;
+    assert_eq!(error_code(&e), "INVALID_JSON");
+    let message = e["data"]["message"].as_str().unwrap();
+    assert!(message.contains("wscat's prompt"), "{message}");
+    c.send_raw(Message::text("{'type':'ping'}")).await;
+    let e = c.recv().await;
+    assert!(
+        e["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("double quotes"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn channel_errors_name_the_channel_and_say_why() {
     let (sim, relay) = start().await;
     let mut c = Client::connect(&relay).await;
@@ -388,12 +408,69 @@ async fn flooding_gets_rate_limited_then_closed_with_1008() {
     let (code, _, before) = c.recv_close().await;
     assert_eq!(code, 1008);
     assert!(before.iter().any(|v| error_code(v) == "RATE_LIMITED"));
-    assert!(before.iter().filter(|v| v["type"] == "pong").count() >= 5);
+    // Only admitted requests are answered: the burst, and what the rate refilled meanwhile.
+    let pongs = before.iter().filter(|v| v["type"] == "pong").count();
+    let limited = before
+        .iter()
+        .filter(|v| error_code(v) == "RATE_LIMITED")
+        .count();
+    assert!((5..50).contains(&pongs), "{pongs} pongs");
+    assert!(limited >= 20, "{limited} refusals");
 
     // Other clients are unaffected.
     let mut other = Client::connect(&relay).await;
     other.send(json!({"type": "ping"})).await;
     assert_eq!(other.recv().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn a_rate_limited_request_is_refused_not_carried_out_and_echoes_its_id() {
+    let sim = start_sim().await;
+    let mut cfg = config_for(&sim);
+    // One token a second: the burst is spent long before a second token arrives.
+    cfg.server.client_requests_per_second = 1;
+    cfg.server.client_request_burst = 20;
+    let relay = start_relay(cfg).await;
+    let mut c = Client::connect(&relay).await;
+    for i in 1..=25 {
+        c.send(json!({"type": "ping", "id": i})).await;
+    }
+    // Beyond the burst too: this subscribe must not subscribe.
+    c.send(json!({"type": "subscribe", "channels": ["price:BTCUSDT"], "id": "sub"}))
+        .await;
+    let mut replies = Vec::new();
+    while replies.len() < 26 {
+        replies.push(c.recv().await);
+    }
+    for (i, r) in replies[..20].iter().enumerate() {
+        assert_eq!(
+            (r["type"].clone(), r["id"].clone()),
+            (json!("pong"), json!(i + 1)),
+            "{r}"
+        );
+    }
+    for (i, r) in replies[20..25].iter().enumerate() {
+        assert_eq!(error_code(r), "RATE_LIMITED", "{r}");
+        assert_eq!(
+            r["id"],
+            json!(i + 21),
+            "the refusal echoes the request's id: {r}"
+        );
+    }
+    assert_eq!(error_code(&replies[25]), "RATE_LIMITED");
+    assert_eq!(replies[25]["id"], "sub");
+    // Nothing else was answered: no pong and no ack for the refused requests.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    c.send(json!({"type": "list", "id": "l"})).await;
+    let list = c.recv().await;
+    assert_eq!(list["type"], "subscriptions", "{list}");
+    assert_eq!(
+        list["channels"],
+        json!([]),
+        "the refused subscribe did not subscribe"
+    );
+    assert_eq!(sim.subscriptions().len(), 0);
+    assert_eq!(relay.stats().await["rateLimitedRequests"], 6);
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -103,13 +103,24 @@ enum Outcome {
     /// Nothing is wanted any more.
     Idle,
     Reconnect {
-        /// The exchange asked for it (planned cut): no backoff.
+        /// The exchange asked for it (planned cut) or the connection went silent: no backoff.
         immediate: bool,
+        /// What went wrong, for `/health`.
+        why: String,
     },
 }
 
+impl Outcome {
+    fn reconnect(immediate: bool, why: impl Into<String>) -> Outcome {
+        Outcome::Reconnect {
+            immediate,
+            why: why.into(),
+        }
+    }
+}
+
 /// Runs one upstream connection until nothing is wanted on it or the relay shuts down.
-pub async fn run(ex: Arc<Exchange>, conn: Arc<Conn>, hub: Weak<Hub>, shutdown: CancellationToken) {
+pub async fn run(ex: &Exchange, conn: &Conn, hub: Weak<Hub>, shutdown: CancellationToken) {
     let exchange = ex.adapter.id();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut first = true;
@@ -154,7 +165,7 @@ pub async fn run(ex: Arc<Exchange>, conn: Arc<Conn>, hub: Weak<Hub>, shutdown: C
                     Ok(Err(e)) => (e.to_string(), classify(&e)),
                     _ => ("timed out".to_string(), Failure::Retryable),
                 };
-                ex.stats.failing.store(true, Ordering::Relaxed);
+                ex.stats.ws_trouble.fail(format!("connect failed: {error}"));
                 Stats::add(&ex.stats.connect_failures, 1);
                 if kind == Failure::Terminal {
                     backoff.saturate();
@@ -171,12 +182,12 @@ pub async fn run(ex: Arc<Exchange>, conn: Arc<Conn>, hub: Weak<Hub>, shutdown: C
                 }
             }
         };
-        ex.stats.failing.store(false, Ordering::Relaxed);
+        ex.stats.ws_trouble.clear();
         tracing::info!(%exchange, conn = conn.id, streams = names.len(), "upstream connected");
         let initial: BTreeMap<String, FeedKey> = wanted.into_iter().take(in_url).collect();
         let started = Instant::now();
         conn.connected.store(true, Ordering::Relaxed);
-        let outcome = session(&ex, &conn, &hub, &shutdown, ws, initial).await;
+        let outcome = session(ex, conn, &hub, &shutdown, ws, initial).await;
         conn.connected.store(false, Ordering::Relaxed);
         conn.active().clear();
         // Books held for replay are stale from the moment the socket is gone.
@@ -197,14 +208,18 @@ pub async fn run(ex: Arc<Exchange>, conn: Arc<Conn>, hub: Weak<Hub>, shutdown: C
             backoff.reset();
         }
         // Until a new connection is up, subscribers are told the exchange is away.
-        if matches!(outcome, Outcome::Reconnect { .. }) {
-            ex.stats.failing.store(true, Ordering::Relaxed);
+        if let Outcome::Reconnect { why, .. } = &outcome {
+            ex.stats.ws_trouble.fail(why.clone());
         }
         match outcome {
             Outcome::Shutdown => return,
             Outcome::Idle => continue,
-            Outcome::Reconnect { immediate: true } => continue,
-            Outcome::Reconnect { immediate: false } => {
+            Outcome::Reconnect {
+                immediate: true, ..
+            } => continue,
+            Outcome::Reconnect {
+                immediate: false, ..
+            } => {
                 let wait = backoff.next_delay();
                 tracing::info!(%exchange, conn = conn.id, retry_in_ms = wait.as_millis() as u64, "reconnecting");
                 tokio::select! {
@@ -270,7 +285,10 @@ impl Live<'_> {
             }
             Decoded::Reconnect(why) => {
                 tracing::info!(%exchange, conn = self.conn.id, %why, "reconnecting");
-                return Step::Leave(Outcome::Reconnect { immediate: true });
+                return Step::Leave(Outcome::reconnect(
+                    true,
+                    format!("the exchange asked for a reconnect: {why}"),
+                ));
             }
             Decoded::Send(frame) => self.outgoing.push_back(frame),
             Decoded::Resyncing { stream, why } => {
@@ -413,18 +431,22 @@ async fn session(
                         }
                         Some(Ok(Message::Close(frame))) => {
                             tracing::warn!(%exchange, conn = conn.id, ?frame, "exchange closed the connection");
-                            leave = Some(Outcome::Reconnect { immediate: false });
+                            let why = match &frame {
+                                Some(f) => format!("the exchange closed the connection ({} {})", u16::from(f.code), f.reason),
+                                None => "the exchange closed the connection".to_string(),
+                            };
+                            leave = Some(Outcome::reconnect(false, why));
                             break;
                         }
                         Some(Ok(_)) => {} // pings are answered by tungstenite; binary is not used
                         Some(Err(error)) => {
                             tracing::warn!(%exchange, conn = conn.id, %error, "upstream connection failed");
-                            leave = Some(Outcome::Reconnect { immediate: false });
+                            leave = Some(Outcome::reconnect(false, format!("connection failed: {error}")));
                             break;
                         }
                         None => {
                             tracing::warn!(%exchange, conn = conn.id, "upstream connection ended");
-                            leave = Some(Outcome::Reconnect { immediate: false });
+                            leave = Some(Outcome::reconnect(false, "the connection ended"));
                             break;
                         }
                     }
@@ -465,7 +487,7 @@ async fn session(
                 if let Some(frame) = live.outgoing.pop_front() {
                     match timeout(SEND_TIMEOUT, sink.send(Message::text(frame))).await {
                         Ok(Ok(())) => {}
-                        _ => return Outcome::Reconnect { immediate: false },
+                        _ => return Outcome::reconnect(false, "a subscription frame could not be sent"),
                     }
                     next_control = Instant::now() + limits.control_spacing;
                 }
@@ -478,13 +500,14 @@ async fn session(
             }
             _ = watchdog.tick() => {
                 if last_rx.elapsed() > limits.stale_after {
-                    tracing::warn!(%exchange, conn = conn.id, silent_ms = last_rx.elapsed().as_millis() as u64, "upstream silent; replacing the connection");
-                    return Outcome::Reconnect { immediate: true };
+                    let silent_ms = last_rx.elapsed().as_millis() as u64;
+                    tracing::warn!(%exchange, conn = conn.id, silent_ms, "upstream silent; replacing the connection");
+                    return Outcome::reconnect(true, format!("no frame for {silent_ms} ms"));
                 }
             }
             _ = sleep_until(age_deadline) => {
                 tracing::info!(%exchange, conn = conn.id, "connection reached its maximum age; renewing it");
-                return Outcome::Reconnect { immediate: true };
+                return Outcome::reconnect(true, "planned renewal (maximum connection age)");
             }
         }
     }

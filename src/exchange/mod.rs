@@ -246,8 +246,67 @@ pub struct ExchangeStats {
     /// Order books rebuilt after a gap, checksum failure or crossed book.
     pub resyncs: AtomicU64,
     pub last_message_at: AtomicMillis,
-    /// A connection was lost or a connect attempt failed, and none has succeeded since.
-    pub failing: AtomicBool,
+    /// The WebSocket side: a connection was lost or a connect attempt failed, and none has
+    /// succeeded since.
+    pub ws_trouble: Trouble,
+    /// The instrument list could not be fetched (the last attempt failed).
+    pub rest_trouble: Trouble,
+}
+
+/// Since when something has been failing, and the last error, for `/health`.
+#[derive(Default)]
+pub struct Trouble {
+    since: AtomicMillis,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Trouble {
+    /// Records a failure: the first one since the last success starts the clock.
+    pub fn fail(&self, error: impl Into<String>) {
+        if self.since.get().is_none() {
+            self.since.set(crate::protocol::now_millis());
+        }
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.into());
+    }
+
+    pub fn clear(&self) {
+        self.since.set(0);
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.since.get().is_some()
+    }
+
+    /// Since when (ms) and why, while failing.
+    pub fn get(&self) -> Option<(i64, String)> {
+        let since = self.since.get()?;
+        let error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        Some((since, error))
+    }
+}
+
+/// What `/health` says of one exchange's upstream side.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamHealth {
+    /// `idle` (nothing wanted, last contact fine), `connecting`, `connected`, `unreachable`.
+    pub state: &'static str,
+    /// While unreachable: since when (ISO-8601) and the last error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub instruments_loaded: bool,
+    /// Upstream connections open, and wanted.
+    pub connections: usize,
+    pub wanted_connections: usize,
+    /// Streams requested on open connections.
+    pub streams: usize,
 }
 
 /// One upstream connection as the pool sees it.
@@ -330,19 +389,63 @@ impl Exchange {
         self.instruments.get(&())
     }
 
-    /// Every stream requested on an open socket, and how many connections are up.
+    /// Every stream requested on an open socket, how many connections are up, and how many
+    /// are wanted (a connection whose streams all went is leaving, and no longer counts).
     pub fn active_streams(&self) -> (Vec<String>, usize, usize) {
         let pool = self.pool();
         let mut streams = Vec::new();
         let mut up = 0;
+        let mut wanted = 0;
         for c in &pool.conns {
+            if c.desired().closing {
+                continue;
+            }
+            wanted += 1;
             if c.connected.load(Ordering::Relaxed) {
                 up += 1;
                 streams.extend(c.active().iter().cloned());
             }
         }
         streams.sort();
-        (streams, up, pool.conns.len())
+        (streams, up, wanted)
+    }
+
+    /// The upstream state as it is now, for `/health`.
+    pub fn health(&self) -> UpstreamHealth {
+        let (streams, up, wanted) = self.active_streams();
+        let loaded = self.instruments().is_some();
+        // The socket side speaks for itself once it has tried; before the instrument list is
+        // in, the REST side does.
+        let trouble = self
+            .stats
+            .ws_trouble
+            .get()
+            .or_else(|| self.stats.rest_trouble.get().filter(|_| !loaded));
+        let state = match (&trouble, loaded) {
+            (Some(_), _) => "unreachable",
+            (None, false) => "connecting",
+            (None, true) if wanted == 0 => "idle",
+            (None, true) if up == wanted => "connected",
+            (None, true) => "connecting",
+        };
+        let (since, last_error) = match trouble {
+            Some((since, error)) => (Some(crate::protocol::iso_millis(since)), Some(error)),
+            None => (None, None),
+        };
+        UpstreamHealth {
+            state,
+            since,
+            last_error,
+            instruments_loaded: loaded,
+            connections: up,
+            wanted_connections: wanted,
+            streams: streams.len(),
+        }
+    }
+
+    /// A connection task ended: its connection leaves the pool.
+    fn forget(&self, conn: &Conn) {
+        self.pool().conns.retain(|c| c.id != conn.id);
     }
 }
 
@@ -448,18 +551,28 @@ impl Upstreams {
                     key.symbol, key.exchange, i.status
                 ),
             ),
-            None => Check::Refused(
-                ErrorCode::UnknownSymbol,
-                format!("Unknown symbol {} on {}", key.symbol, key.exchange),
-            ),
+            None => {
+                let mut message = format!("Unknown symbol {} on {}", key.symbol, key.exchange);
+                let near = suggestions(&set, key.symbol.as_str());
+                if !near.is_empty() {
+                    let named: Vec<String> = near
+                        .iter()
+                        .map(|s| format!("{s}@{}", key.exchange))
+                        .collect();
+                    message.push_str(&format!("; did you mean {}?", named.join(" or ")));
+                }
+                if key.symbol.as_str().starts_with("XBT") && key.exchange == ExchangeId::Kraken {
+                    message.push_str(" (Kraken's XBT is BTC here)");
+                }
+                Check::Refused(ErrorCode::UnknownSymbol, message)
+            }
         }
     }
 
     /// Whether data can be expected from the exchange now.
     pub fn reachable(&self, id: ExchangeId) -> bool {
-        self.get(id).is_some_and(|ex| {
-            ex.instruments().is_some() && !ex.stats.failing.load(Ordering::Relaxed)
-        })
+        self.get(id)
+            .is_some_and(|ex| ex.instruments().is_some() && !ex.stats.ws_trouble.is_failing())
     }
 
     /// Asks the exchange for the stream of `key` (first subscriber arrived).
@@ -503,8 +616,10 @@ impl Upstreams {
                 pool.conns.push(conn.clone());
                 let (ex2, hub, shutdown) = (ex.clone(), self.hub.clone(), self.shutdown.clone());
                 let c2 = conn.clone();
-                self.tasks
-                    .spawn(async move { connection::run(ex2, c2, hub, shutdown).await });
+                self.tasks.spawn(async move {
+                    connection::run(&ex2, &c2, hub, shutdown).await;
+                    ex2.forget(&c2);
+                });
                 conn
             }
         };
@@ -524,6 +639,33 @@ impl Upstreams {
     }
 }
 
+/// Quote currencies a symbol is most often mistaken between (a Binance `USDT` market asked of
+/// Kraken, which quotes in `USD`).
+const QUOTES: [&str; 6] = ["USDT", "USDC", "USD", "EUR", "BTC", "ETH"];
+
+/// Listed markets a person probably meant by an unknown `symbol`: the same base with another
+/// common quote, and `BTC` for Kraken's own `XBT`. At most three, in a stable order.
+fn suggestions(set: &InstrumentSet, symbol: &str) -> Vec<String> {
+    let symbol = match symbol.strip_prefix("XBT") {
+        Some(rest) => format!("BTC{rest}"),
+        None => symbol.to_string(),
+    };
+    let base = QUOTES
+        .iter()
+        .filter_map(|q| symbol.strip_suffix(q))
+        .find(|b| !b.is_empty())
+        .unwrap_or(symbol.as_str());
+    let mut out: Vec<String> = std::iter::once(symbol.clone())
+        .chain(QUOTES.iter().map(|q| format!("{base}{q}")))
+        .filter(|s| {
+            Symbol::parse(s).is_ok_and(|sym| set.by_symbol.get(&sym).is_some_and(|i| i.tradable))
+        })
+        .collect();
+    out.dedup();
+    out.truncate(3);
+    out
+}
+
 /// Loads an exchange's instrument list at start, retries with backoff while it is unreachable,
 /// and refreshes it every [`INSTRUMENT_REFRESH`]. Every load resolves pending subscriptions.
 async fn load_instruments(
@@ -540,6 +682,7 @@ async fn load_instruments(
             Ok(body) => match ex.adapter.parse_instruments(&body) {
                 Ok(set) => {
                     tracing::info!(exchange = %id, instruments = set.by_symbol.len(), "instrument list loaded");
+                    ex.stats.rest_trouble.clear();
                     ex.instruments.insert((), Arc::new(set));
                     backoff.reset();
                     if let Some(hub) = hub.upgrade() {
@@ -549,15 +692,25 @@ async fn load_instruments(
                 }
                 Err(e) => {
                     tracing::warn!(exchange = %id, error = %e, "instrument list unusable");
+                    ex.stats
+                        .rest_trouble
+                        .fail(format!("instrument list unusable: {e}"));
                     backoff.next_delay()
                 }
             },
             Err(FetchError::RetryAfter(d)) => {
                 tracing::warn!(exchange = %id, retry_after_s = d.as_secs(), "instrument list rate limited");
+                ex.stats.rest_trouble.fail(format!(
+                    "instrument list rate limited; retry after {} s",
+                    d.as_secs()
+                ));
                 d.max(backoff.next_delay())
             }
             Err(e) => {
                 tracing::warn!(exchange = %id, error = %e, "instrument list fetch failed");
+                ex.stats
+                    .rest_trouble
+                    .fail(format!("instrument list fetch failed: {e}"));
                 backoff.next_delay()
             }
         };
