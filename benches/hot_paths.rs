@@ -46,8 +46,8 @@ fn key() -> FeedKey {
 fn trade_event() -> MarketEvent {
     MarketEvent::Trade(Trade {
         trade_id: TradeId::Number(12345),
-        price: 97523.45,
-        quantity: 0.5,
+        price: "97523.45".parse().unwrap_or_default(),
+        quantity: "0.5".parse().unwrap_or_default(),
         side: Side::Sell,
         time_ms: 1_672_515_782_136,
     })

@@ -1,6 +1,8 @@
-//! Exact decimals for order-book keys and checksums: exchange prices are decimal strings, and
-//! a book keyed by `f64` can split one level into two or miss a delete. [`Dec`] is an integer
-//! count of 10⁻¹⁸ units, so `"0.10"`, `"0.1"` and `"1e-1"` are the same level.
+//! Exact decimals for every price, quantity and volume the relay handles: exchange prices are
+//! decimal strings, a book keyed by `f64` can split one level into two or miss a delete, and a
+//! candle summed in `f64` prints `0.000019319999999999998`. [`Dec`] is an integer count of
+//! 10⁻¹⁸ units, so `"0.10"`, `"0.1"` and `"1e-1"` are the same level, sums are exact, and it
+//! serialises as the JSON number the exchange wrote (`97523.45`, never `97523.45000000001`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -26,6 +28,69 @@ impl Dec {
     /// The nearest `f64`, as if the exchange's decimal text had been parsed directly.
     pub fn to_f64(self) -> f64 {
         self.to_string().parse().unwrap_or(0.0)
+    }
+
+    /// The decimal an `f64` was parsed from: its shortest round-trip digits. Exchanges that
+    /// send JSON numbers (Kraken) write them with at most ~15 significant digits, which an
+    /// `f64` keeps exactly, so this recovers the number as written.
+    pub fn from_f64(v: f64) -> Option<Dec> {
+        if !v.is_finite() {
+            return None;
+        }
+        // `Display` for f64 prints the shortest round-trip digits without an exponent.
+        format!("{v}").parse().ok()
+    }
+
+    /// An integer amount (a trade count, a whole number of units).
+    pub fn from_int(v: i64) -> Dec {
+        Dec(i128::from(v) * ONE)
+    }
+
+    pub fn checked_add(self, other: Dec) -> Option<Dec> {
+        self.0.checked_add(other.0).map(Dec)
+    }
+
+    pub fn checked_sub(self, other: Dec) -> Option<Dec> {
+        self.0.checked_sub(other.0).map(Dec)
+    }
+
+    /// The exact product, to 10⁻¹⁸ (exchange prices and sizes have at most 8–10 decimals
+    /// each, so a price · size is exact); `None` on overflow (beyond ~1.7·10²⁰).
+    pub fn checked_mul(self, other: Dec) -> Option<Dec> {
+        // (a1·1e18 + a0)(b1·1e18 + b0) / 1e18 = a1·b1·1e18 + a1·b0 + a0·b1 + a0·b0/1e18, each
+        // term within i128 for values up to the range above.
+        let (a1, a0) = (self.0 / ONE, self.0 % ONE);
+        let (b1, b0) = (other.0 / ONE, other.0 % ONE);
+        a1.checked_mul(b1)?
+            .checked_mul(ONE)?
+            .checked_add(a1.checked_mul(b0)?)?
+            .checked_add(a0.checked_mul(b1)?)?
+            .checked_add(a0.checked_mul(b0)? / ONE)
+            .map(Dec)
+    }
+
+    /// `self / other` rounded half away from zero to `places` decimals (at most 18); `None`
+    /// for a zero divisor or overflow. For derived ratios only (a percentage), never for an
+    /// amount the exchange states.
+    pub fn checked_div_round(self, other: Dec, places: u32) -> Option<Dec> {
+        if other.0 == 0 {
+            return None;
+        }
+        let places = places.min(SCALE);
+        // q = self/other in units of 10^-places, computed as self·10^places / other.
+        let num = self.0.checked_mul(10i128.pow(places))?;
+        let (q, r) = (num / other.0, num % other.0);
+        let round_up = r.unsigned_abs().checked_mul(2)? >= other.0.unsigned_abs();
+        let q = if round_up {
+            if (num < 0) != (other.0 < 0) {
+                q - 1
+            } else {
+                q + 1
+            }
+        } else {
+            q
+        };
+        q.checked_mul(10i128.pow(SCALE - places)).map(Dec)
     }
 
     /// Digits of `self` written with exactly `precision` fractional digits, without the point
@@ -112,6 +177,54 @@ impl fmt::Display for Dec {
     }
 }
 
+impl std::ops::Neg for Dec {
+    type Output = Dec;
+
+    fn neg(self) -> Dec {
+        Dec(-self.0)
+    }
+}
+
+/// A JSON number with exactly the decimal's digits (`0.0025`, `97523.45`, `100`).
+impl serde::Serialize for Dec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let raw = serde_json::value::RawValue::from_string(self.to_string())
+            .map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
+}
+
+/// From a decimal string (`"0.35280000"`, Binance and Coinbase) or a JSON number (Kraken).
+impl<'de> serde::Deserialize<'de> for Dec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Dec, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Dec;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a decimal number or a decimal string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Dec, E> {
+                v.parse().map_err(E::custom)
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dec, E> {
+                Ok(Dec(i128::from(v) * ONE))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dec, E> {
+                Ok(Dec::from_int(v))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Dec, E> {
+                Dec::from_f64(v).ok_or_else(|| E::custom(format!("{v} is not a finite decimal")))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +259,54 @@ mod tests {
         assert_eq!(d("0.566").checksum_digits(4), "5660");
         assert_eq!(d("18097.1547").checksum_digits(8), "1809715470000");
         assert_eq!(d("1e-8").checksum_digits(8), "1");
+    }
+
+    #[test]
+    fn arithmetic_is_exact() {
+        assert_eq!(
+            d("0.00000966").checked_add(d("0.00000966")).unwrap(),
+            d("0.00001932")
+        );
+        assert_eq!(d("97450").checked_sub(d("0.01")).unwrap(), d("97449.99"));
+        assert_eq!(
+            d("97523.45").checked_mul(d("0.00012")).unwrap(),
+            d("11.702814")
+        );
+        assert_eq!(d("-2").checked_mul(d("0.5")).unwrap(), d("-1"));
+        assert_eq!(
+            d("123456789.12345678")
+                .checked_mul(d("0.00000001"))
+                .unwrap(),
+            d("1.2345678912345678")
+        );
+        assert!(d("1e20").checked_mul(d("1e20")).is_none());
+        assert_eq!(d("1").checked_div_round(d("3"), 4).unwrap(), d("0.3333"));
+        assert_eq!(d("2").checked_div_round(d("3"), 2).unwrap(), d("0.67"));
+        assert_eq!(d("-2").checked_div_round(d("3"), 2).unwrap(), d("-0.67"));
+        assert!(d("1").checked_div_round(Dec::ZERO, 2).is_none());
+    }
+
+    #[test]
+    fn json_numbers_keep_the_exchanges_digits() {
+        let v: Vec<Dec> =
+            serde_json::from_str(r#"["0.35280000", 0.5117, 4831.75496356, 12, -3]"#).unwrap();
+        assert_eq!(
+            v,
+            [
+                d("0.3528"),
+                d("0.5117"),
+                d("4831.75496356"),
+                d("12"),
+                d("-3")
+            ]
+        );
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            "[0.3528,0.5117,4831.75496356,12,-3]"
+        );
+        assert_eq!(Dec::from_f64(1e-7), Some(d("0.0000001")));
+        assert_eq!(Dec::from_f64(f64::NAN), None);
+        assert!(serde_json::from_str::<Dec>(r#""abc""#).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 
+use crate::decimal::Dec;
 use crate::domain::{Channel, ExchangeId, Interval, Symbol};
 use crate::protocol::{iso_millis, Frame};
 
@@ -40,23 +41,26 @@ pub struct FeedKey {
     pub feed: Feed,
 }
 
-/// 24-hour rolling statistics plus best bid/ask.
+/// 24-hour rolling statistics plus best bid/ask. Every amount is the exchange's own decimal
+/// (or exactly derived from them); `None` where the exchange gives no exact value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ticker {
-    pub price: f64,
-    pub bid: f64,
-    pub ask: f64,
-    pub bid_size: f64,
-    pub ask_size: f64,
-    pub volume: f64,
-    /// `None` where the exchange does not report it exactly.
-    pub quote_volume: Option<f64>,
-    pub change: f64,
-    pub change_percent: f64,
-    pub high: f64,
-    pub low: f64,
-    pub open: f64,
-    pub previous_close: Option<f64>,
+    pub price: Dec,
+    pub bid: Dec,
+    pub ask: Dec,
+    pub bid_size: Dec,
+    pub ask_size: Dec,
+    pub volume: Dec,
+    /// `None` where the exchange does not report it exactly (Kraken, Coinbase).
+    pub quote_volume: Option<Dec>,
+    /// `None` where the exchange gives neither it nor the open (Coinbase).
+    pub change: Option<Dec>,
+    pub change_percent: Dec,
+    pub high: Dec,
+    pub low: Dec,
+    /// `None` where the exchange does not give the 24 h open (Coinbase).
+    pub open: Option<Dec>,
+    pub previous_close: Option<Dec>,
     /// Exchange event time, ms since the epoch.
     pub time_ms: i64,
 }
@@ -68,14 +72,15 @@ pub struct Kline {
     pub open_time: i64,
     /// Open time + interval − 1 ms.
     pub close_time: i64,
-    pub open: f64,
-    pub high: f64,
-    pub low: f64,
-    pub close: f64,
-    pub volume: f64,
+    pub open: Dec,
+    pub high: Dec,
+    pub low: Dec,
+    pub close: Dec,
+    pub volume: Dec,
     /// `None` where the exchange's candle does not give it exactly (Kraken's vwap is rounded).
-    pub quote_volume: Option<f64>,
-    pub trades: u64,
+    pub quote_volume: Option<Dec>,
+    /// `None` where it cannot be known (a candle seeded from REST rows without a count).
+    pub trades: Option<u64>,
     pub is_final: bool,
     /// Exchange event time, ms.
     pub time_ms: i64,
@@ -99,8 +104,8 @@ pub enum Side {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trade {
     pub trade_id: TradeId,
-    pub price: f64,
-    pub quantity: f64,
+    pub price: Dec,
+    pub quantity: Dec,
     /// The taker's side.
     pub side: Side,
     pub time_ms: i64,
@@ -109,14 +114,15 @@ pub struct Trade {
 /// Top of an order book, best level first on each side.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Book {
-    pub bids: Vec<[f64; 2]>,
-    pub asks: Vec<[f64; 2]>,
+    pub bids: Vec<[Dec; 2]>,
+    pub asks: Vec<[Dec; 2]>,
     pub time_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum MarketEvent {
-    Ticker(Ticker),
+    /// Boxed: a ticker is several times the size of the other events, which are the common ones.
+    Ticker(Box<Ticker>),
     Kline(Kline),
     Trade(Trade),
     Book(Book),
@@ -143,12 +149,12 @@ impl MarketEvent {
 struct PriceData<'a> {
     exchange: &'a str,
     symbol: &'a str,
-    price: f64,
-    change24h: f64,
-    change_percent24h: f64,
-    high24h: f64,
-    low24h: f64,
-    volume24h: f64,
+    price: Dec,
+    change24h: Option<Dec>,
+    change_percent24h: Dec,
+    high24h: Dec,
+    low24h: Dec,
+    volume24h: Dec,
     timestamp: i64,
 }
 
@@ -157,19 +163,19 @@ struct PriceData<'a> {
 struct TickerData<'a> {
     exchange: &'a str,
     symbol: &'a str,
-    price: f64,
-    bid: f64,
-    ask: f64,
-    bid_size: f64,
-    ask_size: f64,
-    volume: f64,
-    quote_volume: Option<f64>,
-    change: f64,
-    change_percent: f64,
-    high: f64,
-    low: f64,
-    open: f64,
-    previous_close: Option<f64>,
+    price: Dec,
+    bid: Dec,
+    ask: Dec,
+    bid_size: Dec,
+    ask_size: Dec,
+    volume: Dec,
+    quote_volume: Option<Dec>,
+    change: Option<Dec>,
+    change_percent: Dec,
+    high: Dec,
+    low: Dec,
+    open: Option<Dec>,
+    previous_close: Option<Dec>,
     timestamp: String,
 }
 
@@ -181,13 +187,13 @@ struct KlineData<'a> {
     interval: &'a str,
     time: i64,
     close_time: i64,
-    open: f64,
-    high: f64,
-    low: f64,
-    close: f64,
-    volume: f64,
-    quote_volume: Option<f64>,
-    trades: u64,
+    open: Dec,
+    high: Dec,
+    low: Dec,
+    close: Dec,
+    volume: Dec,
+    quote_volume: Option<Dec>,
+    trades: Option<u64>,
     is_final: bool,
     timestamp: String,
 }
@@ -198,8 +204,8 @@ struct TradeData<'a> {
     exchange: &'a str,
     symbol: &'a str,
     trade_id: &'a TradeId,
-    price: f64,
-    quantity: f64,
+    price: Dec,
+    quantity: Dec,
     side: Side,
     timestamp: String,
 }
@@ -208,8 +214,8 @@ struct TradeData<'a> {
 struct DepthData<'a> {
     exchange: &'a str,
     symbol: &'a str,
-    bids: &'a [[f64; 2]],
-    asks: &'a [[f64; 2]],
+    bids: &'a [[Dec; 2]],
+    asks: &'a [[Dec; 2]],
     timestamp: String,
 }
 
@@ -358,6 +364,10 @@ mod tests {
     use super::*;
     use crate::domain::{DepthLevels, Market};
 
+    fn d(s: &str) -> Dec {
+        s.parse().unwrap()
+    }
+
     fn key(feed: Feed) -> FeedKey {
         FeedKey {
             exchange: ExchangeId::Binance,
@@ -376,8 +386,12 @@ mod tests {
     #[test]
     fn depth_is_sliced_to_the_channel_levels() {
         let book = MarketEvent::Book(Book {
-            bids: (0..20).map(|i| [100.0 - i as f64, 1.0]).collect(),
-            asks: (0..20).map(|i| [101.0 + i as f64, 1.0]).collect(),
+            bids: (0..20)
+                .map(|i| [Dec::from_int(100 - i), Dec::from_int(1)])
+                .collect(),
+            asks: (0..20)
+                .map(|i| [Dec::from_int(101 + i), Dec::from_int(1)])
+                .collect(),
             time_ms: 0,
         });
         for (levels, n) in [
@@ -391,7 +405,7 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
             assert_eq!(v["data"]["bids"].as_array().unwrap().len(), n);
             assert_eq!(v["data"]["asks"].as_array().unwrap().len(), n);
-            assert_eq!(v["data"]["bids"][0], serde_json::json!([100.0, 1.0]));
+            assert_eq!(v["data"]["bids"][0], serde_json::json!([100, 1]));
             assert_eq!(delivery, Delivery::Conflate);
         }
     }
@@ -402,13 +416,13 @@ mod tests {
             interval: Interval::M1,
             open_time: 60_000,
             close_time: 119_999,
-            open: 1.0,
-            high: 2.0,
-            low: 0.5,
-            close: 1.5,
-            volume: 10.0,
-            quote_volume: Some(15.0),
-            trades: 3,
+            open: d("1.0"),
+            high: d("2.0"),
+            low: d("0.5"),
+            close: d("1.5"),
+            volume: d("10.0"),
+            quote_volume: Some(d("15.0")),
+            trades: Some(3),
             is_final: false,
             time_ms: 61_000,
         };

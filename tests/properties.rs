@@ -179,4 +179,53 @@ proptest! {
             session.on_tick(i64::MAX / 2, &mut out);
         }
     }
+
+    /// Candles built from trades carry exact sums: volume = Σ size and quote volume =
+    /// Σ price · size, as the exchange's decimals add up, printed with exactly those digits.
+    #[test]
+    fn trade_built_candles_sum_exactly(trades in prop::collection::vec(
+        (1u64..10_000_000, 0u32..=8, 1u64..10_000_000, 0u32..=8), 1..60)
+    ) {
+        use exchange_relay::events::{Side, Trade, TradeId};
+        use exchange_relay::exchange::candles::TradeCandles;
+        let mut candles = TradeCandles::unseeded(Interval::M1);
+        let mut out = Vec::new();
+        // Exact expectations in integers: sizes at 10^-8, price · size at 10^-16.
+        let (mut volume, mut quote) = (0i128, 0i128);
+        for (i, (p, ps, q, qs)) in trades.iter().enumerate() {
+            let text = |units: u64, scale: u32| {
+                let s = format!("{units:0>width$}", width = scale as usize + 1);
+                let (int, frac) = s.split_at(s.len() - scale as usize);
+                if frac.is_empty() { int.to_string() } else { format!("{int}.{frac}") }
+            };
+            let price: Dec = text(*p, *ps).parse().unwrap();
+            let quantity: Dec = text(*q, *qs).parse().unwrap();
+            let q8 = i128::from(*q) * 10i128.pow(8 - qs);
+            let p8 = i128::from(*p) * 10i128.pow(8 - ps);
+            volume += q8;
+            quote += q8 * p8;
+            candles.on_trade(&Trade {
+                trade_id: TradeId::Number(i as u64),
+                price,
+                quantity,
+                side: Side::Buy,
+                time_ms: 60_000 + i as i64,
+            }, &mut out);
+        }
+        candles.on_tick(60_000 + trades.len() as i64, &mut out);
+        let k = out.last().unwrap();
+        let exact = |units: i128, scale: u32| -> Dec {
+            let s = format!("{units:0>width$}", width = scale as usize + 1);
+            let (int, frac) = s.split_at(s.len() - scale as usize);
+            format!("{int}.{frac}").parse().unwrap()
+        };
+        prop_assert_eq!(k.volume, exact(volume, 8));
+        prop_assert_eq!(k.quote_volume, Some(exact(quote, 16)));
+        prop_assert_eq!(k.trades, Some(trades.len() as u64));
+        // Printed as the exact decimal: its digits, no exponent, no float noise.
+        let printed = serde_json::to_string(&k.volume).unwrap();
+        prop_assert_eq!(printed.parse::<Dec>().unwrap(), k.volume);
+        prop_assert!(!printed.contains('e'));
+        prop_assert_eq!(printed, exact(volume, 8).to_string());
+    }
 }

@@ -20,6 +20,7 @@ use super::{
     decimal, Adapter, DecodeError, Decoded, Instrument, InstrumentSet, Limits, Session,
     SessionContext,
 };
+use crate::decimal::Dec;
 use crate::domain::{ExchangeId, Interval, Symbol};
 use crate::events::{Book, Feed, Kline, MarketEvent, Side, Ticker, Trade, TradeId};
 use crate::protocol::now_millis;
@@ -211,7 +212,7 @@ pub fn decode(text: &str, out: &mut Vec<Decoded>) -> Result<(), DecodeError> {
         out.push(Decoded::Reconnect("serverShutdown"));
         return Ok(());
     } else if stream.ends_with("@ticker") {
-        MarketEvent::Ticker(ticker(serde_json::from_str(data)?)?)
+        MarketEvent::Ticker(Box::new(ticker(serde_json::from_str(data)?)?))
     } else if stream.contains("@kline_") {
         MarketEvent::Kline(kline(serde_json::from_str(data)?)?)
     } else if stream.ends_with("@trade") {
@@ -277,11 +278,11 @@ fn ticker(t: RawTicker) -> Result<Ticker, DecodeError> {
         ask_size: decimal("A", t.ask_qty)?,
         volume: decimal("v", t.volume)?,
         quote_volume: Some(decimal("q", t.quote_volume)?),
-        change: decimal("p", t.change)?,
+        change: Some(decimal("p", t.change)?),
         change_percent: decimal("P", t.change_percent)?,
         high: decimal("h", t.high)?,
         low: decimal("l", t.low)?,
-        open: decimal("o", t.open)?,
+        open: Some(decimal("o", t.open)?),
         previous_close: Some(decimal("x", t.previous_close)?),
         time_ms: t.event_time,
     })
@@ -332,7 +333,7 @@ fn kline(e: RawKlineEvent) -> Result<Kline, DecodeError> {
         close: decimal("k.c", k.c)?,
         volume: decimal("k.v", k.v)?,
         quote_volume: Some(decimal("k.q", k.q)?),
-        trades: k.n,
+        trades: Some(k.n),
         is_final: k.x,
         time_ms: e.event_time,
     })
@@ -372,7 +373,7 @@ struct RawDepth<'a> {
 }
 
 fn depth(d: RawDepth) -> Result<Book, DecodeError> {
-    let levels = |side: &[[&str; 2]], field| -> Result<Vec<[f64; 2]>, DecodeError> {
+    let levels = |side: &[[&str; 2]], field| -> Result<Vec<[Dec; 2]>, DecodeError> {
         side.iter()
             .map(|[p, q]| Ok([decimal(field, p)?, decimal(field, q)?]))
             .collect()
@@ -387,6 +388,10 @@ fn depth(d: RawDepth) -> Result<Book, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn d(s: &str) -> crate::decimal::Dec {
+        s.parse().unwrap()
+    }
 
     fn one(text: &str) -> Decoded {
         let mut out = Vec::new();
@@ -408,22 +413,22 @@ mod tests {
         assert_eq!(stream, "bnbbtc@ticker");
         assert_eq!(
             ev,
-            MarketEvent::Ticker(Ticker {
-                price: 0.0025,
-                bid: 0.0024,
-                ask: 0.0026,
-                bid_size: 10.0,
-                ask_size: 100.0,
-                volume: 10000.0,
-                quote_volume: Some(18.0),
-                change: 0.0015,
-                change_percent: 250.0,
-                high: 0.0025,
-                low: 0.0010,
-                open: 0.0010,
-                previous_close: Some(0.0009),
+            MarketEvent::Ticker(Box::new(Ticker {
+                price: d("0.0025"),
+                bid: d("0.0024"),
+                ask: d("0.0026"),
+                bid_size: d("10.0"),
+                ask_size: d("100.0"),
+                volume: d("10000.0"),
+                quote_volume: Some(d("18.0")),
+                change: Some(d("0.0015")),
+                change_percent: d("250.0"),
+                high: d("0.0025"),
+                low: d("0.0010"),
+                open: Some(d("0.0010")),
+                previous_close: Some(d("0.0009")),
                 time_ms: 1672515782136,
-            })
+            }))
         );
     }
 
@@ -437,13 +442,13 @@ mod tests {
                 interval: Interval::M1,
                 open_time: 1633998480000,
                 close_time: 1633998539999,
-                open: 0.3527,
-                high: 0.3528,
-                low: 0.3522,
-                close: 0.3528,
-                volume: 25877.0,
-                quote_volume: Some(9116.046),
-                trades: 30,
+                open: d("0.3527"),
+                high: d("0.3528"),
+                low: d("0.3522"),
+                close: d("0.3528"),
+                volume: d("25877.0"),
+                quote_volume: Some(d("9116.046")),
+                trades: Some(30),
                 is_final: false,
                 time_ms: 1633998523963,
             })
@@ -458,8 +463,8 @@ mod tests {
             ev,
             MarketEvent::Trade(Trade {
                 trade_id: TradeId::Number(12345),
-                price: 0.001,
-                quantity: 100.0,
+                price: d("0.001"),
+                quantity: d("100.0"),
                 side: Side::Sell,
                 time_ms: 1672515782136,
             })
@@ -483,8 +488,11 @@ mod tests {
         let MarketEvent::Book(book) = ev else {
             panic!("not a book")
         };
-        assert_eq!(book.bids, vec![[0.0024, 10.0], [0.0023, 5.0]]);
-        assert_eq!(book.asks, vec![[0.0026, 100.0]]);
+        assert_eq!(
+            book.bids,
+            vec![[d("0.0024"), d("10.0")], [d("0.0023"), d("5.0")]]
+        );
+        assert_eq!(book.asks, vec![[d("0.0026"), d("100.0")]]);
     }
 
     #[test]

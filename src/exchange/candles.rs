@@ -13,10 +13,15 @@
 //! so its open/high/low/volume cover the part of the bucket before the subscription. REST
 //! candles carry no trade ids, so trades up to the moment the seed was requested are assumed
 //! to be in it: that first candle can be off by the trades of that instant. Every candle after
-//! it is exact.
+//! it is exact. What a seed does not state (Coinbase's rows have no trade count and no quote
+//! volume) is unknown for that first candle: `None`, sent as `null`, never an estimate.
+//!
+//! Amounts are exact decimals: volume is the exact sum of the trades' sizes, quote volume the
+//! exact sum of price · size.
 
 use std::collections::{HashSet, VecDeque};
 
+use crate::decimal::Dec;
 use crate::domain::{bucket, Interval};
 use crate::events::{Kline, Trade, TradeId};
 
@@ -32,12 +37,12 @@ const MAX_PENDING: usize = 100_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeedCandle {
     pub open_time: i64,
-    pub open: f64,
-    pub high: f64,
-    pub low: f64,
-    pub close: f64,
-    pub volume: f64,
-    pub quote_volume: Option<f64>,
+    pub open: Dec,
+    pub high: Dec,
+    pub low: Dec,
+    pub close: Dec,
+    pub volume: Dec,
+    pub quote_volume: Option<Dec>,
     pub trades: Option<u64>,
 }
 
@@ -45,15 +50,17 @@ pub struct SeedCandle {
 struct Building {
     open_time: i64,
     close_time: i64,
-    open: f64,
-    high: f64,
-    low: f64,
-    close: f64,
+    open: Dec,
+    high: Dec,
+    low: Dec,
+    close: Dec,
     /// (time, id) of the trade that set `close`: the latest one wins, whatever the order.
     close_key: (i64, u64),
-    volume: f64,
-    quote_volume: f64,
-    trades: u64,
+    volume: Dec,
+    /// `None` once unknown (a seed without it, or a sum beyond `Dec`'s range).
+    quote_volume: Option<Dec>,
+    /// `None` when the seed did not say how many trades it covers.
+    trades: Option<u64>,
     last_time: i64,
 }
 
@@ -106,25 +113,22 @@ impl TradeCandles {
             .collect();
         inside.sort_by_key(|r| r.open_time);
         if let (Some(first), Some(last)) = (inside.first(), inside.last()) {
-            let quote = inside.iter().map(|r| r.quote_volume).sum::<Option<f64>>();
+            let sum = |f: fn(&SeedCandle) -> Option<Dec>| {
+                inside
+                    .iter()
+                    .try_fold(Dec::ZERO, |acc, r| acc.checked_add(f(r)?))
+            };
             self.forming = Some(Building {
                 open_time: start,
                 close_time: end,
                 open: first.open,
-                high: inside.iter().map(|r| r.high).fold(f64::MIN, f64::max),
-                low: inside.iter().map(|r| r.low).fold(f64::MAX, f64::min),
+                high: inside.iter().map(|r| r.high).max().unwrap_or(first.high),
+                low: inside.iter().map(|r| r.low).min().unwrap_or(first.low),
                 close: last.close,
                 close_key: (asked_at_ms, 0),
-                volume: inside.iter().map(|r| r.volume).sum(),
-                // Without an exact quote volume from REST, the trades' own price·size is the
-                // best estimate for the seeded part.
-                quote_volume: quote.unwrap_or_else(|| {
-                    inside
-                        .iter()
-                        .map(|r| r.volume * (r.open + r.close) / 2.0)
-                        .sum()
-                }),
-                trades: inside.iter().map(|r| r.trades.unwrap_or(0)).sum(),
+                volume: sum(|r| Some(r.volume)).unwrap_or(Dec::ZERO),
+                quote_volume: sum(|r| r.quote_volume),
+                trades: inside.iter().map(|r| r.trades).sum(),
                 last_time: asked_at_ms,
             });
             self.seeded_until = Some((start, asked_at_ms));
@@ -181,9 +185,9 @@ impl TradeCandles {
             low: t.price,
             close: t.price,
             close_key: key,
-            volume: 0.0,
-            quote_volume: 0.0,
-            trades: 0,
+            volume: Dec::ZERO,
+            quote_volume: Some(Dec::ZERO),
+            trades: Some(0),
             last_time: t.time_ms,
         });
         b.high = b.high.max(t.price);
@@ -192,9 +196,11 @@ impl TradeCandles {
             b.close = t.price;
             b.close_key = key;
         }
-        b.volume += t.quantity;
-        b.quote_volume += t.quantity * t.price;
-        b.trades += 1;
+        b.volume = b.volume.checked_add(t.quantity).unwrap_or(b.volume);
+        b.quote_volume = b
+            .quote_volume
+            .and_then(|q| q.checked_add(t.quantity.checked_mul(t.price)?));
+        b.trades = b.trades.map(|n| n + 1);
         b.last_time = b.last_time.max(t.time_ms);
         // The forming candle goes out on the next tick, once, however many trades changed it.
         self.changed = true;
@@ -252,7 +258,7 @@ impl TradeCandles {
             low: b.low,
             close: b.close,
             volume: b.volume,
-            quote_volume: Some(b.quote_volume),
+            quote_volume: b.quote_volume,
             trades: b.trades,
             is_final,
             time_ms: b.last_time,
@@ -273,11 +279,15 @@ mod tests {
     use super::*;
     use crate::events::Side;
 
+    fn d(s: &str) -> Dec {
+        s.parse().unwrap()
+    }
+
     fn trade(id: u64, t: i64, price: f64, qty: f64) -> Trade {
         Trade {
             trade_id: TradeId::Number(id),
-            price,
-            quantity: qty,
+            price: Dec::from_f64(price).unwrap(),
+            quantity: Dec::from_f64(qty).unwrap(),
             side: Side::Buy,
             time_ms: t,
         }
@@ -294,7 +304,7 @@ mod tests {
         assert!(out.is_empty(), "forming candles wait for the tick");
         c.on_tick(1_950, &mut out);
         assert_eq!(out.len(), 1, "one forming update for three trades");
-        assert_eq!((out[0].trades, out[0].is_final), (3, false));
+        assert_eq!((out[0].trades, out[0].is_final), (Some(3), false));
         c.on_tick(1_960, &mut out);
         assert_eq!(out.len(), 1, "nothing changed, nothing sent");
         out.clear();
@@ -305,10 +315,10 @@ mod tests {
         assert_eq!((fin.open_time, fin.close_time), (1_000, 1_999));
         assert_eq!(
             (fin.open, fin.high, fin.low, fin.close),
-            (10.0, 12.0, 9.0, 9.0)
+            (d("10"), d("12"), d("9"), d("9"))
         );
-        assert_eq!((fin.volume, fin.trades), (4.0, 3));
-        assert_eq!(fin.quote_volume, Some(10.0 + 24.0 + 9.0));
+        assert_eq!((fin.volume, fin.trades), (d("4"), Some(3)));
+        assert_eq!(fin.quote_volume, Some(d("43")));
         c.on_tick(2_200, &mut out);
         assert!(!out[1].is_final && out[1].open_time == 2_000);
         // A late trade for the final candle does not reopen it.
@@ -332,7 +342,7 @@ mod tests {
         c.on_trade(&trade(2, 5_000, 20.0, 1.0), &mut out);
         c.on_trade(&trade(1, 4_000, 10.0, 1.0), &mut out);
         c.on_tick(5_000, &mut out);
-        assert_eq!(out.last().unwrap().close, 20.0);
+        assert_eq!(out.last().unwrap().close, d("20"));
     }
 
     #[test]
@@ -346,31 +356,31 @@ mod tests {
         let rows = [
             SeedCandle {
                 open_time: 0,
-                open: 40.0,
-                high: 45.0,
-                low: 39.0,
-                close: 44.0,
-                volume: 3.0,
+                open: d("40.0"),
+                high: d("45.0"),
+                low: d("39.0"),
+                close: d("44.0"),
+                volume: d("3.0"),
                 quote_volume: None,
                 trades: Some(3),
             },
             SeedCandle {
                 open_time: 60_000,
-                open: 44.0,
-                high: 60.0,
-                low: 43.0,
-                close: 48.0,
-                volume: 2.0,
+                open: d("44.0"),
+                high: d("60.0"),
+                low: d("43.0"),
+                close: d("48.0"),
+                volume: d("2.0"),
                 quote_volume: None,
                 trades: Some(2),
             },
             SeedCandle {
                 open_time: 120_000,
-                open: 48.0,
-                high: 49.0,
-                low: 47.0,
-                close: 49.0,
-                volume: 1.0,
+                open: d("48.0"),
+                high: d("49.0"),
+                low: d("47.0"),
+                close: d("49.0"),
+                volume: d("1.0"),
                 quote_volume: None,
                 trades: Some(1),
             },
@@ -381,8 +391,13 @@ mod tests {
         let last = out.last().unwrap();
         assert_eq!(
             (last.open_time, last.open, last.high, last.low),
-            (0, 40.0, 60.0, 39.0)
+            (0, d("40"), d("60"), d("39"))
         );
-        assert_eq!((last.close, last.volume, last.trades), (55.0, 7.0, 7));
+        assert_eq!(
+            (last.close, last.volume, last.trades),
+            (d("55"), d("7"), Some(7))
+        );
+        // The seed rows gave no quote volume: unknown, not estimated.
+        assert_eq!(last.quote_volume, None);
     }
 }

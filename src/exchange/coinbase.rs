@@ -178,8 +178,8 @@ struct LocalBook {
 
 impl LocalBook {
     fn top(&self, time_ms: i64) -> Book {
-        let side = |it: &mut dyn Iterator<Item = (&Dec, &Dec)>| -> Vec<[f64; 2]> {
-            it.take(20).map(|(p, q)| [p.to_f64(), q.to_f64()]).collect()
+        let side = |it: &mut dyn Iterator<Item = (&Dec, &Dec)>| -> Vec<[Dec; 2]> {
+            it.take(20).map(|(p, q)| [*p, *q]).collect()
         };
         Book {
             bids: side(&mut self.bids.iter().rev()),
@@ -566,8 +566,9 @@ impl Session for CoinbaseSession {
                     for t in ev.tickers {
                         let price = decimal("price", &t.price)?;
                         let pct = decimal("price_percent_chg_24_h", &t.price_percent_chg_24_h)?;
-                        // Coinbase sends no open: it is derived from the change, so inexact.
-                        let open = price / (1.0 + pct / 100.0);
+                        // Coinbase sends no 24 h open, and one derived from the rounded
+                        // percentage would be a number Coinbase never stated: open and change
+                        // are unknown (null); the percentage is Coinbase's own.
                         let ticker = Ticker {
                             price,
                             bid: decimal("best_bid", &t.best_bid)?,
@@ -576,11 +577,11 @@ impl Session for CoinbaseSession {
                             ask_size: decimal("best_ask_quantity", &t.best_ask_quantity)?,
                             volume: decimal("volume_24_h", &t.volume_24_h)?,
                             quote_volume: None,
-                            change: price - open,
+                            change: None,
                             change_percent: pct,
                             high: decimal("high_24_h", &t.high_24_h)?,
                             low: decimal("low_24_h", &t.low_24_h)?,
-                            open,
+                            open: None,
                             previous_close: None,
                             time_ms,
                         };
@@ -590,7 +591,7 @@ impl Session for CoinbaseSession {
                         {
                             out.push(Decoded::Event {
                                 stream: format!("ticker:{product}"),
-                                event: MarketEvent::Ticker(ticker.clone()),
+                                event: MarketEvent::Ticker(Box::new(ticker.clone())),
                             });
                         }
                     }
@@ -665,7 +666,7 @@ pub fn parse_rest_candles(body: &str) -> Result<Vec<SeedCandle>, String> {
         volume: String,
     }
     let reply: Reply = serde_json::from_str(body).map_err(|e| e.to_string())?;
-    let f = |s: &str| s.parse::<f64>().map_err(|e| format!("'{s}': {e}"));
+    let f = |s: &str| s.parse::<Dec>().map_err(|e| e.to_string());
     reply
         .candles
         .into_iter()
@@ -755,6 +756,10 @@ struct RawTicker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn d(s: &str) -> crate::decimal::Dec {
+        s.parse().unwrap()
+    }
     use std::sync::Arc;
 
     fn session() -> CoinbaseSession {
@@ -815,13 +820,11 @@ mod tests {
         };
         assert_eq!(
             (t.price, t.bid, t.ask_size, t.quote_volume),
-            (21932.98, 21931.98, 8038.07770938, None)
+            (d("21932.98"), d("21931.98"), d("8038.07770938"), None)
         );
-        assert!(
-            (t.open - 22884.46).abs() < 0.01,
-            "open derived from the change: {}",
-            t.open
-        );
+        // Coinbase states no open: unknown, never derived from the rounded percentage.
+        assert_eq!((t.open, t.change), (None, None));
+        assert_eq!(t.change_percent, d("-4.15775596190603"));
         out.clear();
         s.decode(r#"{"channel":"market_trades","client_id":"","timestamp":"2023-02-09T20:19:35.39625135Z","sequence_num":1,"events":[{"type":"update","trades":[{"trade_id":"12345","product_id":"ETH-USD","price":"1260.01","size":"0.3","side":"BUY","time":"2019-08-14T20:42:27.265Z"}]}]}"#, 0, &mut out).unwrap();
         let ev = events(&out);
@@ -842,10 +845,10 @@ mod tests {
         };
         assert_eq!(
             b.bids,
-            vec![[21921.73, 0.06317902], [21921.3, 0.02]],
+            vec![[d("21921.73"), d("0.06317902")], [d("21921.3"), d("0.02")]],
             "the unsorted snapshot is sorted"
         );
-        assert_eq!(b.asks, vec![[21922.5, 1.5]]);
+        assert_eq!(b.asks, vec![[d("21922.5"), d("1.5")]]);
     }
 
     #[test]

@@ -250,13 +250,13 @@ impl LocalBook {
                 .iter()
                 .rev()
                 .take(20)
-                .map(|(p, l)| [p.to_f64(), l.qty.to_f64()])
+                .map(|(p, l)| [*p, l.qty])
                 .collect(),
             asks: self
                 .asks
                 .iter()
                 .take(20)
-                .map(|(p, l)| [p.to_f64(), l.qty.to_f64()])
+                .map(|(p, l)| [*p, l.qty])
                 .collect(),
             time_ms,
         }
@@ -738,7 +738,7 @@ impl Session for KrakenSession {
                     let stream = format!("ticker:{}", t.symbol);
                     out.push(Decoded::Event {
                         stream,
-                        event: MarketEvent::Ticker(Ticker {
+                        event: MarketEvent::Ticker(Box::new(Ticker {
                             price: t.last,
                             bid: t.bid,
                             ask: t.ask,
@@ -747,22 +747,23 @@ impl Session for KrakenSession {
                             volume: t.volume,
                             // vwap·volume would look exact and is not: vwap is rounded.
                             quote_volume: None,
-                            change: t.change,
+                            change: Some(t.change),
                             change_percent: t.change_pct,
                             high: t.high,
                             low: t.low,
-                            open: t.last - t.change,
+                            open: t.last.checked_sub(t.change),
                             previous_close: None,
                             time_ms: t
                                 .timestamp
                                 .as_deref()
                                 .and_then(rfc3339_ms)
                                 .unwrap_or(now_ms),
-                        }),
+                        })),
                     });
                 }
             }
             Some("ohlc") => {
+                let event_time = frame.timestamp.and_then(rfc3339_ms).unwrap_or(now_ms);
                 let mut candles: Vec<OhlcMsg> = serde_json::from_str(data.get())?;
                 candles.sort_by_key(|c| rfc3339_ms(&c.interval_begin).unwrap_or(0));
                 if snapshot {
@@ -791,13 +792,11 @@ impl Session for KrakenSession {
                         close: c.close,
                         volume: c.volume,
                         quote_volume: None,
-                        trades: c.trades,
+                        trades: Some(c.trades),
                         is_final: false,
-                        time_ms: c
-                            .timestamp
-                            .as_deref()
-                            .and_then(rfc3339_ms)
-                            .unwrap_or(now_ms),
+                        // The candle's own `timestamp` is its end (a 1d candle's is tomorrow):
+                        // the data's time is the message's, and never later than now.
+                        time_ms: event_time.min(now_ms),
                     };
                     let mut klines = Vec::new();
                     state.update(k, &mut klines);
@@ -883,7 +882,7 @@ pub fn parse_rest_ohlc(body: &str) -> Result<Vec<SeedCandle>, String> {
     let rows: Vec<RestOhlcRow> = serde_json::from_value(rows).map_err(|e| e.to_string())?;
     rows.into_iter()
         .map(|(t, o, h, l, c, _vwap, v, n)| {
-            let f = |s: &str| s.parse::<f64>().map_err(|e| format!("'{s}': {e}"));
+            let f = |s: &str| s.parse::<Dec>().map_err(|e| e.to_string());
             Ok(SeedCandle {
                 open_time: t * 1000,
                 open: f(&o)?,
@@ -909,6 +908,8 @@ struct Frame<'a> {
     success: Option<bool>,
     error: Option<String>,
     symbol: Option<String>,
+    /// The message's time (ohlc updates carry it; the candles' own `timestamp` is their end).
+    timestamp: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -958,12 +959,13 @@ fn frac_digits(s: &str) -> u32 {
     s.split_once('.').map_or(0, |(_, f)| f.len() as u32)
 }
 
+// Kraken v2 sends amounts as JSON numbers; [`Dec`] reads them back to the digits Kraken wrote.
 #[derive(Deserialize)]
 struct TradeMsg {
     symbol: String,
     side: String,
-    price: f64,
-    qty: f64,
+    price: Dec,
+    qty: Dec,
     trade_id: u64,
     timestamp: String,
 }
@@ -971,36 +973,39 @@ struct TradeMsg {
 #[derive(Deserialize)]
 struct TickerMsg {
     symbol: String,
-    bid: f64,
-    bid_qty: f64,
-    ask: f64,
-    ask_qty: f64,
-    last: f64,
-    volume: f64,
-    low: f64,
-    high: f64,
-    change: f64,
-    change_pct: f64,
+    bid: Dec,
+    bid_qty: Dec,
+    ask: Dec,
+    ask_qty: Dec,
+    last: Dec,
+    volume: Dec,
+    low: Dec,
+    high: Dec,
+    change: Dec,
+    change_pct: Dec,
     timestamp: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct OhlcMsg {
     symbol: String,
-    open: f64,
-    high: f64,
-    low: f64,
-    close: f64,
+    open: Dec,
+    high: Dec,
+    low: Dec,
+    close: Dec,
     trades: u64,
-    volume: f64,
+    volume: Dec,
     interval_begin: String,
     interval: u32,
-    timestamp: Option<String>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn d(s: &str) -> crate::decimal::Dec {
+        s.parse().unwrap()
+    }
     use std::sync::Arc;
 
     fn session(instruments: InstrumentSet) -> KrakenSession {
@@ -1056,7 +1061,7 @@ mod tests {
         else {
             panic!("update rejected: {out:?}")
         };
-        assert_eq!(b.bids[9], [0.5657, 1098.3947558]);
+        assert_eq!(b.bids[9], [d("0.5657"), d("1098.3947558")]);
     }
 
     #[test]
@@ -1163,9 +1168,10 @@ mod tests {
                 t.quote_volume,
                 t.time_ms
             ),
-            (0.10035, 740.0, -0.17, None, 7)
+            (d("0.10035"), d("740.0"), d("-0.17"), None, 7)
         );
-        assert!((t.open - 0.10052).abs() < 1e-12);
+        // last − change, exactly: 0.10035 − (−0.00017).
+        assert_eq!(t.open, Some(d("0.10052")));
         out.clear();
         s.decode(r#"{"channel":"trade","type":"update","data":[{"symbol":"MATIC/USD","side":"sell","price":0.5117,"qty":40.0,"ord_type":"market","trade_id":4665906,"timestamp":"2023-09-25T07:49:37.708706Z"}]}"#, 0, &mut out).unwrap();
         let trade = out
@@ -1193,7 +1199,7 @@ mod tests {
         s.on_tick(1695628177708 + 100, &mut out);
         assert!(out.iter().any(|d| matches!(d, Decoded::Event { stream, event: MarketEvent::Kline(_) } if stream == "candles:1s:MATIC/USD")));
         out.clear();
-        s.decode(r#"{"channel":"ohlc","type":"update","timestamp":"2023-10-04T16:26:30.524394914Z","data":[{"symbol":"MATIC/USD","open":0.5624,"high":0.5628,"low":0.5622,"close":0.5627,"trades":12,"volume":30927.68066226,"vwap":0.5626,"interval_begin":"2023-10-04T16:25:00.000000000Z","interval":5,"timestamp":"2023-10-04T16:30:00.000000Z"}]}"#, 0, &mut out).unwrap();
+        s.decode(r#"{"channel":"ohlc","type":"update","timestamp":"2023-10-04T16:26:30.524394914Z","data":[{"symbol":"MATIC/USD","open":0.5624,"high":0.5628,"low":0.5622,"close":0.5627,"trades":12,"volume":30927.68066226,"vwap":0.5626,"interval_begin":"2023-10-04T16:25:00.000000000Z","interval":5,"timestamp":"2023-10-04T16:30:00.000000Z"}]}"#, 1696436795000, &mut out).unwrap();
         let [Decoded::Event {
             event: MarketEvent::Kline(k),
             ..
@@ -1209,8 +1215,10 @@ mod tests {
                 k.trades,
                 k.is_final
             ),
-            (Interval::M5, 1696436700000, 299_999, 12, false)
+            (Interval::M5, 1696436700000, 299_999, Some(12), false)
         );
+        // The data's time is the message's (16:26:30.524), not the candle's end (16:30).
+        assert_eq!(k.time_ms, 1696436790524);
         // The clock finalises it exactly once.
         out.clear();
         s.on_tick(1696437000000 + GRACE_MS + 1, &mut out);
@@ -1241,7 +1249,7 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(
             (rows[0].open_time, rows[0].trades, rows[0].volume),
-            (1_688_671_200_000, Some(23), 3.39243896)
+            (1_688_671_200_000, Some(23), d("3.39243896"))
         );
     }
 }

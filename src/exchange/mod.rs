@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ExchangeConfig};
+use crate::decimal::Dec;
 use crate::domain::{ExchangeId, Symbol};
 use crate::events::{Feed, FeedKey, MarketEvent};
 use crate::hub::Hub;
@@ -67,15 +68,12 @@ pub enum DecodeError {
     Unexpected(String),
 }
 
-/// Parses an exchange decimal string (`"0.35280000"`).
-pub fn decimal(field: &'static str, s: &str) -> Result<f64, DecodeError> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() => Ok(v),
-        _ => Err(DecodeError::Field {
-            field,
-            reason: format!("'{s}' is not a decimal number"),
-        }),
-    }
+/// Parses an exchange decimal string (`"0.35280000"`) exactly.
+pub fn decimal(field: &'static str, s: &str) -> Result<Dec, DecodeError> {
+    s.parse::<Dec>().map_err(|_| DecodeError::Field {
+        field,
+        reason: format!("'{s}' is not a decimal number"),
+    })
 }
 
 /// What a session asks of its connection task: the session is sans-IO, so everything it

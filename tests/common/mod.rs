@@ -265,6 +265,22 @@ impl Client {
         }
     }
 
+    /// The next text frame as sent (pings and pongs skipped), for checks on the exact JSON.
+    pub async fn recv_text(&mut self) -> String {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a message");
+            match m {
+                Some(Ok(Message::Text(t))) => return t.as_str().to_string(),
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    panic!("connection closed while a message was expected")
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// Reads until a message matches, returning it; panics after [`WAIT`].
     pub async fn recv_until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
