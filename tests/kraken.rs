@@ -240,3 +240,41 @@ async fn no_stale_book_is_replayed_while_the_exchange_is_away() {
     sims.kraken.set_available(true);
     late.recv_until(is_type("depth")).await;
 }
+
+#[tokio::test]
+async fn forming_candles_follow_one_pace_whatever_the_source() {
+    let (_sims, relay) = start_all().await;
+    let mut c = Client::connect(&relay).await;
+    // Kraken's native 1m candle arrives with every trade; 3m is built from trades.
+    c.subscribe(&[
+        "klines:BTCUSD@kraken:1m",
+        "klines:BTCUSD@kraken:3m",
+        "trades:BTCUSD@kraken",
+    ])
+    .await;
+    c.recv_until(is_type("kline")).await;
+    let window = std::time::Duration::from_secs(3);
+    let until = tokio::time::Instant::now() + window;
+    let (mut forming, mut trades) = (std::collections::HashMap::new(), 0);
+    while tokio::time::Instant::now() < until {
+        let m = c.recv().await;
+        match m["type"].as_str() {
+            Some("kline") if m["data"]["isFinal"] == false => {
+                *forming
+                    .entry(m["channel"].as_str().unwrap().to_string())
+                    .or_insert(0) += 1
+            }
+            Some("trade") => trades += 1,
+            _ => {}
+        }
+    }
+    assert!(trades > 20, "the market is busy: {trades} trades");
+    for ch in ["klines:BTCUSD@kraken:1m", "klines:BTCUSD@kraken:3m"] {
+        let n = forming.get(ch).copied().unwrap_or(0);
+        // One per 250 ms tick at most (12 in 3 s, and one tick of slack), and still flowing.
+        assert!(
+            (4..=13).contains(&n),
+            "{ch}: {n} forming candles in 3 s for {trades} trades"
+        );
+    }
+}

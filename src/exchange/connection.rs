@@ -252,6 +252,10 @@ struct Live<'a> {
     fetches: tokio::sync::mpsc::Sender<(u64, Result<String, String>)>,
     /// Events decoded and not yet dispatched: a burst of frames read at once goes out together.
     events: Vec<(FeedKey, MarketEvent)>,
+    /// Forming candles per stream, held for the next [`TICK`] and sent then, the newest only,
+    /// whatever the source (Kraken sends its native candle on every trade, ~14 a second on a
+    /// busy pair; a chart needs the candle, not every step of it). Final candles go out at once.
+    forming: std::collections::HashMap<String, (FeedKey, MarketEvent)>,
 }
 
 impl Live<'_> {
@@ -259,8 +263,8 @@ impl Live<'_> {
         let exchange = self.ex.adapter.id();
         match d {
             Decoded::Event { stream, event } => {
-                if let Some(key) = self.requested.get(&stream) {
-                    self.events.push((key.clone(), event));
+                if let Some(key) = self.requested.get(&stream).cloned() {
+                    self.on_event(stream, key, event);
                 }
                 return Step::Continue;
             }
@@ -311,6 +315,34 @@ impl Live<'_> {
             }
         }
         Step::Continue
+    }
+
+    /// Queues an event for dispatch, holding forming candles for the tick (see `forming`).
+    fn on_event(&mut self, stream: String, key: FeedKey, event: MarketEvent) {
+        match &event {
+            MarketEvent::Kline(k) if !k.is_final => {
+                self.forming.insert(stream, (key, event));
+            }
+            MarketEvent::Kline(k) => {
+                // A final candle supersedes a held forming one of its bucket (or an older one).
+                if matches!(self.forming.get(&stream), Some((_, MarketEvent::Kline(h))) if h.open_time <= k.open_time)
+                {
+                    self.forming.remove(&stream);
+                }
+                self.events.push((key, event));
+            }
+            _ => self.events.push((key, event)),
+        }
+    }
+
+    /// The tick: the held forming candles go out, for streams still requested.
+    fn release_forming(&mut self) {
+        for (stream, held) in self.forming.drain() {
+            if self.requested.contains_key(&stream) {
+                self.events.push(held);
+            }
+        }
+        self.flush_events();
     }
 
     fn handle_all(&mut self, out: &mut Vec<Decoded>) -> Step {
@@ -372,6 +404,7 @@ async fn session(
         outgoing: std::collections::VecDeque::new(),
         fetches: fetch_tx,
         events: Vec::new(),
+        forming: std::collections::HashMap::new(),
     };
     let mut out = Vec::new();
     proto.on_connect(now_millis(), &mut out);
@@ -497,6 +530,8 @@ async fn session(
                 if let Step::Leave(o) = live.handle_all(&mut out) {
                     return o;
                 }
+                // After the session's own tick, so that candles it built this tick go now.
+                live.release_forming();
             }
             _ = watchdog.tick() => {
                 if last_rx.elapsed() > limits.stale_after {

@@ -95,6 +95,20 @@ pub struct Market {
     pub asks: Vec<(f64, f64)>,
 }
 
+/// Value of a book level, US dollars (real BTC/USD books: ~$5 to ~$300k, median ~$2k).
+const BOOK_NOTIONAL: (f64, f64) = (5.0, 300_000.0);
+/// Value of a trade, US dollars.
+const TRADE_NOTIONAL: (f64, f64) = (5.0, 50_000.0);
+
+/// Rough US-dollar value of one unit of a quote currency, to size orders by value.
+fn quote_usd(quote: &str) -> f64 {
+    match quote {
+        "BTC" => 97_500.0,
+        "ETH" => 3_650.0,
+        _ => 1.0, // USD, USDT, USDC, EUR
+    }
+}
+
 /// Finalised candles kept per interval.
 const HISTORY: usize = 500;
 /// Levels per side: Kraken is subscribed at depth 25.
@@ -136,6 +150,15 @@ impl Market {
         ((p / t).round() * t * 1e10).round() / 1e10
     }
 
+    /// A size worth between `lo` and `hi` US dollars, log-uniform (many small orders, a few
+    /// large ones, as real books and tapes show), rounded to the lot. Sizes follow value, not
+    /// the lot: Kraken's lot is 10⁻⁸ BTC, and lot multiples would be dust.
+    fn size(&mut self, (lo, hi): (f64, f64)) -> f64 {
+        let usd = (self.rng.random_range(lo.ln()..hi.ln())).exp();
+        let price_usd = self.mid * quote_usd(&self.spec.quote);
+        self.round_lot(usd / price_usd)
+    }
+
     fn round_lot(&self, q: f64) -> f64 {
         let l = self.spec.lot;
         (((q / l).round().max(1.0)) * l * 1e10).round() / 1e10
@@ -155,8 +178,8 @@ impl Market {
             match kept {
                 Some(q) if m.rng.random_bool(0.8) => (price, q),
                 _ => {
-                    let r: f64 = m.rng.random_range(1.0..5000.0);
-                    (price, m.round_lot(m.spec.lot * r))
+                    let qty = m.size(BOOK_NOTIONAL);
+                    (price, qty)
                 }
             }
         };
@@ -197,8 +220,7 @@ impl Market {
             } else {
                 self.mid + half
             });
-            let r: f64 = self.rng.random_range(1.0..2000.0);
-            let qty = self.round_lot(self.spec.lot * r);
+            let qty = self.size(TRADE_NOTIONAL);
             // Trades within one step get increasing times inside the step.
             let span = (now_ms - from_ms) as f64;
             let time_ms = from_ms + 1 + ((i as f64 / n as f64) * (span - 1.0)) as i64;
@@ -337,6 +359,34 @@ mod tests {
             assert!(m.best_bid().0 < m.best_ask().0);
             assert_eq!(m.bids.len(), BOOK_LEVELS);
         }
+    }
+
+    #[test]
+    fn sizes_look_like_a_real_venues_even_with_a_tiny_lot() {
+        // Kraken's BTC/USD lot is 10^-8 BTC: lot multiples would be dust (3.7e-7 BTC).
+        let mut m = Market::new(
+            MarketSpec {
+                base: "BTC".into(),
+                quote: "USD".into(),
+                price: 97_450.0,
+                tick: 0.1,
+                lot: 1e-8,
+                trades_per_sec: 20.0,
+                volatility: 0.0001,
+            },
+            5,
+        );
+        let mut values: Vec<f64> = Vec::new();
+        for i in 0..50 {
+            let (trades, _) = m.step(1_700_000_000_000 + i * 100, 0.1);
+            values.extend(m.bids.iter().chain(&m.asks).map(|(p, q)| p * q));
+            values.extend(trades.iter().map(|t| t.price * t.qty));
+        }
+        values.sort_by(f64::total_cmp);
+        let median = values[values.len() / 2];
+        assert!(values[0] >= 4.0, "a level worth ${}", values[0]);
+        assert!((200.0..20_000.0).contains(&median), "median ${median}");
+        assert!(values[values.len() - 1] > 20_000.0);
     }
 
     #[test]
