@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api_error::{error_body, HttpCode};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::domain::Channel;
@@ -111,7 +112,7 @@ async fn preflight() -> StatusCode {
 async fn not_found(uri: axum::http::Uri) -> Response {
     error_body(
         StatusCode::NOT_FOUND,
-        "NOT_FOUND",
+        HttpCode::NotFound.as_str(),
         &format!(
             "no endpoint at {}; the relay serves /ws (WebSocket), /health, /ready, /api/v1/ws/stats and POST /api/v1/publish",
             uri.path()
@@ -127,7 +128,7 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
     };
     let mut resp = error_body(
         StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
+        HttpCode::MethodNotAllowed.as_str(),
         &format!("{method} is not served at {}; use {allowed}", uri.path()),
     );
     if let Ok(v) = HeaderValue::from_str(allowed) {
@@ -228,27 +229,21 @@ impl IntoResponse for Refusal {
         match self {
             Refusal::Total => refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "TOO_MANY_CONNECTIONS",
+                HttpCode::TooManyConnections.as_str(),
                 "the relay is at its connection limit; retry shortly",
             ),
             Refusal::PerIp => refuse(
                 StatusCode::TOO_MANY_REQUESTS,
-                "TOO_MANY_CONNECTIONS",
+                HttpCode::TooManyConnections.as_str(),
                 "too many connections from your address; close some and retry",
             ),
             Refusal::Rate => refuse(
                 StatusCode::TOO_MANY_REQUESTS,
-                "TOO_MANY_CONNECTS",
+                HttpCode::TooManyConnects.as_str(),
                 "your address is opening connections too fast; slow down and retry",
             ),
         }
     }
-}
-
-/// The API's error shape: `{"success":false,"error":{"code","message"}}`.
-pub(crate) fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = json!({"success": false, "error": {"code": code, "message": message}});
-    (status, Json(body)).into_response()
 }
 
 fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
@@ -277,7 +272,7 @@ async fn ws_upgrade(
             Stats::add(&state.hub.stats.rejected_connections, 1);
             return error_body(
                 StatusCode::FORBIDDEN,
-                "ORIGIN_NOT_ALLOWED",
+                HttpCode::OriginNotAllowed.as_str(),
                 "this Origin may not connect to the relay",
             );
         }
@@ -465,16 +460,12 @@ async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
     if !authorised {
         return error_body(
             StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
+            HttpCode::Unauthorized.as_str(),
             "send the publish key as Authorization: Bearer <key>",
         );
     }
     let bad = |code: ErrorCode, message: &str| {
-        let code = serde_json::to_value(code)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        error_body(StatusCode::BAD_REQUEST, &code, message)
+        error_body(StatusCode::BAD_REQUEST, code.as_str(), message)
     };
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&body) else {
         return bad(

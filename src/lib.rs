@@ -2,6 +2,7 @@
 //! out to WebSocket clients. The library does the work; `main.rs` is a thin shell around [`run`].
 #![forbid(unsafe_code)]
 
+pub mod api_error;
 pub mod auth;
 pub mod config;
 pub mod decimal;

@@ -46,6 +46,62 @@ pub enum ErrorCode {
     SlowConsumer,
 }
 
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidChannel,
+        ErrorCode::UnknownExchange,
+        ErrorCode::UnknownSymbol,
+        ErrorCode::Unsupported,
+        ErrorCode::SubscriptionLimit,
+        ErrorCode::AuthRequired,
+        ErrorCode::Forbidden,
+        ErrorCode::InvalidToken,
+        ErrorCode::TokenExpired,
+        ErrorCode::NotSubscribed,
+        ErrorCode::RateLimited,
+        ErrorCode::UpstreamUnavailable,
+        ErrorCode::SlowConsumer,
+    ];
+
+    /// The code as sent (the match is exhaustive: a new code cannot miss its spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "INVALID_JSON",
+            ErrorCode::UnknownType => "UNKNOWN_TYPE",
+            ErrorCode::InvalidChannel => "INVALID_CHANNEL",
+            ErrorCode::UnknownExchange => "UNKNOWN_EXCHANGE",
+            ErrorCode::UnknownSymbol => "UNKNOWN_SYMBOL",
+            ErrorCode::Unsupported => "UNSUPPORTED",
+            ErrorCode::SubscriptionLimit => "SUBSCRIPTION_LIMIT",
+            ErrorCode::AuthRequired => "AUTH_REQUIRED",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::InvalidToken => "INVALID_TOKEN",
+            ErrorCode::TokenExpired => "TOKEN_EXPIRED",
+            ErrorCode::NotSubscribed => "NOT_SUBSCRIBED",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
+            ErrorCode::SlowConsumer => "SLOW_CONSUMER",
+        }
+    }
+}
+
+/// The `type` of every request a client may send (`action` is its older alias).
+pub const REQUEST_TYPES: [&str; 5] = ["subscribe", "unsubscribe", "ping", "auth", "list"];
+
+/// The `type` of every server message that is not channel data (data messages take their
+/// channel's type, [`Channel::message_type`]).
+pub const CONTROL_TYPES: [&str; 7] = [
+    "connected",
+    "subscribed",
+    "unsubscribed",
+    "pong",
+    "authenticated",
+    "subscriptions",
+    "error",
+];
+
 /// A request id: echoed on every direct reply. Kept as raw JSON so `1` and `"1"` come back as sent.
 pub type RequestId = Option<Value>;
 
@@ -110,7 +166,10 @@ pub fn parse_request(text: &str) -> Result<(RequestId, Request), RequestError> {
             return Err(fail(
                 id,
                 ErrorCode::UnknownType,
-                "missing \"type\"; expected one of subscribe, unsubscribe, ping, auth, list",
+                &format!(
+                    "missing \"type\"; expected one of {}",
+                    REQUEST_TYPES.join(", ")
+                ),
             ))
         }
     };
@@ -144,8 +203,9 @@ pub fn parse_request(text: &str) -> Result<(RequestId, Request), RequestError> {
                 id,
                 code: ErrorCode::UnknownType,
                 message: format!(
-                "unknown type '{other}'; expected one of subscribe, unsubscribe, ping, auth, list"
-            ),
+                    "unknown type '{other}'; expected one of {}",
+                    REQUEST_TYPES.join(", ")
+                ),
             })
         }
     };
@@ -322,6 +382,45 @@ pub mod msg {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn error_codes_are_spelled_as_serialised() {
+        for code in ErrorCode::ALL {
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
+        }
+    }
+
+    #[test]
+    fn every_control_message_is_listed() {
+        let id = Some(json!(1));
+        let frames = [
+            msg::connected("c-1", None, 50),
+            msg::subscribed("price:BTCUSDT", &id),
+            msg::unsubscribed("price:BTCUSDT", &id),
+            msg::pong(&id),
+            msg::authenticated("u", Some(1), &id),
+            msg::subscriptions(&[], &id),
+            msg::error(None, ErrorCode::InvalidJson, "x", &id),
+        ];
+        let types: Vec<String> = frames
+            .iter()
+            .map(|f| {
+                let v: Value = serde_json::from_str(f.as_str()).unwrap();
+                v["type"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(types, CONTROL_TYPES);
+        for kind in REQUEST_TYPES {
+            let text = match kind {
+                "subscribe" | "unsubscribe" => {
+                    format!(r#"{{"type":"{kind}","channels":["price:X"]}}"#)
+                }
+                "auth" => r#"{"type":"auth","token":"t"}"#.to_string(),
+                _ => format!(r#"{{"type":"{kind}"}}"#),
+            };
+            assert!(parse_request(&text).is_ok(), "{kind}");
+        }
+    }
 
     #[test]
     fn requests_parse_with_type_or_action() {

@@ -153,7 +153,11 @@ impl IntoResponse for NotUpgrade {
                 "this connection cannot be upgraded; use HTTP/1.1",
             ),
         };
-        let mut resp = crate::http::error_body(status, "WEBSOCKET_UPGRADE_REQUIRED", message);
+        let mut resp = crate::api_error::error_body(
+            status,
+            crate::api_error::HttpCode::WebsocketUpgradeRequired.as_str(),
+            message,
+        );
         if status == StatusCode::UPGRADE_REQUIRED {
             resp.headers_mut()
                 .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
