@@ -14,7 +14,7 @@ use exchange_relay::config::Config;
 use exchange_relay::domain::{Channel, ExchangeId, Symbol};
 use exchange_relay::events::{render, Feed, FeedKey, MarketEvent, Side, Trade, TradeId};
 use exchange_relay::exchange::binance;
-use exchange_relay::hub::{Held, Hub};
+use exchange_relay::hub::{Check, FeedSink, FeedSource, Held, Hub};
 use exchange_relay::stats::Stats;
 
 const TRADE: &str = r#"{"stream":"btcusdt@trade","data":{"e":"trade","E":1672515782136,"s":"BTCUSDT","t":12345,"p":"97523.45000000","q":"0.50000000","T":1672515782136,"m":true,"M":true}}"#;
@@ -70,6 +70,20 @@ fn serialise(c: &mut Criterion) {
     });
 }
 
+/// A source that can serve every market and does nothing: the bench feeds the hub itself.
+struct Everything;
+
+impl FeedSource for Everything {
+    fn check(&self, _: &FeedKey) -> Check {
+        Check::Known
+    }
+    fn want(&self, _: &FeedKey) {}
+    fn unwant(&self, _: &FeedKey) {}
+    fn reachable(&self, _: ExchangeId) -> bool {
+        true
+    }
+}
+
 fn fanout(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -81,6 +95,7 @@ fn fanout(c: &mut Criterion) {
         &config,
         Arc::new(Stats::default()),
         tokio_util::sync::CancellationToken::new(),
+        Arc::new(Everything),
     );
     let channel: Channel = "trades:BTCUSDT".parse().unwrap();
     let clients: Vec<_> = (0..1000)
@@ -108,7 +123,7 @@ fn fanout(c: &mut Criterion) {
                 let n = left.min(500);
                 let start = Instant::now();
                 for _ in 0..n {
-                    hub.dispatch(&k, vec![trade_event()]);
+                    hub.events(&k, vec![trade_event()]);
                 }
                 spent += start.elapsed();
                 for c in &clients {

@@ -2,10 +2,9 @@
 //! `GET /health`, `GET /api/v1/ws/stats` and `POST /api/v1/publish`. Errors are JSON and never
 //! carry internals.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Query, State};
@@ -13,47 +12,16 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Serialize;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::api_error::{error_body, HttpCode};
-use crate::auth::Authenticator;
-use crate::config::Config;
-use crate::domain::Channel;
-use crate::hub::{Close, Hub};
+use crate::app::{AppState, Refusal};
+use crate::domain::{Channel, ExchangeId};
+use crate::hub::Close;
 use crate::protocol::{iso_millis, ErrorCode};
 use crate::session;
-use crate::stats::Stats;
 use crate::ws::{self, Upgrade, Wire};
-
-/// Shared by every handler and session; cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<AppInner>);
-
-pub struct AppInner {
-    pub config: Config,
-    pub hub: Arc<Hub>,
-    pub auth: Authenticator,
-    pub conns: ConnTracker,
-    /// Live client sessions; shutdown waits for them to finish.
-    pub clients: TaskTracker,
-    pub shutdown: CancellationToken,
-}
-
-impl std::ops::Deref for AppState {
-    type Target = AppInner;
-
-    fn deref(&self) -> &AppInner {
-        &self.0
-    }
-}
-
-impl AppState {
-    pub fn new(inner: AppInner) -> AppState {
-        AppState(Arc::new(inner))
-    }
-}
 
 pub fn app(state: AppState) -> Router {
     let router = if state.config.server.autobahn_echo {
@@ -137,93 +105,6 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
     resp
 }
 
-/// Counts WebSocket connections per IP and in total, for the caps, and paces new ones per IP.
-pub struct ConnTracker {
-    inner: Arc<Mutex<TrackerState>>,
-    max_total: usize,
-    max_per_ip: usize,
-    connect_rate: governor::DefaultKeyedRateLimiter<IpAddr>,
-    /// Upgrades since the rate limiter last forgot idle IPs.
-    since_prune: std::sync::atomic::AtomicU32,
-}
-
-#[derive(Default)]
-struct TrackerState {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-/// Holds one connection's place; released on drop, however the session ends.
-pub struct ConnGuard {
-    inner: Arc<Mutex<TrackerState>>,
-    ip: IpAddr,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        st.total = st.total.saturating_sub(1);
-        if let Some(n) = st.per_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                st.per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl ConnTracker {
-    pub fn new(max_total: usize, max_per_ip: usize, connects_per_second: u32) -> ConnTracker {
-        let rate =
-            std::num::NonZeroU32::new(connects_per_second).unwrap_or(std::num::NonZeroU32::MIN);
-        let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
-        ConnTracker {
-            inner: Arc::new(Mutex::new(TrackerState::default())),
-            max_total,
-            max_per_ip,
-            connect_rate: governor::RateLimiter::keyed(
-                governor::Quota::per_second(rate).allow_burst(burst),
-            ),
-            since_prune: std::sync::atomic::AtomicU32::new(0),
-        }
-    }
-
-    fn try_acquire(&self, ip: IpAddr) -> Result<ConnGuard, Refusal> {
-        // Forget IPs that have been quiet, so the limiter's memory tracks active clients only.
-        if self.since_prune.fetch_add(1, Ordering::Relaxed) >= 10_000 {
-            self.since_prune.store(0, Ordering::Relaxed);
-            self.connect_rate.retain_recent();
-        }
-        if self.connect_rate.check_key(&ip).is_err() {
-            return Err(Refusal::Rate);
-        }
-        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if st.total >= self.max_total {
-            return Err(Refusal::Total);
-        }
-        let n = st.per_ip.entry(ip).or_default();
-        if *n >= self.max_per_ip {
-            return Err(Refusal::PerIp);
-        }
-        *n += 1;
-        st.total += 1;
-        Ok(ConnGuard {
-            inner: self.inner.clone(),
-            ip,
-        })
-    }
-}
-
-/// Why an upgrade was refused before it happened.
-enum Refusal {
-    /// `server.max_connections` reached: 503.
-    Total,
-    /// `server.max_connections_per_ip` reached: 429.
-    PerIp,
-    /// `server.max_connects_per_ip_per_second` exceeded: 429.
-    Rate,
-}
-
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         match self {
@@ -269,7 +150,7 @@ async fn ws_upgrade(
                 .any(|a| a.trim_end_matches('/') == o.trim_end_matches('/'))
         });
         if !allowed {
-            Stats::add(&state.hub.stats.rejected_connections, 1);
+            state.stats.connection_refused("origin not allowed");
             return error_body(
                 StatusCode::FORBIDDEN,
                 HttpCode::OriginNotAllowed.as_str(),
@@ -280,7 +161,7 @@ async fn ws_upgrade(
     let guard = match state.conns.try_acquire(peer.ip()) {
         Ok(g) => g,
         Err(refusal) => {
-            Stats::add(&state.hub.stats.rejected_connections, 1);
+            state.stats.connection_refused(refusal.as_str());
             return refusal.into_response();
         }
     };
@@ -345,17 +226,23 @@ async fn autobahn_echo(State(state): State<AppState>, upgrade: Upgrade) -> Respo
 
 async fn health(State(state): State<AppState>) -> Json<Value> {
     let mut upstreams = serde_json::Map::new();
-    for id in crate::domain::ExchangeId::ALL {
-        let entry = match state.hub.upstreams.get(id) {
-            None if !state.config.exchanges.get(id).enabled => json!({"state": "disabled"}),
-            None => json!({"state": "unavailable", "reason": "not served by this build yet"}),
-            Some(ex) => serde_json::to_value(ex.health()).unwrap_or_default(),
+    for id in ExchangeId::ALL {
+        let entry = if state.config.exchanges.get(id).enabled {
+            json!({"state": "unavailable", "reason": "not served by this build yet"})
+        } else {
+            json!({"state": "disabled"})
         };
         upstreams.insert(id.to_string(), entry);
     }
+    for (id, health) in state.upstreams.health() {
+        upstreams.insert(
+            id.to_string(),
+            serde_json::to_value(health).unwrap_or_default(),
+        );
+    }
     Json(json!({
         "status": "ok",
-        "uptimeSeconds": state.hub.stats.uptime_seconds(),
+        "uptimeSeconds": state.stats.uptime_seconds(),
         "connectedClients": state.hub.connected_clients(),
         "upstreams": upstreams,
     }))
@@ -366,12 +253,10 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
 /// orchestrators route clients only to ready relays; `/health` stays 200 throughout.
 async fn ready(State(state): State<AppState>) -> Response {
     let waiting: Vec<String> = state
-        .hub
         .upstreams
-        .all()
+        .waiting_for_instruments()
         .iter()
-        .filter(|ex| ex.instruments().is_none())
-        .map(|ex| ex.adapter.id().to_string())
+        .map(ToString::to_string)
         .collect();
     if waiting.is_empty() {
         Json(json!({"status": "ready"})).into_response()
@@ -381,66 +266,95 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// `GET /api/v1/ws/stats` → `data`. The first nine fields are the ones existing frontends
+/// read; `<exchange>Streams` and `<exchange>ActiveStreams` come for every exchange.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatsData {
+    connected_clients: usize,
+    total_subscriptions: usize,
+    active_channels: Vec<String>,
+    quote_streams: usize,
+    signal_streams: usize,
+    #[serde(flatten)]
+    per_exchange: BTreeMap<String, Value>,
+    price_cache: usize,
+    upstreams: BTreeMap<String, UpstreamStatsData>,
+    messages_in: u64,
+    messages_out: u64,
+    uptime_seconds: u64,
+    conflated_messages: u64,
+    slow_consumer_disconnects: u64,
+    rate_limited_requests: u64,
+    rejected_connections: u64,
+    total_connections: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UpstreamStatsData {
+    connected: bool,
+    connections: usize,
+    streams: usize,
+    active_streams: Vec<String>,
+    reconnects: u64,
+    connect_failures: u64,
+    decode_errors: u64,
+    rejected_requests: u64,
+    resyncs: u64,
+    last_message_at: Option<String>,
+}
+
 async fn stats(State(state): State<AppState>) -> Json<Value> {
-    let snap = state.hub.snapshot();
-    let s = &state.hub.stats;
-    let mut upstreams = serde_json::Map::new();
-    let mut data = serde_json::Map::new();
-    data.insert("connectedClients".into(), json!(snap.connected_clients));
-    data.insert("totalSubscriptions".into(), json!(snap.total_subscriptions));
-    data.insert("activeChannels".into(), json!(snap.active_channels));
-    data.insert("quoteStreams".into(), json!(snap.quote_streams));
-    data.insert("signalStreams".into(), json!(snap.signal_channels));
-    for id in crate::domain::ExchangeId::ALL {
-        let (streams, up, total) = state
-            .hub
-            .upstreams
-            .get(id)
-            .map(|ex| ex.active_streams())
+    let hub = state.hub.snapshot();
+    let counters = state.stats.counters();
+    let upstreams = state.upstreams.snapshot();
+    let mut per_exchange = BTreeMap::new();
+    for id in ExchangeId::ALL {
+        let streams = upstreams
+            .iter()
+            .find(|u| u.exchange == id)
+            .map(|u| u.streams.clone())
             .unwrap_or_default();
-        data.insert(format!("{id}Streams"), json!(streams.len()));
-        data.insert(format!("{id}ActiveStreams"), json!(streams));
-        if let Some(ex) = state.hub.upstreams.get(id) {
-            let st = &ex.stats;
-            upstreams.insert(
-                id.to_string(),
-                json!({
-                    "connected": total > 0 && up == total,
-                    "connections": up,
-                    "streams": streams.len(),
-                    "activeStreams": streams,
-                    "reconnects": Stats::get(&st.reconnects),
-                    "connectFailures": Stats::get(&st.connect_failures),
-                    "decodeErrors": Stats::get(&st.decode_errors),
-                    "rejectedRequests": Stats::get(&st.rejected_requests),
-                    "resyncs": Stats::get(&st.resyncs),
-                    "lastMessageAt": st.last_message_at.get().map(iso_millis),
-                }),
-            );
-        }
+        per_exchange.insert(format!("{id}Streams"), json!(streams.len()));
+        per_exchange.insert(format!("{id}ActiveStreams"), json!(streams));
     }
-    data.insert("priceCache".into(), json!(snap.price_cache));
-    data.insert("upstreams".into(), Value::Object(upstreams));
-    data.insert("messagesIn".into(), json!(Stats::get(&s.messages_in)));
-    data.insert("messagesOut".into(), json!(Stats::get(&s.messages_out)));
-    data.insert("uptimeSeconds".into(), json!(s.uptime_seconds()));
-    data.insert("conflatedMessages".into(), json!(Stats::get(&s.conflated)));
-    data.insert(
-        "slowConsumerDisconnects".into(),
-        json!(Stats::get(&s.slow_consumer_disconnects)),
-    );
-    data.insert(
-        "rateLimitedRequests".into(),
-        json!(Stats::get(&s.rate_limited)),
-    );
-    data.insert(
-        "rejectedConnections".into(),
-        json!(Stats::get(&s.rejected_connections)),
-    );
-    data.insert(
-        "totalConnections".into(),
-        json!(Stats::get(&s.total_connections)),
-    );
+    let data = StatsData {
+        connected_clients: hub.connected_clients,
+        total_subscriptions: hub.total_subscriptions,
+        active_channels: hub.active_channels,
+        quote_streams: hub.quote_streams,
+        signal_streams: hub.signal_channels,
+        per_exchange,
+        price_cache: hub.price_cache,
+        upstreams: upstreams
+            .into_iter()
+            .map(|u| {
+                let c = u.counters;
+                let data = UpstreamStatsData {
+                    connected: u.connected,
+                    connections: u.connections,
+                    streams: u.streams.len(),
+                    active_streams: u.streams,
+                    reconnects: c.reconnects,
+                    connect_failures: c.connect_failures,
+                    decode_errors: c.decode_errors,
+                    rejected_requests: c.rejected_requests,
+                    resyncs: c.resyncs,
+                    last_message_at: c.last_message_at.map(iso_millis),
+                };
+                (u.exchange.to_string(), data)
+            })
+            .collect(),
+        messages_in: counters.messages_in,
+        messages_out: counters.messages_out,
+        uptime_seconds: counters.uptime_seconds,
+        conflated_messages: counters.conflated,
+        slow_consumer_disconnects: counters.slow_consumer_disconnects,
+        rate_limited_requests: counters.rate_limited,
+        rejected_connections: counters.rejected_connections,
+        total_connections: counters.total_connections,
+    };
     Json(json!({"success": true, "data": data}))
 }
 

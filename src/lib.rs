@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api_error;
+pub mod app;
 pub mod auth;
 pub mod config;
 pub mod decimal;
@@ -26,9 +27,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::{AppInner, AppState, ConnTracker};
 use crate::config::Config;
-use crate::http::{AppInner, AppState, ConnTracker};
-use crate::hub::{Close, Hub};
+use crate::exchange::Upstreams;
+use crate::hub::{Close, FeedSink, Hub};
 use crate::protocol::close;
 
 /// The relay's log filter: `directives` (RUST_LOG syntax; `info` when absent), except that
@@ -103,8 +105,12 @@ pub async fn run(
     let auth = auth::Authenticator::from_config(&config.auth).map_err(RunError::Config)?;
     let token = CancellationToken::new();
     let stats = Arc::new(stats::Stats::default());
-    let hub = Hub::new(&config, stats, token.clone());
-    hub.start();
+    // The exchange side feeds the hub through the hub's boundary (hub::feed): the hub holds
+    // the source, the source a weak handle on the hub.
+    let upstreams = Arc::new(Upstreams::new(&config, stats.clone(), token.clone()));
+    let hub = Hub::new(&config, stats.clone(), token.clone(), upstreams.clone());
+    let sink: std::sync::Weak<dyn FeedSink> = Arc::downgrade(&hub) as std::sync::Weak<dyn FeedSink>;
+    upstreams.start(sink);
     let state = AppState::new(AppInner {
         conns: ConnTracker::new(
             config.server.max_connections,
@@ -112,6 +118,8 @@ pub async fn run(
             config.server.max_connects_per_ip_per_second,
         ),
         hub: hub.clone(),
+        upstreams: upstreams.clone(),
+        stats,
         auth,
         clients: TaskTracker::new(),
         shutdown: token.clone(),
@@ -144,11 +152,11 @@ pub async fn run(
     server.await;
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     state.clients.close();
-    hub.upstreams.tasks.close();
+    upstreams.tasks.close();
     http_tasks.close();
     let drained = tokio::time::timeout(grace, async {
         state.clients.wait().await;
-        hub.upstreams.tasks.wait().await;
+        upstreams.tasks.wait().await;
     })
     .await;
     if drained.is_err() {

@@ -3,7 +3,7 @@
 //! [`Outbox`] had to queue while the socket was full. Deliveries to a client that keeps up do
 //! not involve this task at all: the fan-out writes them (README § Performance).
 //!
-//! [`Outbox`]: crate::hub::Outbox
+//! [`Outbox`]: crate::ws::Outbox
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -16,14 +16,13 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::app::{AppState, ConnGuard};
 use crate::auth::{AuthError, Identity};
 use crate::domain::Channel;
-use crate::http::{AppState, ConnGuard};
 use crate::hub::{Attached, Client, Close, Held, TopicKey};
 use crate::protocol::{
     close, msg, now_millis, parse_request, ErrorCode, Frame, Request, RequestError, RequestId,
 };
-use crate::stats::Stats;
 use crate::ws::{self, Incoming, Wire};
 
 /// How long the last words and the close frame may take on a stuck socket.
@@ -51,7 +50,6 @@ pub async fn run(
         state.config.server.max_message_bytes,
     )
     .await;
-    Stats::add(&hub.stats.total_connections, 1);
     let cfg = &state.config.server;
 
     let mut session = Session::new(state.clone(), client.clone());
@@ -77,7 +75,9 @@ pub async fn run(
             ));
         }
     }
-    tracing::debug!(client = %client.name, authenticated = session.identity.is_some(), "client connected");
+    state
+        .stats
+        .client_connected(&client.name, session.identity.is_some());
 
     let close = session.serve(&mut incoming).await;
     // Out of the hub first: no more fan-out to it, and it no longer counts as connected while
@@ -140,8 +140,8 @@ impl Session {
     }
 
     fn send(&self, frame: Frame) {
-        if self.client.outbox.push_control(frame) == crate::hub::Pushed::Queued {
-            Stats::add(&self.state.hub.stats.messages_out, 1);
+        if self.client.outbox.push_control(frame) == crate::ws::Pushed::Queued {
+            self.state.stats.messages_out(1);
         }
     }
 
@@ -215,7 +215,7 @@ impl Session {
                     last_heard = Instant::now();
                     match frame {
                         Some(Ok(Message::Text(text))) => {
-                            Stats::add(&self.state.hub.stats.messages_in, 1);
+                            self.state.stats.message_in();
                             // Parsed before the rate limit so that a refusal can echo the id;
                             // parsing is cheap next to what a request does.
                             let parsed = parse_request(text.as_str());
@@ -230,7 +230,7 @@ impl Session {
                             }
                         }
                         Some(Ok(Message::Binary(_))) => {
-                            Stats::add(&self.state.hub.stats.messages_in, 1);
+                            self.state.stats.message_in();
                             match self.admit(&None) {
                                 Admit::Yes => self.error(None, ErrorCode::InvalidJson, "binary frames are not supported; send JSON text", &None),
                                 Admit::Refused => {}
@@ -288,7 +288,7 @@ impl Session {
         if self.limiter.check().is_ok() {
             return Admit::Yes;
         }
-        Stats::add(&self.state.hub.stats.rate_limited, 1);
+        self.state.stats.rate_limited();
         if self.abuse.check().is_ok() {
             let cfg = &self.state.config.server;
             self.error(

@@ -1,25 +1,37 @@
-//! Relay-wide counters, read by `GET /api/v1/ws/stats`. One place per observable event both
-//! counts and (where worth it) logs, so figures and logs never disagree.
+//! Relay-wide and per-exchange counters, and the one place each observable event is both
+//! counted and (where worth it) logged, so figures and logs never disagree: code elsewhere
+//! calls `stats.slow_consumer(..)`, never a counter and a `tracing` line of its own. Readers
+//! (`/api/v1/ws/stats`, `/health`, a metrics exporter) take typed snapshots.
+//!
+//! Counters are relaxed atomics: bumping one costs the data path no lock and no ordering.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
+
+use crate::domain::ExchangeId;
+use crate::protocol::now_millis;
+
+/// One upstream log line of a kind at most this often; the rest are counted and summarised
+/// (a venue that changes its format must not flood the log with a line per frame).
+const LOG_EVERY_MS: i64 = 10_000;
 
 pub struct Stats {
     started: Instant,
     /// WebSocket messages received from clients and exchanges.
-    pub messages_in: AtomicU64,
-    /// Messages queued to clients (data, acks, errors).
-    pub messages_out: AtomicU64,
+    messages_in: AtomicU64,
+    /// Messages queued or written to clients (data, acks, errors).
+    messages_out: AtomicU64,
     /// Queued conflatable values replaced by a newer one for a client that fell behind.
-    pub conflated: AtomicU64,
+    conflated: AtomicU64,
     /// Clients closed with 1013 for not keeping up.
-    pub slow_consumer_disconnects: AtomicU64,
+    slow_consumer_disconnects: AtomicU64,
     /// Requests refused with `RATE_LIMITED`.
-    pub rate_limited: AtomicU64,
+    rate_limited: AtomicU64,
     /// WebSocket upgrades refused (caps, origin).
-    pub rejected_connections: AtomicU64,
+    rejected_connections: AtomicU64,
     /// Clients ever connected.
-    pub total_connections: AtomicU64,
+    total_connections: AtomicU64,
 }
 
 impl Default for Stats {
@@ -37,17 +49,83 @@ impl Default for Stats {
     }
 }
 
+fn add(counter: &AtomicU64, n: u64) {
+    if n > 0 {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// What the relay-wide counters say now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub conflated: u64,
+    pub slow_consumer_disconnects: u64,
+    pub rate_limited: u64,
+    pub rejected_connections: u64,
+    pub total_connections: u64,
+    pub uptime_seconds: u64,
+}
+
 impl Stats {
     pub fn uptime_seconds(&self) -> u64 {
         self.started.elapsed().as_secs()
     }
 
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub fn counters(&self) -> Counters {
+        Counters {
+            messages_in: get(&self.messages_in),
+            messages_out: get(&self.messages_out),
+            conflated: get(&self.conflated),
+            slow_consumer_disconnects: get(&self.slow_consumer_disconnects),
+            rate_limited: get(&self.rate_limited),
+            rejected_connections: get(&self.rejected_connections),
+            total_connections: get(&self.total_connections),
+            uptime_seconds: self.uptime_seconds(),
+        }
     }
 
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    /// A frame arrived from a client or an exchange.
+    pub fn message_in(&self) {
+        add(&self.messages_in, 1);
+    }
+
+    /// `n` messages went (or were queued) to clients.
+    pub fn messages_out(&self, n: u64) {
+        add(&self.messages_out, n);
+    }
+
+    /// `n` queued values were replaced by newer ones for clients that fell behind.
+    pub fn conflated(&self, n: u64) {
+        add(&self.conflated, n);
+    }
+
+    /// A client is closed with 1013: its queue of messages that may not be dropped is full.
+    pub fn slow_consumer(&self, client: &str, channel: &str) {
+        add(&self.slow_consumer_disconnects, 1);
+        tracing::info!(%client, %channel, "slow consumer: closing with 1013");
+    }
+
+    /// A request was refused for the client's request rate.
+    pub fn rate_limited(&self) {
+        add(&self.rate_limited, 1);
+    }
+
+    /// A WebSocket upgrade was refused before it happened (`why`: which cap, or the origin).
+    pub fn connection_refused(&self, why: &'static str) {
+        add(&self.rejected_connections, 1);
+        tracing::debug!(%why, "connection refused before the upgrade");
+    }
+
+    /// A client connected.
+    pub fn client_connected(&self, client: &str, authenticated: bool) {
+        add(&self.total_connections, 1);
+        tracing::debug!(%client, authenticated, "client connected");
     }
 }
 
@@ -65,5 +143,241 @@ impl AtomicMillis {
             0 => None,
             ms => Some(ms),
         }
+    }
+}
+
+/// Since when something has been failing, and the last error, for `/health`.
+#[derive(Default)]
+pub struct Trouble {
+    since: AtomicMillis,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Trouble {
+    /// Records a failure: the first one since the last success starts the clock.
+    fn fail(&self, error: String) {
+        if self.since.get().is_none() {
+            self.since.set(now_millis());
+        }
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+    }
+
+    fn clear(&self) {
+        self.since.set(0);
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.since.get().is_some()
+    }
+
+    /// Since when (ms) and why, while failing.
+    pub fn get(&self) -> Option<(i64, String)> {
+        let since = self.since.get()?;
+        let error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        Some((since, error))
+    }
+}
+
+/// A log line that may repeat once per frame: written at most every [`LOG_EVERY_MS`], with
+/// the number left out since the last one.
+#[derive(Default)]
+struct Throttled {
+    last_ms: AtomicI64,
+    suppressed: AtomicU64,
+}
+
+impl Throttled {
+    /// `Some(n)` when a line may be written now (`n` were left out before it).
+    fn admit(&self) -> Option<u64> {
+        let now = now_millis();
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now - last >= LOG_EVERY_MS
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// One exchange's upstream counters and health, and the events that move them.
+pub struct UpstreamStats {
+    exchange: ExchangeId,
+    reconnects: AtomicU64,
+    connect_failures: AtomicU64,
+    decode_errors: AtomicU64,
+    rejected_requests: AtomicU64,
+    /// Order books rebuilt after a gap, checksum failure or crossed book.
+    resyncs: AtomicU64,
+    last_message_at: AtomicMillis,
+    /// The WebSocket side: a connection was lost or a connect attempt failed, and none has
+    /// succeeded since.
+    pub ws_trouble: Trouble,
+    /// The instrument list could not be fetched (the last attempt failed).
+    pub rest_trouble: Trouble,
+    decode_log: Throttled,
+}
+
+/// What an exchange's counters say now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamCounters {
+    pub reconnects: u64,
+    pub connect_failures: u64,
+    pub decode_errors: u64,
+    pub rejected_requests: u64,
+    pub resyncs: u64,
+    pub last_message_at: Option<i64>,
+}
+
+impl UpstreamStats {
+    pub fn new(exchange: ExchangeId) -> UpstreamStats {
+        UpstreamStats {
+            exchange,
+            reconnects: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            decode_errors: AtomicU64::new(0),
+            rejected_requests: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            last_message_at: AtomicMillis::default(),
+            ws_trouble: Trouble::default(),
+            rest_trouble: Trouble::default(),
+            decode_log: Throttled::default(),
+        }
+    }
+
+    pub fn counters(&self) -> UpstreamCounters {
+        UpstreamCounters {
+            reconnects: get(&self.reconnects),
+            connect_failures: get(&self.connect_failures),
+            decode_errors: get(&self.decode_errors),
+            rejected_requests: get(&self.rejected_requests),
+            resyncs: get(&self.resyncs),
+            last_message_at: self.last_message_at.get(),
+        }
+    }
+
+    /// A connection is being opened again after it was lost or renewed.
+    pub fn reconnecting(&self) {
+        add(&self.reconnects, 1);
+    }
+
+    /// A connect attempt failed; `terminal` when retrying soon will not help.
+    pub fn connect_failed(&self, conn: u64, error: &str, terminal: bool, retry_in_ms: u64) {
+        add(&self.connect_failures, 1);
+        self.ws_trouble.fail(format!("connect failed: {error}"));
+        let exchange = self.exchange;
+        if terminal {
+            tracing::error!(%exchange, conn, %error, retry_in_ms, "exchange refused the connection; check the URL, credentials or region (retrying slowly)");
+        } else {
+            tracing::warn!(%exchange, conn, %error, retry_in_ms, "upstream connect failed");
+        }
+    }
+
+    pub fn connected(&self, conn: u64, streams: usize) {
+        self.ws_trouble.clear();
+        tracing::info!(exchange = %self.exchange, conn, streams, "upstream connected");
+    }
+
+    /// An open connection ended (`why`); data is not flowing until a new one is up.
+    /// `replaced`: the relay replaces it at once (a planned renewal, the exchange's request, a
+    /// silent socket), logged at info; otherwise it failed, logged as a warning.
+    pub fn connection_lost(&self, conn: u64, why: &str, replaced: bool) {
+        self.ws_trouble.fail(why.to_string());
+        if replaced {
+            tracing::info!(exchange = %self.exchange, conn, %why, "upstream connection replaced");
+        } else {
+            tracing::warn!(exchange = %self.exchange, conn, %why, "upstream connection lost");
+        }
+    }
+
+    /// A frame arrived.
+    pub fn frame_received(&self, now_ms: i64) {
+        self.last_message_at.set(now_ms);
+    }
+
+    /// A frame could not be decoded: counted, and logged at most every 10 s.
+    pub fn decode_error(&self, conn: u64, error: &dyn std::fmt::Display) {
+        add(&self.decode_errors, 1);
+        if let Some(suppressed) = self.decode_log.admit() {
+            tracing::warn!(exchange = %self.exchange, conn, %error, suppressed, "undecodable upstream frame ignored (at most one such line every 10 s; suppressed counts those left out)");
+        }
+    }
+
+    /// The exchange refused a request (`stream`: the one stream refused for good, if any).
+    pub fn request_refused(&self, conn: u64, stream: Option<&str>, why: &str) {
+        add(&self.rejected_requests, 1);
+        match stream {
+            Some(stream) => {
+                tracing::warn!(exchange = %self.exchange, conn, %stream, %why, "exchange refused a stream")
+            }
+            None => {
+                tracing::warn!(exchange = %self.exchange, conn, %why, "exchange refused a request")
+            }
+        }
+    }
+
+    /// An order book is rebuilt from a fresh snapshot.
+    pub fn book_resync(&self, conn: u64, stream: &str, why: &str) {
+        add(&self.resyncs, 1);
+        tracing::warn!(exchange = %self.exchange, conn, %stream, %why, "order book resync");
+    }
+
+    /// The instrument list was loaded.
+    pub fn instruments_loaded(&self, count: usize) {
+        self.rest_trouble.clear();
+        tracing::info!(exchange = %self.exchange, instruments = count, "instrument list loaded");
+    }
+
+    /// The instrument list could not be had.
+    pub fn instruments_failed(&self, error: String) {
+        tracing::warn!(exchange = %self.exchange, %error, "instrument list not loaded");
+        self.rest_trouble.fail(error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeating_line_is_written_once_per_period_and_counts_the_rest() {
+        let t = Throttled::default();
+        assert_eq!(t.admit(), Some(0));
+        assert_eq!(t.admit(), None);
+        assert_eq!(t.admit(), None);
+        t.last_ms
+            .store(now_millis() - LOG_EVERY_MS, Ordering::Relaxed);
+        assert_eq!(t.admit(), Some(2));
+    }
+
+    #[test]
+    fn every_decode_error_counts_even_when_not_logged() {
+        let s = UpstreamStats::new(ExchangeId::Kraken);
+        for _ in 0..1000 {
+            s.decode_error(1, &"bad frame");
+        }
+        assert_eq!(s.counters().decode_errors, 1000);
+        assert_eq!(s.decode_log.suppressed.load(Ordering::Relaxed), 999);
+    }
+
+    #[test]
+    fn trouble_keeps_its_first_moment_and_last_error() {
+        let t = Trouble::default();
+        assert!(t.get().is_none());
+        t.fail("one".into());
+        let (since, _) = t.get().unwrap();
+        t.fail("two".into());
+        assert_eq!(t.get(), Some((since, "two".to_string())));
+        t.clear();
+        assert!(!t.is_failing());
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use exchange_relay::decimal::Dec;
 use exchange_relay::domain::{Channel, Interval};
-use exchange_relay::exchange::{binance, coinbase, kraken, Adapter, InstrumentSet, SessionContext};
+use exchange_relay::exchange::{
+    binance, coinbase, kraken, Adapter, InstrumentSet, ProtocolContext,
+};
 use exchange_relay::protocol::parse_request;
 use proptest::prelude::*;
 
@@ -96,13 +98,13 @@ fn mutated(frames: &'static [&'static str]) -> impl Strategy<Value = String> {
         })
 }
 
-fn sessions() -> Vec<Box<dyn exchange_relay::exchange::Session>> {
-    let ctx = SessionContext {
+fn sessions() -> Vec<Box<dyn exchange_relay::exchange::Protocol>> {
+    let ctx = ProtocolContext {
         rest_url: "http://localhost".into(),
         instruments: Arc::new(InstrumentSet::default()),
     };
-    let mut kraken = kraken::Kraken::new().new_session(ctx.clone());
-    let mut coinbase = coinbase::Coinbase::new().new_session(ctx);
+    let mut kraken = kraken::Kraken::new().new_protocol(ctx.clone());
+    let mut coinbase = coinbase::Coinbase::new().new_protocol(ctx);
     let mut out = Vec::new();
     // Subscribed, so their frames take the full path (books, candles, trades).
     kraken.subscribe(

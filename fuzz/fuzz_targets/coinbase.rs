@@ -2,13 +2,13 @@
 #![no_main]
 use std::sync::Arc;
 
-use exchange_relay::exchange::{coinbase, Adapter, InstrumentSet, SessionContext};
+use exchange_relay::exchange::{coinbase, Adapter, InstrumentSet, ProtocolContext};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
-    let ctx = SessionContext { rest_url: "http://localhost".into(), instruments: Arc::new(InstrumentSet::default()) };
-    let mut session = coinbase::Coinbase::new().new_session(ctx);
+    let ctx = ProtocolContext { rest_url: "http://localhost".into(), instruments: Arc::new(InstrumentSet::default()) };
+    let mut session = coinbase::Coinbase::new().new_protocol(ctx);
     let mut out = Vec::new();
     session.subscribe(&["level2:BTC-USD".into(), "market_trades:BTC-USD".into(), "candles:1m:BTC-USD".into(), "ticker:BTC-USD".into()], 0, &mut out);
     // Two frames: the second can update what the first set up (a book, a candle).

@@ -2,13 +2,13 @@
 #![no_main]
 use std::sync::Arc;
 
-use exchange_relay::exchange::{kraken, Adapter, InstrumentSet, SessionContext};
+use exchange_relay::exchange::{kraken, Adapter, InstrumentSet, ProtocolContext};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
-    let ctx = SessionContext { rest_url: "http://localhost".into(), instruments: Arc::new(InstrumentSet::default()) };
-    let mut session = kraken::Kraken::new().new_session(ctx);
+    let ctx = ProtocolContext { rest_url: "http://localhost".into(), instruments: Arc::new(InstrumentSet::default()) };
+    let mut session = kraken::Kraken::new().new_protocol(ctx);
     let mut out = Vec::new();
     session.subscribe(&["book:BTC/USD".into(), "trade:BTC/USD".into(), "candles:1s:BTC/USD".into(), "ticker:BTC/USD".into(), "ohlc:5:BTC/USD".into()], 0, &mut out);
     // Two frames: the second can update what the first set up (a book, a candle).

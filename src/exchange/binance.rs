@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    decimal, Adapter, DecodeError, Decoded, Instrument, InstrumentSet, Limits, Session,
-    SessionContext,
+    decimal, Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol,
+    ProtocolContext,
 };
 use crate::decimal::Dec;
 use crate::domain::{ExchangeId, Interval, Symbol};
@@ -90,8 +90,8 @@ impl Adapter for Binance {
         (url, n)
     }
 
-    fn new_session(&self, _ctx: SessionContext) -> Box<dyn Session> {
-        Box::new(BinanceSession {
+    fn new_protocol(&self, _ctx: ProtocolContext) -> Box<dyn Protocol> {
+        Box::new(BinanceProtocol {
             next_id: AtomicU64::new(1),
         })
     }
@@ -132,31 +132,31 @@ impl Adapter for Binance {
     }
 }
 
-struct BinanceSession {
+struct BinanceProtocol {
     next_id: AtomicU64,
 }
 
-impl BinanceSession {
+impl BinanceProtocol {
     fn request(&self, method: &str, streams: &[String]) -> String {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         serde_json::json!({"method": method, "params": streams, "id": id}).to_string()
     }
 }
 
-impl Session for BinanceSession {
-    fn subscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Decoded>) {
-        out.push(Decoded::Send(self.request("SUBSCRIBE", streams)));
+impl Protocol for BinanceProtocol {
+    fn subscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Effect>) {
+        out.push(Effect::Send(self.request("SUBSCRIBE", streams)));
     }
 
-    fn unsubscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Decoded>) {
-        out.push(Decoded::Send(self.request("UNSUBSCRIBE", streams)));
+    fn unsubscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Effect>) {
+        out.push(Effect::Send(self.request("UNSUBSCRIBE", streams)));
     }
 
     fn decode(
         &mut self,
         text: &str,
         _now_ms: i64,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) -> Result<(), DecodeError> {
         decode(text, out)
     }
@@ -187,29 +187,29 @@ struct ErrorBody {
 }
 
 /// Decodes one frame: pure, so it is tested from recorded JSON with no network.
-pub fn decode(text: &str, out: &mut Vec<Decoded>) -> Result<(), DecodeError> {
+pub fn decode(text: &str, out: &mut Vec<Effect>) -> Result<(), DecodeError> {
     let env: Envelope = serde_json::from_str(text)?;
     if let Some(err) = env.error {
-        out.push(Decoded::Rejected(format!(
+        out.push(Effect::Rejected(format!(
             "request {} refused: code {} {}",
             env.id, err.code, err.msg
         )));
         return Ok(());
     }
     if env.e.as_deref() == Some("serverShutdown") {
-        out.push(Decoded::Reconnect("serverShutdown"));
+        out.push(Effect::Reconnect("serverShutdown"));
         return Ok(());
     }
     let (Some(stream), Some(data)) = (env.stream, env.data) else {
         if !env.id.is_null() {
-            out.push(Decoded::Ack);
+            out.push(Effect::Ack);
             return Ok(());
         }
         return Err(DecodeError::Unexpected(truncate(text)));
     };
     let data = data.get();
     let event = if stream == "!serverShutdown" {
-        out.push(Decoded::Reconnect("serverShutdown"));
+        out.push(Effect::Reconnect("serverShutdown"));
         return Ok(());
     } else if stream.ends_with("@ticker") {
         MarketEvent::Ticker(Box::new(ticker(serde_json::from_str(data)?)?))
@@ -222,7 +222,7 @@ pub fn decode(text: &str, out: &mut Vec<Decoded>) -> Result<(), DecodeError> {
     } else {
         return Err(DecodeError::Unexpected(format!("stream {stream}")));
     };
-    out.push(Decoded::Event {
+    out.push(Effect::Event {
         stream: stream.into_owned(),
         event,
     });
@@ -393,7 +393,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn one(text: &str) -> Decoded {
+    fn one(text: &str) -> Effect {
         let mut out = Vec::new();
         decode(text, &mut out).unwrap();
         assert_eq!(out.len(), 1);
@@ -402,7 +402,7 @@ mod tests {
 
     fn event(text: &str) -> (String, MarketEvent) {
         match one(text) {
-            Decoded::Event { stream, event } => (stream, event),
+            Effect::Event { stream, event } => (stream, event),
             other => panic!("expected an event, got {other:?}"),
         }
     }
@@ -497,19 +497,19 @@ mod tests {
 
     #[test]
     fn control_replies_and_shutdown() {
-        assert_eq!(one(r#"{"result":null,"id":1}"#), Decoded::Ack);
-        assert_eq!(one(r#"{"result":["btcusdt@trade"],"id":3}"#), Decoded::Ack);
+        assert_eq!(one(r#"{"result":null,"id":1}"#), Effect::Ack);
+        assert_eq!(one(r#"{"result":["btcusdt@trade"],"id":3}"#), Effect::Ack);
         assert!(matches!(
             one(r#"{"error":{"code":2,"msg":"Invalid request: invalid stream"},"id":2}"#),
-            Decoded::Rejected(m) if m.contains("invalid stream")
+            Effect::Rejected(m) if m.contains("invalid stream")
         ));
         assert_eq!(
             one(r#"{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":1770123456789}}"#),
-            Decoded::Reconnect("serverShutdown")
+            Effect::Reconnect("serverShutdown")
         );
         assert_eq!(
             one(r#"{"e":"serverShutdown","E":1770123456789}"#),
-            Decoded::Reconnect("serverShutdown")
+            Effect::Reconnect("serverShutdown")
         );
     }
 

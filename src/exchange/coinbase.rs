@@ -26,8 +26,8 @@ use serde_json::value::RawValue;
 
 use super::candles::{SeedCandle, TradeCandles};
 use super::{
-    decimal, Adapter, DecodeError, Decoded, Instrument, InstrumentSet, Limits, Session,
-    SessionContext,
+    decimal, Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol,
+    ProtocolContext,
 };
 use crate::decimal::Dec;
 use crate::domain::{bucket, ExchangeId, Interval, Symbol};
@@ -104,8 +104,8 @@ impl Adapter for Coinbase {
         }
     }
 
-    fn new_session(&self, ctx: SessionContext) -> Box<dyn Session> {
-        Box::new(CoinbaseSession::new(ctx))
+    fn new_protocol(&self, ctx: ProtocolContext) -> Box<dyn Protocol> {
+        Box::new(CoinbaseProtocol::new(ctx))
     }
 
     fn batch_group<'a>(&self, stream: &'a str) -> &'a str {
@@ -196,7 +196,7 @@ impl LocalBook {
     }
 }
 
-struct CoinbaseSession {
+struct CoinbaseProtocol {
     rest_url: String,
     /// Our streams on this connection.
     streams: HashSet<String>,
@@ -216,9 +216,9 @@ struct CoinbaseSession {
 /// Trade ids remembered per product for deduplication.
 const SEEN_TRADES: usize = 5_000;
 
-impl CoinbaseSession {
-    fn new(ctx: SessionContext) -> CoinbaseSession {
-        CoinbaseSession {
+impl CoinbaseProtocol {
+    fn new(ctx: ProtocolContext) -> CoinbaseProtocol {
+        CoinbaseProtocol {
             rest_url: ctx.rest_url.trim_end_matches('/').to_string(),
             streams: HashSet::new(),
             trade_users: HashMap::new(),
@@ -253,7 +253,7 @@ impl CoinbaseSession {
     }
 
     /// Rebuilds `products`' books from fresh snapshots; the connection stays.
-    fn resync(&mut self, products: Vec<String>, why: &str, out: &mut Vec<Decoded>) {
+    fn resync(&mut self, products: Vec<String>, why: &str, out: &mut Vec<Effect>) {
         if products.is_empty() {
             return;
         }
@@ -261,21 +261,21 @@ impl CoinbaseSession {
             if let Some(book) = self.books.get_mut(p) {
                 *book = LocalBook::default();
             }
-            out.push(Decoded::Resyncing {
+            out.push(Effect::Resyncing {
                 stream: format!("level2:{p}"),
                 why: why.to_string(),
             });
         }
         let refs: Vec<&str> = products.iter().map(String::as_str).collect();
-        out.push(Decoded::Send(Self::frame("unsubscribe", "level2", &refs)));
-        out.push(Decoded::Send(Self::frame("subscribe", "level2", &refs)));
+        out.push(Effect::Send(Self::frame("unsubscribe", "level2", &refs)));
+        out.push(Effect::Send(Self::frame("subscribe", "level2", &refs)));
     }
 
     fn on_level2(
         &mut self,
         events: Vec<L2Event>,
         time_ms: i64,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) -> Result<(), DecodeError> {
         for ev in events {
             let targets: Vec<String> = self.products_for("level2", &ev.product_id).collect();
@@ -322,7 +322,7 @@ impl CoinbaseSession {
                     self.resync(vec![product.clone()], "crossed book", out);
                     continue;
                 }
-                out.push(Decoded::Event {
+                out.push(Effect::Event {
                     stream: format!("level2:{product}"),
                     event: MarketEvent::Book(book.top(time_ms)),
                 });
@@ -334,7 +334,7 @@ impl CoinbaseSession {
     fn on_trades(
         &mut self,
         events: Vec<TradesEvent>,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) -> Result<(), DecodeError> {
         let mut trades: Vec<(RawTrade, bool)> = Vec::new();
         for ev in events {
@@ -385,7 +385,7 @@ impl CoinbaseSession {
                 }
                 // Snapshot trades happened before the subscription: history, not news.
                 if fresh && !snapshot {
-                    out.push(Decoded::Event {
+                    out.push(Effect::Event {
                         stream: format!("market_trades:{product}"),
                         event: MarketEvent::Trade(trade.clone()),
                     });
@@ -404,7 +404,7 @@ impl CoinbaseSession {
                     let mut klines = Vec::new();
                     builder.on_trade(&trade, &mut klines);
                     for k in klines {
-                        out.push(Decoded::Event {
+                        out.push(Effect::Event {
                             stream: name.clone(),
                             event: MarketEvent::Kline(k),
                         });
@@ -422,14 +422,14 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
-impl Session for CoinbaseSession {
-    fn on_connect(&mut self, _now_ms: i64, out: &mut Vec<Decoded>) {
-        out.push(Decoded::Send(
+impl Protocol for CoinbaseProtocol {
+    fn on_connect(&mut self, _now_ms: i64, out: &mut Vec<Effect>) {
+        out.push(Effect::Send(
             json!({"type": "subscribe", "channel": "heartbeats"}).to_string(),
         ));
     }
 
-    fn subscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Decoded>) {
+    fn subscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Effect>) {
         let mut upstream: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for stream in streams {
             if !self.streams.insert(stream.clone()) {
@@ -455,7 +455,7 @@ impl Session for CoinbaseSession {
                                 let tag = self.next_tag;
                                 self.next_tag += 1;
                                 self.fetches.insert(tag, (stream.clone(), now_ms));
-                                out.push(Decoded::Fetch {
+                                out.push(Effect::Fetch {
                                     tag,
                                     url: format!(
                                         "{}/api/v3/brokerage/market/products/{product}/candles?start={}&end={}&granularity={granularity}&limit=350",
@@ -482,11 +482,11 @@ impl Session for CoinbaseSession {
         }
         for (channel, products) in upstream {
             let refs: Vec<&str> = products.iter().map(String::as_str).collect();
-            out.push(Decoded::Send(Self::frame("subscribe", channel, &refs)));
+            out.push(Effect::Send(Self::frame("subscribe", channel, &refs)));
         }
     }
 
-    fn unsubscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Decoded>) {
+    fn unsubscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Effect>) {
         let mut upstream: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for stream in streams {
             if !self.streams.remove(stream) {
@@ -517,7 +517,7 @@ impl Session for CoinbaseSession {
         }
         for (channel, products) in upstream {
             let refs: Vec<&str> = products.iter().map(String::as_str).collect();
-            out.push(Decoded::Send(Self::frame("unsubscribe", channel, &refs)));
+            out.push(Effect::Send(Self::frame("unsubscribe", channel, &refs)));
         }
     }
 
@@ -525,11 +525,11 @@ impl Session for CoinbaseSession {
         &mut self,
         text: &str,
         now_ms: i64,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) -> Result<(), DecodeError> {
         let env: Envelope = serde_json::from_str(text)?;
         if env.kind.as_deref() == Some("error") {
-            out.push(Decoded::Rejected(
+            out.push(Effect::Rejected(
                 env.message
                     .unwrap_or_else(|| "error without a message".into()),
             ));
@@ -589,7 +589,7 @@ impl Session for CoinbaseSession {
                             .products_for("ticker", &t.product_id)
                             .collect::<Vec<_>>()
                         {
-                            out.push(Decoded::Event {
+                            out.push(Effect::Event {
                                 stream: format!("ticker:{product}"),
                                 event: MarketEvent::Ticker(Box::new(ticker.clone())),
                             });
@@ -600,19 +600,19 @@ impl Session for CoinbaseSession {
             Some("subscriptions") => {
                 // Unknown products are silently left out of the ack; validation against the
                 // product list happens before anything is sent, so nothing to do here.
-                out.push(Decoded::Ack);
+                out.push(Effect::Ack);
             }
             _ => {} // heartbeats, candles, status
         }
         Ok(())
     }
 
-    fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Decoded>) {
+    fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Effect>) {
         for (stream, builder) in &mut self.derived {
             let mut klines = Vec::new();
             builder.on_tick(now_ms, &mut klines);
             for k in klines {
-                out.push(Decoded::Event {
+                out.push(Effect::Event {
                     stream: stream.clone(),
                     event: MarketEvent::Kline(k),
                 });
@@ -625,7 +625,7 @@ impl Session for CoinbaseSession {
         tag: u64,
         body: Result<String, String>,
         _now_ms: i64,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) {
         let Some((stream, asked_at)) = self.fetches.remove(&tag) else {
             return;
@@ -642,7 +642,7 @@ impl Session for CoinbaseSession {
             }
         }
         for k in klines {
-            out.push(Decoded::Event {
+            out.push(Effect::Event {
                 stream: stream.clone(),
                 event: MarketEvent::Kline(k),
             });
@@ -762,17 +762,17 @@ mod tests {
     }
     use std::sync::Arc;
 
-    fn session() -> CoinbaseSession {
-        CoinbaseSession::new(SessionContext {
+    fn session() -> CoinbaseProtocol {
+        CoinbaseProtocol::new(ProtocolContext {
             rest_url: "http://cb".into(),
             instruments: Arc::new(InstrumentSet::default()),
         })
     }
 
-    fn events(out: &[Decoded]) -> Vec<(&str, &MarketEvent)> {
+    fn events(out: &[Effect]) -> Vec<(&str, &MarketEvent)> {
         out.iter()
             .filter_map(|d| match d {
-                Decoded::Event { stream, event } => Some((stream.as_str(), event)),
+                Effect::Event { stream, event } => Some((stream.as_str(), event)),
                 _ => None,
             })
             .collect()
@@ -791,7 +791,7 @@ mod tests {
         let frames: Vec<serde_json::Value> = out
             .iter()
             .filter_map(|d| match d {
-                Decoded::Send(f) => serde_json::from_str(f).ok(),
+                Effect::Send(f) => serde_json::from_str(f).ok(),
                 _ => None,
             })
             .collect();
@@ -868,7 +868,7 @@ mod tests {
         let resynced: Vec<&str> = out
             .iter()
             .filter_map(|d| match d {
-                Decoded::Resyncing { stream, .. } => Some(stream.as_str()),
+                Effect::Resyncing { stream, .. } => Some(stream.as_str()),
                 _ => None,
             })
             .collect();
@@ -876,7 +876,7 @@ mod tests {
         let frames: Vec<&String> = out
             .iter()
             .filter_map(|d| match d {
-                Decoded::Send(f) => Some(f),
+                Effect::Send(f) => Some(f),
                 _ => None,
             })
             .collect();

@@ -1,14 +1,15 @@
 //! The one place socket IO happens for every exchange: connect, keep the exchange's
 //! subscriptions equal to what the pool wants (diffed, batched and paced under the exchange's
-//! message limit), decode frames through the adapter's session, dispatch events to the hub,
+//! message limit), decode frames through the adapter's protocol state, dispatch events to the hub,
 //! detect silent connections and reconnect with jittered exponential backoff.
 //!
 //! Subscription changes are computed when a control frame may be sent, not when they are asked
 //! for, so a storm of client subscribe/unsubscribe collapses into whatever difference remains.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -19,9 +20,9 @@ use tokio_tungstenite::tungstenite::protocol::{
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::{Conn, Decoded, Exchange, SessionContext, TICK};
+use super::{Conn, Effect, Exchange, Protocol, ProtocolContext, TICK};
 use crate::events::{FeedKey, MarketEvent};
-use crate::hub::Hub;
+use crate::hub::FeedSink;
 use crate::protocol::now_millis;
 use crate::stats::Stats;
 
@@ -105,7 +106,7 @@ enum Outcome {
     Reconnect {
         /// The exchange asked for it (planned cut) or the connection went silent: no backoff.
         immediate: bool,
-        /// What went wrong, for `/health`.
+        /// What went wrong, for `/health` and the log.
         why: String,
     },
 }
@@ -119,8 +120,27 @@ impl Outcome {
     }
 }
 
-/// Runs one upstream connection until nothing is wanted on it or the relay shuts down.
-pub async fn run(ex: &Exchange, conn: &Conn, hub: Weak<Hub>, shutdown: CancellationToken) {
+/// What a connection task needs from the relay besides its exchange: where events go, the
+/// relay-wide counters, and the stop signal.
+pub struct Link {
+    pub sink: Weak<dyn FeedSink>,
+    pub stats: Arc<Stats>,
+    pub shutdown: CancellationToken,
+}
+
+impl Link {
+    /// Sleeps `wait`; false when the relay shuts down first.
+    async fn pause(&self, wait: Duration) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = sleep(wait) => true,
+        }
+    }
+}
+
+/// Runs one upstream connection until nothing is wanted on it or the relay shuts down:
+/// connect, serve the socket, and after it ends reconnect with backoff.
+pub async fn run(ex: &Exchange, conn: &Conn, link: Link) {
     let exchange = ex.adapter.id();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut first = true;
@@ -130,103 +150,115 @@ pub async fn run(ex: &Exchange, conn: &Conn, hub: Weak<Hub>, shutdown: Cancellat
             return;
         };
         if !first {
-            Stats::add(&ex.stats.reconnects, 1);
+            ex.stats.reconnecting();
         }
         first = false;
-        // Never more attempts than the exchange tolerates, however many connections fail.
-        loop {
-            let reserved = ex
-                .attempts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .reserve(Instant::now());
-            let Err(wait) = reserved else { break };
-            tracing::warn!(%exchange, conn = conn.id, wait_ms = wait.as_millis() as u64, "connection attempt budget spent; waiting");
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = sleep(wait) => {}
-            }
+        if !take_attempt(ex, conn, &link).await {
+            return;
         }
         let names: Vec<String> = wanted.keys().cloned().collect();
-        let (url, in_url) = ex.adapter.connect_url(&ex.config.ws_url, &names);
-        let config = WebSocketConfig::default().max_message_size(Some(MAX_UPSTREAM_MESSAGE));
-        let attempt = timeout(
-            CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true),
-        );
-        let result = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = attempt => r,
-        };
-        let ws = match result {
-            Ok(Ok((ws, _))) => ws,
-            failure => {
-                let (error, kind) = match failure {
-                    Ok(Err(e)) => (e.to_string(), classify(&e)),
-                    _ => ("timed out".to_string(), Failure::Retryable),
-                };
-                ex.stats.ws_trouble.fail(format!("connect failed: {error}"));
-                Stats::add(&ex.stats.connect_failures, 1);
+        let (ws, in_url) = match connect(ex, &names, &link.shutdown).await {
+            Connect::Open(ws, in_url) => (ws, in_url),
+            Connect::Shutdown => return,
+            Connect::Failed(error, kind) => {
                 if kind == Failure::Terminal {
                     backoff.saturate();
                 }
                 let wait = backoff.next_delay();
-                if kind == Failure::Terminal {
-                    tracing::error!(%exchange, conn = conn.id, %error, retry_in_ms = wait.as_millis() as u64, "exchange refused the connection; check the URL, credentials or region (retrying slowly)");
-                } else {
-                    tracing::warn!(%exchange, conn = conn.id, %error, retry_in_ms = wait.as_millis() as u64, "upstream connect failed");
+                let terminal = kind == Failure::Terminal;
+                ex.stats
+                    .connect_failed(conn.id, &error, terminal, wait.as_millis() as u64);
+                if !link.pause(wait).await {
+                    return;
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = sleep(wait) => continue,
-                }
+                continue;
             }
         };
-        ex.stats.ws_trouble.clear();
-        tracing::info!(%exchange, conn = conn.id, streams = names.len(), "upstream connected");
+        ex.stats.connected(conn.id, names.len());
         let initial: BTreeMap<String, FeedKey> = wanted.into_iter().take(in_url).collect();
         let started = Instant::now();
         conn.connected.store(true, Ordering::Relaxed);
-        let outcome = session(ex, conn, &hub, &shutdown, ws, initial).await;
+        let outcome = serve(ex, conn, &link, *ws, initial).await;
         conn.connected.store(false, Ordering::Relaxed);
         conn.active().clear();
-        // Books held for replay are stale from the moment the socket is gone.
-        // (Keys are collected first: the hub's lock order is topic, then connection.)
-        let books: Vec<FeedKey> = conn
-            .desired()
-            .streams
-            .values()
-            .filter(|k| k.feed == crate::events::Feed::Book)
-            .cloned()
-            .collect();
-        if let Some(hub) = hub.upgrade() {
-            for key in &books {
-                hub.invalidate(key);
-            }
-        }
+        invalidate_books(conn, &link);
         if started.elapsed() >= HEALTHY_AFTER {
             backoff.reset();
-        }
-        // Until a new connection is up, subscribers are told the exchange is away.
-        if let Outcome::Reconnect { why, .. } = &outcome {
-            ex.stats.ws_trouble.fail(why.clone());
         }
         match outcome {
             Outcome::Shutdown => return,
             Outcome::Idle => continue,
-            Outcome::Reconnect {
-                immediate: true, ..
-            } => continue,
-            Outcome::Reconnect {
-                immediate: false, ..
-            } => {
-                let wait = backoff.next_delay();
-                tracing::info!(%exchange, conn = conn.id, retry_in_ms = wait.as_millis() as u64, "reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = sleep(wait) => {}
+            Outcome::Reconnect { immediate, why } => {
+                // Until a new connection is up, subscribers are told the exchange is away.
+                ex.stats.connection_lost(conn.id, &why, immediate);
+                if !immediate {
+                    let wait = backoff.next_delay();
+                    tracing::info!(%exchange, conn = conn.id, retry_in_ms = wait.as_millis() as u64, "reconnecting");
+                    if !link.pause(wait).await {
+                        return;
+                    }
                 }
             }
+        }
+    }
+}
+
+/// Waits for a connection attempt within the exchange's budget (exchanges ban IPs that
+/// reconnect too often, however many connections fail). False when the relay shuts down.
+async fn take_attempt(ex: &Exchange, conn: &Conn, link: &Link) -> bool {
+    loop {
+        let reserved = ex
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reserve(Instant::now());
+        let Err(wait) = reserved else { return true };
+        tracing::warn!(exchange = %ex.adapter.id(), conn = conn.id, wait_ms = wait.as_millis() as u64, "connection attempt budget spent; waiting");
+        if !link.pause(wait).await {
+            return false;
+        }
+    }
+}
+
+/// The result of one connect attempt.
+enum Connect {
+    /// Open, with the first `usize` of the streams already subscribed through the URL.
+    Open(Box<Ws>, usize),
+    Failed(String, Failure),
+    Shutdown,
+}
+
+async fn connect(ex: &Exchange, names: &[String], shutdown: &CancellationToken) -> Connect {
+    let (url, in_url) = ex.adapter.connect_url(&ex.config.ws_url, names);
+    let config = WebSocketConfig::default().max_message_size(Some(MAX_UPSTREAM_MESSAGE));
+    let attempt = timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true),
+    );
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => return Connect::Shutdown,
+        r = attempt => r,
+    };
+    match result {
+        Ok(Ok((ws, _))) => Connect::Open(Box::new(ws), in_url),
+        Ok(Err(e)) => Connect::Failed(e.to_string(), classify(&e)),
+        Err(_) => Connect::Failed("timed out".to_string(), Failure::Retryable),
+    }
+}
+
+/// Books held for replay are stale from the moment the socket is gone. (Keys are collected
+/// first: the hub's lock order is topic, then connection.)
+fn invalidate_books(conn: &Conn, link: &Link) {
+    let books: Vec<FeedKey> = conn
+        .desired()
+        .streams
+        .values()
+        .filter(|k| k.feed == crate::events::Feed::Book)
+        .cloned()
+        .collect();
+    if let Some(sink) = link.sink.upgrade() {
+        for key in &books {
+            sink.invalidated(key);
         }
     }
 }
@@ -234,17 +266,18 @@ pub async fn run(ex: &Exchange, conn: &Conn, hub: Weak<Hub>, shutdown: Cancellat
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// What the connection task does with one [`Decoded`].
-enum Step {
-    Continue,
-    Leave(Outcome),
-}
+/// Whether the socket is kept after an effect, or left with an outcome.
+type Flow = ControlFlow<Outcome>;
 
 /// The state of one open socket.
 struct Live<'a> {
     ex: &'a Exchange,
     conn: &'a Conn,
-    hub: &'a Weak<Hub>,
+    link: &'a Link,
+    /// The exchange's protocol state for this socket.
+    proto: Box<dyn Protocol>,
+    /// Effects the protocol asked for, handled after each call into it.
+    out: Vec<Effect>,
     /// Streams requested on this socket, with the feed each one carries.
     requested: BTreeMap<String, FeedKey>,
     /// Frames waiting for their turn under the exchange's message limit.
@@ -259,62 +292,77 @@ struct Live<'a> {
 }
 
 impl Live<'_> {
-    fn handle(&mut self, d: Decoded) -> Step {
-        let exchange = self.ex.adapter.id();
+    fn handle(&mut self, d: Effect) -> Flow {
+        let conn = self.conn.id;
         match d {
-            Decoded::Event { stream, event } => {
+            Effect::Event { stream, event } => {
                 if let Some(key) = self.requested.get(&stream).cloned() {
                     self.on_event(stream, key, event);
                 }
-                return Step::Continue;
+                return ControlFlow::Continue(());
             }
             _ => self.flush_events(),
         }
         match d {
-            Decoded::Event { .. } | Decoded::Ack => {}
-            Decoded::Rejected(why) => {
-                Stats::add(&self.ex.stats.rejected_requests, 1);
-                tracing::warn!(%exchange, conn = self.conn.id, %why, "exchange refused a request");
-            }
-            Decoded::StreamRejected {
+            Effect::Event { .. } | Effect::Ack => {}
+            Effect::Rejected(why) => self.ex.stats.request_refused(conn, None, &why),
+            Effect::StreamRejected {
                 stream,
                 code,
                 message,
             } => {
-                Stats::add(&self.ex.stats.rejected_requests, 1);
-                tracing::warn!(%exchange, conn = self.conn.id, %stream, %message, "exchange refused a stream");
-                if let (Some(key), Some(hub)) = (self.requested.get(&stream), self.hub.upgrade()) {
-                    hub.reject(key, code, &message);
+                self.ex.stats.request_refused(conn, Some(&stream), &message);
+                if let (Some(key), Some(sink)) =
+                    (self.requested.get(&stream), self.link.sink.upgrade())
+                {
+                    sink.refused(key, code, &message);
                 }
             }
-            Decoded::Reconnect(why) => {
-                tracing::info!(%exchange, conn = self.conn.id, %why, "reconnecting");
-                return Step::Leave(Outcome::reconnect(
+            Effect::Reconnect(why) => {
+                return ControlFlow::Break(Outcome::reconnect(
                     true,
                     format!("the exchange asked for a reconnect: {why}"),
                 ));
             }
-            Decoded::Send(frame) => self.outgoing.push_back(frame),
-            Decoded::Resyncing { stream, why } => {
-                Stats::add(&self.ex.stats.resyncs, 1);
-                tracing::warn!(%exchange, conn = self.conn.id, %stream, %why, "order book resync");
-                if let (Some(key), Some(hub)) = (self.requested.get(&stream), self.hub.upgrade()) {
-                    hub.invalidate(key);
+            Effect::Send(frame) => self.outgoing.push_back(frame),
+            Effect::Resyncing { stream, why } => {
+                self.ex.stats.book_resync(conn, &stream, &why);
+                if let (Some(key), Some(sink)) =
+                    (self.requested.get(&stream), self.link.sink.upgrade())
+                {
+                    sink.invalidated(key);
                 }
             }
-            Decoded::Fetch { tag, url } => {
+            Effect::Fetch { tag, url } => {
                 let http = self.ex.http.clone();
                 let reply = self.fetches.clone();
                 tokio::spawn(async move {
                     let body = super::fetch_text(&http, &url)
                         .await
                         .map_err(|e| e.to_string());
-                    // The socket may be gone by now, and its session with it.
+                    // The socket may be gone by now, and its protocol state with it.
                     let _ = reply.send((tag, body)).await;
                 });
             }
         }
-        Step::Continue
+        ControlFlow::Continue(())
+    }
+
+    /// Handles what the protocol asked for since the last call, then dispatches the events.
+    fn handle_out(&mut self) -> Flow {
+        let mut out = std::mem::take(&mut self.out);
+        let mut flow = ControlFlow::Continue(());
+        for d in out.drain(..) {
+            flow = self.handle(d);
+            if flow.is_break() {
+                break;
+            }
+        }
+        // The buffer's capacity is kept for the next call.
+        self.out = out;
+        self.out.clear();
+        self.flush_events();
+        flow
     }
 
     /// Queues an event for dispatch, holding forming candles for the tick (see `forming`).
@@ -335,6 +383,114 @@ impl Live<'_> {
         }
     }
 
+    /// Hands the events decoded so far to the hub, each feed's in one burst (in order within
+    /// a feed), so a client gets a burst in one write.
+    fn flush_events(&mut self) {
+        if self.events.is_empty() {
+            return;
+        }
+        let Some(sink) = self.link.sink.upgrade() else {
+            self.events.clear();
+            return;
+        };
+        let mut rest = std::mem::take(&mut self.events);
+        while let Some((key, _)) = rest.first() {
+            let key = key.clone();
+            let (mine, others): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| *k == key);
+            sink.events(&key, mine.into_iter().map(|(_, e)| e).collect());
+            rest = others;
+        }
+        self.events = rest;
+    }
+
+    /// Streams named in the connect URL are subscribed already: the protocol is told, and
+    /// the frames it would send for them are dropped.
+    fn start(&mut self, initial: BTreeMap<String, FeedKey>) -> Flow {
+        self.proto.on_connect(now_millis(), &mut self.out);
+        if !initial.is_empty() {
+            let names: Vec<String> = initial.keys().cloned().collect();
+            let mut told = Vec::new();
+            self.proto.subscribe(&names, now_millis(), &mut told);
+            told.retain(|d| !matches!(d, Effect::Send(_)));
+            self.out.extend(told);
+            self.conn.active().extend(names);
+            self.requested = initial;
+        }
+        self.handle_out()
+    }
+
+    /// One frame from the exchange, and whatever else has already arrived with it (up to
+    /// [`BURST`] frames): when the relay falls behind, clients get the backlog in one write
+    /// each, not one apiece.
+    fn on_frames(
+        &mut self,
+        first: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+        stream: &mut futures_util::stream::SplitStream<Ws>,
+    ) -> Flow {
+        let mut next = Some(first);
+        let mut taken = 0;
+        let mut leave = None;
+        while let Some(frame) = next.take() {
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    let now = now_millis();
+                    self.ex.stats.frame_received(now);
+                    self.link.stats.message_in();
+                    if let Err(error) = self.proto.decode(text.as_str(), now, &mut self.out) {
+                        self.ex.stats.decode_error(self.conn.id, &error);
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let why = match &frame {
+                        Some(f) => format!(
+                            "the exchange closed the connection ({} {})",
+                            u16::from(f.code),
+                            f.reason
+                        ),
+                        None => "the exchange closed the connection".to_string(),
+                    };
+                    leave = Some(Outcome::reconnect(false, why));
+                    break;
+                }
+                Some(Ok(_)) => {} // pings are answered by tungstenite; binary is not used
+                Some(Err(error)) => {
+                    leave = Some(Outcome::reconnect(
+                        false,
+                        format!("connection failed: {error}"),
+                    ));
+                    break;
+                }
+                None => {
+                    leave = Some(Outcome::reconnect(false, "the connection ended"));
+                    break;
+                }
+            }
+            taken += 1;
+            if taken < BURST {
+                next = stream.next().now_or_never();
+            }
+        }
+        self.handle_out()?;
+        match leave {
+            Some(o) => ControlFlow::Break(o),
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    fn on_fetched(&mut self, tag: u64, body: Result<String, String>) -> Flow {
+        self.proto
+            .on_fetched(tag, body, now_millis(), &mut self.out);
+        self.handle_out()
+    }
+
+    fn on_tick(&mut self) -> Flow {
+        self.proto.on_tick(now_millis(), &mut self.out);
+        self.handle_out()?;
+        // After the protocol's own tick, so that candles it built this tick go now.
+        self.release_forming();
+        ControlFlow::Continue(())
+    }
+
     /// The tick: the held forming candles go out, for streams still requested.
     fn release_forming(&mut self) {
         for (stream, held) in self.forming.drain() {
@@ -345,81 +501,58 @@ impl Live<'_> {
         self.flush_events();
     }
 
-    fn handle_all(&mut self, out: &mut Vec<Decoded>) -> Step {
-        for d in out.drain(..) {
-            if let Step::Leave(o) = self.handle(d) {
-                return Step::Leave(o);
+    /// A control frame may be sent now: the next queued one, or, when none waits, the next
+    /// step towards the wanted subscriptions (so a storm collapses into what remains).
+    /// Returns the frame to send, if any, and whether subscriptions may still differ.
+    fn control_slot(
+        &mut self,
+        limits: &super::Limits,
+    ) -> ControlFlow<Outcome, (Option<String>, bool)> {
+        let mut dirty = true;
+        if self.outgoing.is_empty() {
+            let desired = self.conn.desired().streams.clone();
+            if desired.is_empty() {
+                return ControlFlow::Break(Outcome::Idle);
             }
+            dirty = sync_step(self, &desired, limits);
+            self.handle_out()?;
         }
-        self.flush_events();
-        Step::Continue
-    }
-
-    /// Hands the events decoded so far to the hub, each feed's in one burst (in order within
-    /// a feed), so a client gets a burst in one write.
-    fn flush_events(&mut self) {
-        if self.events.is_empty() {
-            return;
-        }
-        let Some(hub) = self.hub.upgrade() else {
-            self.events.clear();
-            return;
-        };
-        let mut rest = std::mem::take(&mut self.events);
-        while let Some((key, _)) = rest.first() {
-            let key = key.clone();
-            let (mine, others): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| *k == key);
-            hub.dispatch(&key, mine.into_iter().map(|(_, e)| e).collect());
-            rest = others;
-        }
-        self.events = rest;
+        ControlFlow::Continue((self.outgoing.pop_front(), dirty))
     }
 }
 
-async fn session(
+/// Serves one open socket: keeps its subscriptions equal to what the pool wants, decodes
+/// frames, runs the protocol's clock, watches for silence, and renews it when it gets old.
+async fn serve(
     ex: &Exchange,
     conn: &Conn,
-    hub: &Weak<Hub>,
-    shutdown: &CancellationToken,
+    link: &Link,
     ws: Ws,
     initial: BTreeMap<String, FeedKey>,
 ) -> Outcome {
-    let exchange = ex.adapter.id();
     let mut limits = ex.adapter.limits().clone();
     if let Some(ms) = ex.config.stale_timeout_ms {
         limits.stale_after = Duration::from_millis(ms);
     }
-    let ctx = SessionContext {
+    let ctx = ProtocolContext {
         rest_url: ex.config.rest_url.clone(),
         instruments: ex.instruments().unwrap_or_default(),
     };
-    let mut proto = ex.adapter.new_session(ctx);
     let (mut sink, mut stream) = ws.split();
     let (fetch_tx, mut fetch_rx) = tokio::sync::mpsc::channel(256);
     let mut live = Live {
         ex,
         conn,
-        hub,
+        link,
+        proto: ex.adapter.new_protocol(ctx),
+        out: Vec::new(),
         requested: BTreeMap::new(),
         outgoing: std::collections::VecDeque::new(),
         fetches: fetch_tx,
         events: Vec::new(),
         forming: std::collections::HashMap::new(),
     };
-    let mut out = Vec::new();
-    proto.on_connect(now_millis(), &mut out);
-    if !initial.is_empty() {
-        // Streams named in the connect URL are subscribed already: the session is told, and
-        // the frames it would send for them are dropped.
-        let names: Vec<String> = initial.keys().cloned().collect();
-        let mut told = Vec::new();
-        proto.subscribe(&names, now_millis(), &mut told);
-        told.retain(|d| !matches!(d, Decoded::Send(_)));
-        out.extend(told);
-        conn.active().extend(names);
-        live.requested = initial;
-    }
-    if let Step::Leave(o) = live.handle_all(&mut out) {
+    if let ControlFlow::Break(o) = live.start(initial) {
         return o;
     }
     let mut next_control = Instant::now();
@@ -434,118 +567,62 @@ async fn session(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    loop {
+    let flow = loop {
         let can_send = dirty || !live.outgoing.is_empty();
-        tokio::select! {
+        let flow = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
+            _ = link.shutdown.cancelled() => {
                 let close = Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "relay shutting down".into() }));
                 let _ = timeout(Duration::from_secs(1), sink.send(close)).await;
-                return Outcome::Shutdown;
+                ControlFlow::Break(Outcome::Shutdown)
             }
             frame = stream.next() => {
                 last_rx = Instant::now();
-                // Whatever else has arrived is decoded with it (up to BURST frames), so when the
-                // relay falls behind, clients get the backlog in one write each, not one apiece.
-                let mut next = Some(frame);
-                let mut taken = 0;
-                let mut leave = None;
-                while let Some(frame) = next.take() {
+                live.on_frames(frame, &mut stream)
+            }
+            Some((tag, body)) = fetch_rx.recv() => live.on_fetched(tag, body),
+            _ = conn.notify.notified() => {
+                dirty = true;
+                ControlFlow::Continue(())
+            }
+            _ = sleep_until(next_control), if can_send => match live.control_slot(&limits) {
+                ControlFlow::Break(Outcome::Idle) => {
+                    let _ = timeout(SEND_TIMEOUT, sink.send(Message::Close(None))).await;
+                    ControlFlow::Break(Outcome::Idle)
+                }
+                ControlFlow::Break(o) => ControlFlow::Break(o),
+                ControlFlow::Continue((frame, still_dirty)) => {
+                    dirty = still_dirty;
                     match frame {
-                        Some(Ok(Message::Text(text))) => {
-                            ex.stats.last_message_at.set(now_millis());
-                            if let Some(h) = hub.upgrade() {
-                                Stats::add(&h.stats.messages_in, 1);
+                        None => ControlFlow::Continue(()),
+                        Some(frame) => match timeout(SEND_TIMEOUT, sink.send(Message::text(frame))).await {
+                            Ok(Ok(())) => {
+                                next_control = Instant::now() + limits.control_spacing;
+                                ControlFlow::Continue(())
                             }
-                            if let Err(error) = proto.decode(text.as_str(), now_millis(), &mut out) {
-                                Stats::add(&ex.stats.decode_errors, 1);
-                                tracing::warn!(%exchange, conn = conn.id, %error, "undecodable upstream frame ignored");
-                            }
-                        }
-                        Some(Ok(Message::Close(frame))) => {
-                            tracing::warn!(%exchange, conn = conn.id, ?frame, "exchange closed the connection");
-                            let why = match &frame {
-                                Some(f) => format!("the exchange closed the connection ({} {})", u16::from(f.code), f.reason),
-                                None => "the exchange closed the connection".to_string(),
-                            };
-                            leave = Some(Outcome::reconnect(false, why));
-                            break;
-                        }
-                        Some(Ok(_)) => {} // pings are answered by tungstenite; binary is not used
-                        Some(Err(error)) => {
-                            tracing::warn!(%exchange, conn = conn.id, %error, "upstream connection failed");
-                            leave = Some(Outcome::reconnect(false, format!("connection failed: {error}")));
-                            break;
-                        }
-                        None => {
-                            tracing::warn!(%exchange, conn = conn.id, "upstream connection ended");
-                            leave = Some(Outcome::reconnect(false, "the connection ended"));
-                            break;
-                        }
-                    }
-                    taken += 1;
-                    if taken < BURST {
-                        next = stream.next().now_or_never();
+                            _ => ControlFlow::Break(Outcome::reconnect(false, "a subscription frame could not be sent")),
+                        },
                     }
                 }
-                if let Step::Leave(o) = live.handle_all(&mut out) {
-                    return o;
-                }
-                if let Some(o) = leave {
-                    return o;
-                }
-            }
-            Some((tag, body)) = fetch_rx.recv() => {
-                proto.on_fetched(tag, body, now_millis(), &mut out);
-                if let Step::Leave(o) = live.handle_all(&mut out) {
-                    return o;
-                }
-            }
-            _ = conn.notify.notified() => dirty = true,
-            _ = sleep_until(next_control), if can_send => {
-                if live.outgoing.is_empty() {
-                    // Diff only when nothing is waiting, so a storm collapses into what remains.
-                    let desired = conn.desired().streams.clone();
-                    if desired.is_empty() {
-                        let _ = timeout(SEND_TIMEOUT, sink.send(Message::Close(None))).await;
-                        return Outcome::Idle;
-                    }
-                    if !sync_step(&mut live, &mut *proto, &desired, &limits, &mut out) {
-                        dirty = false;
-                    }
-                    if let Step::Leave(o) = live.handle_all(&mut out) {
-                        return o;
-                    }
-                }
-                if let Some(frame) = live.outgoing.pop_front() {
-                    match timeout(SEND_TIMEOUT, sink.send(Message::text(frame))).await {
-                        Ok(Ok(())) => {}
-                        _ => return Outcome::reconnect(false, "a subscription frame could not be sent"),
-                    }
-                    next_control = Instant::now() + limits.control_spacing;
-                }
-            }
-            _ = tick.tick() => {
-                proto.on_tick(now_millis(), &mut out);
-                if let Step::Leave(o) = live.handle_all(&mut out) {
-                    return o;
-                }
-                // After the session's own tick, so that candles it built this tick go now.
-                live.release_forming();
-            }
+            },
+            _ = tick.tick() => live.on_tick(),
             _ = watchdog.tick() => {
                 if last_rx.elapsed() > limits.stale_after {
                     let silent_ms = last_rx.elapsed().as_millis() as u64;
-                    tracing::warn!(%exchange, conn = conn.id, silent_ms, "upstream silent; replacing the connection");
-                    return Outcome::reconnect(true, format!("no frame for {silent_ms} ms"));
+                    ControlFlow::Break(Outcome::reconnect(true, format!("no frame for {silent_ms} ms; replacing the connection")))
+                } else {
+                    ControlFlow::Continue(())
                 }
             }
             _ = sleep_until(age_deadline) => {
-                tracing::info!(%exchange, conn = conn.id, "connection reached its maximum age; renewing it");
-                return Outcome::reconnect(true, "planned renewal (maximum connection age)");
+                ControlFlow::Break(Outcome::reconnect(true, "planned renewal (maximum connection age)"))
             }
+        };
+        if let ControlFlow::Break(o) = flow {
+            break o;
         }
-    }
+    };
+    flow
 }
 
 /// Moves the socket one batch closer to `desired`: subscribes missing streams first (clients
@@ -553,10 +630,8 @@ async fn session(
 /// when nothing differs.
 fn sync_step(
     live: &mut Live<'_>,
-    proto: &mut dyn super::Session,
     desired: &BTreeMap<String, FeedKey>,
     limits: &super::Limits,
-    out: &mut Vec<Decoded>,
 ) -> bool {
     let adapter = &live.ex.adapter;
     let max = limits.max_streams_per_message;
@@ -585,7 +660,7 @@ fn sync_step(
         }
         live.conn.active().extend(to_sub.iter().cloned());
         tracing::debug!(exchange = %adapter.id(), conn = live.conn.id, streams = to_sub.len(), "subscribing");
-        proto.subscribe(&to_sub, now_millis(), out);
+        live.proto.subscribe(&to_sub, now_millis(), &mut live.out);
         return true;
     }
     let to_unsub = batch(
@@ -602,7 +677,8 @@ fn sync_step(
         live.conn.active().remove(s);
     }
     tracing::debug!(exchange = %adapter.id(), conn = live.conn.id, streams = to_unsub.len(), "unsubscribing");
-    proto.unsubscribe(&to_unsub, now_millis(), out);
+    live.proto
+        .unsubscribe(&to_unsub, now_millis(), &mut live.out);
     true
 }
 

@@ -25,7 +25,7 @@ use serde_json::value::RawValue;
 
 use super::candles::{SeedCandle, TradeCandles, GRACE_MS};
 use super::{
-    Adapter, DecodeError, Decoded, Instrument, InstrumentSet, Limits, Session, SessionContext,
+    Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol, ProtocolContext,
 };
 use crate::decimal::Dec;
 use crate::domain::{bucket, ExchangeId, Interval, Symbol};
@@ -125,8 +125,8 @@ impl Adapter for Kraken {
         }
     }
 
-    fn new_session(&self, ctx: SessionContext) -> Box<dyn Session> {
-        Box::new(KrakenSession::new(ctx))
+    fn new_protocol(&self, ctx: ProtocolContext) -> Box<dyn Protocol> {
+        Box::new(KrakenProtocol::new(ctx))
     }
 
     fn batch_group<'a>(&self, stream: &'a str) -> &'a str {
@@ -306,7 +306,7 @@ impl NativeCandles {
     }
 }
 
-struct KrakenSession {
+struct KrakenProtocol {
     rest_url: String,
     /// Native symbol → instrument (precisions, REST name).
     by_native: HashMap<String, Instrument>,
@@ -324,15 +324,15 @@ struct KrakenSession {
     last_ping_ms: i64,
 }
 
-impl KrakenSession {
-    fn new(ctx: SessionContext) -> KrakenSession {
+impl KrakenProtocol {
+    fn new(ctx: ProtocolContext) -> KrakenProtocol {
         let by_native = ctx
             .instruments
             .by_symbol
             .values()
             .map(|i| (i.native.clone(), i.clone()))
             .collect();
-        KrakenSession {
+        KrakenProtocol {
             rest_url: ctx.rest_url.trim_end_matches('/').to_string(),
             by_native,
             streams: HashSet::new(),
@@ -372,7 +372,7 @@ impl KrakenSession {
         channel: &str,
         param: Option<&str>,
         symbols: &[&str],
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) {
         let subscribing = method == "subscribe";
         let extra = match channel {
@@ -382,11 +382,11 @@ impl KrakenSession {
             _ => json!({}),
         };
         let frame = self.request(method, channel, symbols, extra);
-        out.push(Decoded::Send(frame));
+        out.push(Effect::Send(frame));
     }
 
     /// Sends one frame per (channel, parameter) group.
-    fn frames(&mut self, method: &str, groups: Groups, out: &mut Vec<Decoded>) {
+    fn frames(&mut self, method: &str, groups: Groups, out: &mut Vec<Effect>) {
         for ((channel, param), symbols) in groups {
             let syms: Vec<&str> = symbols.iter().map(String::as_str).collect();
             self.frame(method, &channel, param.as_deref(), &syms, out);
@@ -394,8 +394,8 @@ impl KrakenSession {
     }
 
     /// Resyncs one symbol's book from a fresh snapshot; the connection and other symbols stay.
-    fn resync(&mut self, symbol: &str, why: &str, out: &mut Vec<Decoded>) {
-        out.push(Decoded::Resyncing {
+    fn resync(&mut self, symbol: &str, why: &str, out: &mut Vec<Effect>) {
+        out.push(Effect::Resyncing {
             stream: format!("book:{symbol}"),
             why: why.to_string(),
         });
@@ -423,7 +423,7 @@ impl KrakenSession {
         iv: Interval,
         symbol: &str,
         now_ms: i64,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) -> bool {
         let (Some(minutes), Some(rest_name)) = (
             seed_minutes(iv),
@@ -435,7 +435,7 @@ impl KrakenSession {
         let tag = self.next_tag;
         self.next_tag += 1;
         self.fetches.insert(tag, (stream.to_string(), now_ms));
-        out.push(Decoded::Fetch {
+        out.push(Effect::Fetch {
             tag,
             url: format!(
                 "{}/0/public/OHLC?pair={rest_name}&interval={minutes}&since={}",
@@ -450,7 +450,7 @@ impl KrakenSession {
         &mut self,
         msg: BookMsg,
         snapshot: bool,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) -> Result<(), DecodeError> {
         let symbol = msg.symbol.clone();
         let stream = format!("book:{symbol}");
@@ -508,7 +508,7 @@ impl KrakenSession {
             .as_deref()
             .and_then(rfc3339_ms)
             .unwrap_or_else(crate::protocol::now_millis);
-        out.push(Decoded::Event {
+        out.push(Effect::Event {
             stream,
             event: MarketEvent::Book(book.top(time_ms)),
         });
@@ -518,7 +518,7 @@ impl KrakenSession {
     fn on_trades(
         &mut self,
         mut trades: Vec<TradeMsg>,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) -> Result<(), DecodeError> {
         // Candles need trades in exchange order, whatever order a message lists them in.
         trades.sort_by_key(|t| (rfc3339_ms(&t.timestamp).unwrap_or(0), t.trade_id));
@@ -545,7 +545,7 @@ impl KrakenSession {
             };
             let stream = format!("trade:{}", t.symbol);
             if self.streams.contains(&stream) {
-                out.push(Decoded::Event {
+                out.push(Effect::Event {
                     stream,
                     event: MarketEvent::Trade(trade.clone()),
                 });
@@ -565,9 +565,9 @@ impl KrakenSession {
     }
 }
 
-fn push_klines(stream: &str, klines: Vec<Kline>, out: &mut Vec<Decoded>) {
+fn push_klines(stream: &str, klines: Vec<Kline>, out: &mut Vec<Effect>) {
     for k in klines {
-        out.push(Decoded::Event {
+        out.push(Effect::Event {
             stream: stream.to_string(),
             event: MarketEvent::Kline(k),
         });
@@ -602,8 +602,8 @@ fn parts(stream: &str) -> Option<(&str, Option<&str>, &str)> {
     }
 }
 
-impl Session for KrakenSession {
-    fn subscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Decoded>) {
+impl Protocol for KrakenProtocol {
+    fn subscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Effect>) {
         let mut upstream = Groups::new();
         for stream in streams {
             let Some((channel, param, symbol)) = parts(stream) else {
@@ -655,7 +655,7 @@ impl Session for KrakenSession {
         self.frames("subscribe", upstream, out);
     }
 
-    fn unsubscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Decoded>) {
+    fn unsubscribe(&mut self, streams: &[String], _now_ms: i64, out: &mut Vec<Effect>) {
         let mut upstream = Groups::new();
         for stream in streams {
             let Some((channel, param, symbol)) = parts(stream) else {
@@ -693,7 +693,7 @@ impl Session for KrakenSession {
         &mut self,
         text: &str,
         now_ms: i64,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) -> Result<(), DecodeError> {
         let frame: Frame = serde_json::from_str(text)?;
         if let Some(method) = frame.method {
@@ -705,17 +705,17 @@ impl Session for KrakenSession {
                         // is refused, so their clients are told instead of waiting forever.
                         let suffix = format!(":{symbol}");
                         for stream in self.streams.iter().filter(|s| s.ends_with(&suffix)) {
-                            out.push(Decoded::StreamRejected {
+                            out.push(Effect::StreamRejected {
                                 stream: stream.clone(),
                                 code: ErrorCode::UnknownSymbol,
                                 message: format!("kraken refused {symbol}: {error}"),
                             });
                         }
                     }
-                    _ => out.push(Decoded::Rejected(format!("{method}: {error}"))),
+                    _ => out.push(Effect::Rejected(format!("{method}: {error}"))),
                 }
             } else {
-                out.push(Decoded::Ack);
+                out.push(Effect::Ack);
             }
             return Ok(());
         }
@@ -736,7 +736,7 @@ impl Session for KrakenSession {
             Some("ticker") => {
                 for t in serde_json::from_str::<Vec<TickerMsg>>(data.get())? {
                     let stream = format!("ticker:{}", t.symbol);
-                    out.push(Decoded::Event {
+                    out.push(Effect::Event {
                         stream,
                         event: MarketEvent::Ticker(Box::new(Ticker {
                             price: t.last,
@@ -808,7 +808,7 @@ impl Session for KrakenSession {
         Ok(())
     }
 
-    fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Decoded>) {
+    fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Effect>) {
         for (stream, state) in &mut self.native {
             let mut klines = Vec::new();
             state.on_tick(now_ms, &mut klines);
@@ -823,7 +823,7 @@ impl Session for KrakenSession {
             self.last_ping_ms = now_ms;
             let req_id = self.next_req;
             self.next_req += 1;
-            out.push(Decoded::Send(
+            out.push(Effect::Send(
                 json!({"method": "ping", "req_id": req_id}).to_string(),
             ));
         }
@@ -834,7 +834,7 @@ impl Session for KrakenSession {
         tag: u64,
         body: Result<String, String>,
         _now_ms: i64,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Effect>,
     ) {
         let Some((stream, asked_at)) = self.fetches.remove(&tag) else {
             return;
@@ -1008,8 +1008,8 @@ mod tests {
     }
     use std::sync::Arc;
 
-    fn session(instruments: InstrumentSet) -> KrakenSession {
-        KrakenSession::new(SessionContext {
+    fn session(instruments: InstrumentSet) -> KrakenProtocol {
+        KrakenProtocol::new(ProtocolContext {
             rest_url: "http://kraken".into(),
             instruments: Arc::new(instruments),
         })
@@ -1045,7 +1045,7 @@ mod tests {
         assert!(
             matches!(
                 &out[..],
-                [Decoded::Event {
+                [Effect::Event {
                     event: MarketEvent::Book(_),
                     ..
                 }]
@@ -1054,7 +1054,7 @@ mod tests {
         );
         out.clear();
         s.decode(UPDATE, 0, &mut out).unwrap();
-        let [Decoded::Event {
+        let [Effect::Event {
             event: MarketEvent::Book(b),
             ..
         }] = &out[..]
@@ -1081,11 +1081,11 @@ mod tests {
         s.decode(&bad, 0, &mut out).unwrap();
         assert!(out
             .iter()
-            .any(|d| matches!(d, Decoded::Resyncing { stream, .. } if stream == "book:MATIC/USD")));
+            .any(|d| matches!(d, Effect::Resyncing { stream, .. } if stream == "book:MATIC/USD")));
         let frames: Vec<&String> = out
             .iter()
             .filter_map(|d| match d {
-                Decoded::Send(f) => Some(f),
+                Effect::Send(f) => Some(f),
                 _ => None,
             })
             .collect();
@@ -1093,7 +1093,7 @@ mod tests {
         assert!(frames[0].contains("\"unsubscribe\"") && frames[0].contains("MATIC/USD"));
         assert!(frames[1].contains("\"subscribe\"") && frames[1].contains("\"depth\":25"));
         assert!(
-            !out.iter().any(|d| matches!(d, Decoded::Event { .. })),
+            !out.iter().any(|d| matches!(d, Effect::Event { .. })),
             "no bad book goes out"
         );
         // Updates before the fresh snapshot are ignored; the snapshot restores service.
@@ -1101,7 +1101,7 @@ mod tests {
         s.decode(UPDATE, 0, &mut out).unwrap();
         assert!(out.is_empty());
         s.decode(SNAPSHOT, 0, &mut out).unwrap();
-        assert!(matches!(&out[..], [Decoded::Event { .. }]));
+        assert!(matches!(&out[..], [Effect::Event { .. }]));
     }
 
     #[test]
@@ -1145,14 +1145,14 @@ mod tests {
             &mut out,
         );
         s.subscribe(&["ohlc:5:MATIC/USD".into()], 0, &mut out);
-        let sends = out.iter().filter(|d| matches!(d, Decoded::Send(_))).count();
+        let sends = out.iter().filter(|d| matches!(d, Effect::Send(_))).count();
         assert_eq!(
             sends, 3,
             "one trade subscription serves the trades and the 1s candles: {out:?}"
         );
         out.clear();
         s.decode(r#"{"channel":"ticker","type":"snapshot","data":[{"symbol":"ALGO/USD","bid":0.10025,"bid_qty":740.0,"ask":0.10036,"ask_qty":1361.44813783,"last":0.10035,"volume":997038.98383185,"vwap":0.10148,"low":0.09979,"high":0.10285,"change":-0.00017,"change_pct":-0.17}]}"#, 7, &mut out).unwrap();
-        let [Decoded::Event {
+        let [Effect::Event {
             stream,
             event: MarketEvent::Ticker(t),
         }] = &out[..]
@@ -1177,7 +1177,7 @@ mod tests {
         let trade = out
             .iter()
             .find_map(|d| match d {
-                Decoded::Event {
+                Effect::Event {
                     event: MarketEvent::Trade(t),
                     ..
                 } => Some(t),
@@ -1191,16 +1191,16 @@ mod tests {
         // The trade-built candle goes out on the next tick.
         assert!(!out.iter().any(|d| matches!(
             d,
-            Decoded::Event {
+            Effect::Event {
                 event: MarketEvent::Kline(_),
                 ..
             }
         )));
         s.on_tick(1695628177708 + 100, &mut out);
-        assert!(out.iter().any(|d| matches!(d, Decoded::Event { stream, event: MarketEvent::Kline(_) } if stream == "candles:1s:MATIC/USD")));
+        assert!(out.iter().any(|d| matches!(d, Effect::Event { stream, event: MarketEvent::Kline(_) } if stream == "candles:1s:MATIC/USD")));
         out.clear();
         s.decode(r#"{"channel":"ohlc","type":"update","timestamp":"2023-10-04T16:26:30.524394914Z","data":[{"symbol":"MATIC/USD","open":0.5624,"high":0.5628,"low":0.5622,"close":0.5627,"trades":12,"volume":30927.68066226,"vwap":0.5626,"interval_begin":"2023-10-04T16:25:00.000000000Z","interval":5,"timestamp":"2023-10-04T16:30:00.000000Z"}]}"#, 1696436795000, &mut out).unwrap();
-        let [Decoded::Event {
+        let [Effect::Event {
             event: MarketEvent::Kline(k),
             ..
         }] = &out[..]
@@ -1225,7 +1225,7 @@ mod tests {
         s.on_tick(1696437000000 + GRACE_MS + 2, &mut out);
         let finals = out
             .iter()
-            .filter(|d| matches!(d, Decoded::Event { stream, event: MarketEvent::Kline(k) } if k.is_final && stream == "ohlc:5:MATIC/USD"))
+            .filter(|d| matches!(d, Effect::Event { stream, event: MarketEvent::Kline(k) } if k.is_final && stream == "ohlc:5:MATIC/USD"))
             .count();
         assert_eq!(finals, 1);
     }
@@ -1238,7 +1238,7 @@ mod tests {
         out.clear();
         s.decode(r#"{"error":"Currency pair not supported NOPE/USD","method":"subscribe","success":false,"symbol":"NOPE/USD","time_in":"2026-09-24T03:54:32.996743Z","time_out":"2026-09-24T03:54:32.996775Z"}"#, 0, &mut out).unwrap();
         assert!(
-            matches!(&out[..], [Decoded::StreamRejected { stream, code: ErrorCode::UnknownSymbol, .. }] if stream == "ticker:NOPE/USD"),
+            matches!(&out[..], [Effect::StreamRejected { stream, code: ErrorCode::UnknownSymbol, .. }] if stream == "ticker:NOPE/USD"),
             "{out:?}"
         );
     }

@@ -12,8 +12,8 @@ pub mod connection;
 pub mod kraken;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -24,9 +24,9 @@ use crate::config::{Config, ExchangeConfig};
 use crate::decimal::Dec;
 use crate::domain::{ExchangeId, Symbol};
 use crate::events::{Feed, FeedKey, MarketEvent};
-use crate::hub::Hub;
+use crate::hub::{Check, FeedSink, FeedSource};
 use crate::protocol::ErrorCode;
-use crate::stats::AtomicMillis;
+use crate::stats::{Stats, UpstreamStats};
 
 /// How often a loaded instrument list is refreshed.
 const INSTRUMENT_REFRESH: Duration = Duration::from_secs(3600);
@@ -76,10 +76,11 @@ pub fn decimal(field: &'static str, s: &str) -> Result<Dec, DecodeError> {
     })
 }
 
-/// What a session asks of its connection task: the session is sans-IO, so everything it
-/// wants done (frames sent, REST fetched, events dispatched) comes out as one of these.
+/// What a connection's [`Protocol`] asks of its connection task: the protocol is sans-IO, so
+/// everything it wants done (events dispatched, frames sent, REST fetched, the connection
+/// replaced) comes out as one of these.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decoded {
+pub enum Effect {
     /// Market data on one of the connection's streams (the exchange's stream name).
     Event { stream: String, event: MarketEvent },
     /// A subscription request was accepted.
@@ -92,21 +93,21 @@ pub enum Decoded {
         code: ErrorCode,
         message: String,
     },
-    /// The exchange asks us to reconnect (e.g. Binance `serverShutdown`), or the session's
+    /// The exchange asks us to reconnect (e.g. Binance `serverShutdown`), or the protocol's
     /// state cannot be repaired in place.
     Reconnect(&'static str),
     /// A frame to send, paced under the exchange's message limit, in order.
     Send(String),
-    /// A REST GET whose body (or error) comes back through [`Session::on_fetched`].
+    /// A REST GET whose body (or error) comes back through [`Protocol::on_fetched`].
     Fetch { tag: u64, url: String },
     /// The book of `stream` was found inconsistent and is being rebuilt from a fresh snapshot
     /// (counted; its cached value is dropped so nobody is served the bad book meanwhile).
     Resyncing { stream: String, why: String },
 }
 
-/// What a session is given when a connection opens.
+/// What a connection's protocol state is given when the connection opens.
 #[derive(Clone)]
-pub struct SessionContext {
+pub struct ProtocolContext {
     pub rest_url: String,
     pub instruments: Arc<InstrumentSet>,
 }
@@ -182,7 +183,7 @@ pub trait Adapter: Send + Sync + 'static {
         (ws_base.to_string(), 0)
     }
     /// Per-connection protocol state.
-    fn new_session(&self, ctx: SessionContext) -> Box<dyn Session>;
+    fn new_protocol(&self, ctx: ProtocolContext) -> Box<dyn Protocol>;
     /// Streams that may share one subscribe frame have the same group (Coinbase allows one
     /// channel per message; Kraken one channel and parameter set).
     fn batch_group<'a>(&self, _stream: &'a str) -> &'a str {
@@ -195,97 +196,42 @@ pub trait Adapter: Send + Sync + 'static {
 }
 
 /// The protocol state of one upstream connection: frames out, events in. No IO: every
-/// request to the outside world is a [`Decoded`] pushed to `out`.
-pub trait Session: Send {
+/// request to the outside world is an [`Effect`] pushed to `out`.
+pub trait Protocol: Send {
     /// Called once the socket is open, before any subscription.
-    fn on_connect(&mut self, _now_ms: i64, _out: &mut Vec<Decoded>) {}
+    fn on_connect(&mut self, _now_ms: i64, _out: &mut Vec<Effect>) {}
     /// Subscribes `streams` (one batch group). May send nothing when the exchange already
     /// sends what they need (streams derived from one upstream channel).
-    fn subscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Decoded>);
-    fn unsubscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Decoded>);
-    fn decode(
-        &mut self,
-        text: &str,
-        now_ms: i64,
-        out: &mut Vec<Decoded>,
-    ) -> Result<(), DecodeError>;
+    fn subscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Effect>);
+    fn unsubscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Effect>);
+    fn decode(&mut self, text: &str, now_ms: i64, out: &mut Vec<Effect>)
+        -> Result<(), DecodeError>;
     /// Called about every [`TICK`]: time-driven work (final candles, keep-alive pings).
-    fn on_tick(&mut self, _now_ms: i64, _out: &mut Vec<Decoded>) {}
-    /// The answer to a [`Decoded::Fetch`].
+    fn on_tick(&mut self, _now_ms: i64, _out: &mut Vec<Effect>) {}
+    /// The answer to a [`Effect::Fetch`].
     fn on_fetched(
         &mut self,
         _tag: u64,
         _body: Result<String, String>,
         _now_ms: i64,
-        _out: &mut Vec<Decoded>,
+        _out: &mut Vec<Effect>,
     ) {
     }
 }
 
-/// How often [`Session::on_tick`] runs.
+/// How often [`Protocol::on_tick`] runs.
 pub const TICK: Duration = Duration::from_millis(250);
 
-/// Whether a market can be served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Check {
-    Known,
-    /// The instrument list is not loaded yet (exchange unreachable).
-    Pending,
-    Refused(ErrorCode, String),
-}
-
-/// Counters one exchange exposes in stats and health.
-#[derive(Default)]
-pub struct ExchangeStats {
-    pub reconnects: AtomicU64,
-    pub connect_failures: AtomicU64,
-    pub decode_errors: AtomicU64,
-    pub rejected_requests: AtomicU64,
-    /// Order books rebuilt after a gap, checksum failure or crossed book.
-    pub resyncs: AtomicU64,
-    pub last_message_at: AtomicMillis,
-    /// The WebSocket side: a connection was lost or a connect attempt failed, and none has
-    /// succeeded since.
-    pub ws_trouble: Trouble,
-    /// The instrument list could not be fetched (the last attempt failed).
-    pub rest_trouble: Trouble,
-}
-
-/// Since when something has been failing, and the last error, for `/health`.
-#[derive(Default)]
-pub struct Trouble {
-    since: AtomicMillis,
-    last_error: Mutex<Option<String>>,
-}
-
-impl Trouble {
-    /// Records a failure: the first one since the last success starts the clock.
-    pub fn fail(&self, error: impl Into<String>) {
-        if self.since.get().is_none() {
-            self.since.set(crate::protocol::now_millis());
-        }
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.into());
-    }
-
-    pub fn clear(&self) {
-        self.since.set(0);
-    }
-
-    pub fn is_failing(&self) -> bool {
-        self.since.get().is_some()
-    }
-
-    /// Since when (ms) and why, while failing.
-    pub fn get(&self) -> Option<(i64, String)> {
-        let since = self.since.get()?;
-        let error = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default();
-        Some((since, error))
-    }
+/// One exchange's streams and counters.
+#[derive(Debug, Clone)]
+pub struct UpstreamSnapshot {
+    pub exchange: ExchangeId,
+    /// Every wanted connection is open (and there is at least one).
+    pub connected: bool,
+    pub connections: usize,
+    /// The exchange's names of the streams requested on open connections, sorted.
+    pub streams: Vec<String>,
+    pub counters: crate::stats::UpstreamCounters,
 }
 
 /// What `/health` says of one exchange's upstream side.
@@ -355,8 +301,8 @@ pub struct Exchange {
     /// lock-free read on the subscribe path.
     instruments: moka::sync::Cache<(), Arc<InstrumentSet>>,
     conns: Mutex<Pool>,
-    pub stats: ExchangeStats,
-    /// For REST calls sessions ask for.
+    pub stats: UpstreamStats,
+    /// For REST calls the protocol asks for.
     pub http: reqwest::Client,
     /// Connection attempts, shared by all of this exchange's connections.
     pub attempts: Mutex<AttemptBudget>,
@@ -450,9 +396,14 @@ impl Exchange {
 /// All enabled exchanges.
 pub struct Upstreams {
     exchanges: Vec<Arc<Exchange>>,
-    hub: Weak<Hub>,
+    /// Where events go: the hub, set once by [`Upstreams::start`]. Weak: the hub owns the
+    /// source, not the other way round.
+    sink: OnceLock<Weak<dyn FeedSink>>,
+    /// Relay-wide counters (messages in).
+    stats: Arc<Stats>,
     http: reqwest::Client,
     shutdown: CancellationToken,
+    /// Instrument loaders and connection tasks; shutdown waits for them.
     pub tasks: TaskTracker,
 }
 
@@ -466,7 +417,7 @@ fn adapter_for(id: ExchangeId) -> Option<Box<dyn Adapter>> {
 }
 
 impl Upstreams {
-    pub fn new(config: &Config, hub: Weak<Hub>, shutdown: CancellationToken) -> Upstreams {
+    pub fn new(config: &Config, stats: Arc<Stats>, shutdown: CancellationToken) -> Upstreams {
         let http = reqwest::Client::builder()
             .timeout(REST_TIMEOUT)
             .user_agent(concat!("exchange-relay/", env!("CARGO_PKG_VERSION")))
@@ -484,46 +435,84 @@ impl Upstreams {
                     config: config.exchanges.get(id).clone(),
                     instruments: moka::sync::Cache::new(1),
                     conns: Mutex::new(Pool::default()),
-                    stats: ExchangeStats::default(),
+                    stats: UpstreamStats::new(id),
                     http: http.clone(),
                 }))
             })
             .collect();
         Upstreams {
             exchanges,
-            hub,
+            sink: OnceLock::new(),
+            stats,
             http,
             shutdown,
             tasks: TaskTracker::new(),
         }
     }
 
-    pub fn hub(&self) -> Option<Arc<Hub>> {
-        self.hub.upgrade()
+    fn sink(&self) -> Weak<dyn FeedSink> {
+        match self.sink.get() {
+            Some(s) => s.clone(),
+            None => Weak::<NoSink>::new(),
+        }
     }
 
     pub fn get(&self, id: ExchangeId) -> Option<&Arc<Exchange>> {
         self.exchanges.iter().find(|e| e.adapter.id() == id)
     }
 
-    pub fn all(&self) -> &[Arc<Exchange>] {
-        &self.exchanges
+    /// Each enabled exchange's upstream state, for `/health`.
+    pub fn health(&self) -> Vec<(ExchangeId, UpstreamHealth)> {
+        self.exchanges
+            .iter()
+            .map(|ex| (ex.adapter.id(), ex.health()))
+            .collect()
     }
 
-    /// Starts one instrument loader per enabled exchange.
-    pub fn start(&self) {
+    /// Enabled exchanges whose instrument list is not loaded yet, for `/ready`.
+    pub fn waiting_for_instruments(&self) -> Vec<ExchangeId> {
+        self.exchanges
+            .iter()
+            .filter(|ex| ex.instruments().is_none())
+            .map(|ex| ex.adapter.id())
+            .collect()
+    }
+
+    /// Each enabled exchange's streams and counters, for `/api/v1/ws/stats`.
+    pub fn snapshot(&self) -> Vec<UpstreamSnapshot> {
+        self.exchanges
+            .iter()
+            .map(|ex| {
+                let (streams, up, wanted) = ex.active_streams();
+                UpstreamSnapshot {
+                    exchange: ex.adapter.id(),
+                    connected: wanted > 0 && up == wanted,
+                    connections: up,
+                    streams,
+                    counters: ex.stats.counters(),
+                }
+            })
+            .collect()
+    }
+
+    /// Starts one instrument loader per enabled exchange; events go to `sink` from now on.
+    /// Connections open on demand.
+    pub fn start(&self, sink: Weak<dyn FeedSink>) {
+        let _ = self.sink.set(sink);
         for ex in &self.exchanges {
             let ex = ex.clone();
             let http = self.http.clone();
-            let hub = self.hub.clone();
+            let sink = self.sink();
             let shutdown = self.shutdown.clone();
             self.tasks
-                .spawn(async move { load_instruments(ex, http, hub, shutdown).await });
+                .spawn(async move { load_instruments(ex, http, sink, shutdown).await });
         }
     }
+}
 
+impl FeedSource for Upstreams {
     /// Whether `key` can be served now, later, or not at all.
-    pub fn check(&self, key: &FeedKey) -> Check {
+    fn check(&self, key: &FeedKey) -> Check {
         let Some(ex) = self.get(key.exchange) else {
             return Check::Refused(
                 ErrorCode::UnknownExchange,
@@ -568,13 +557,13 @@ impl Upstreams {
     }
 
     /// Whether data can be expected from the exchange now.
-    pub fn reachable(&self, id: ExchangeId) -> bool {
+    fn reachable(&self, id: ExchangeId) -> bool {
         self.get(id)
             .is_some_and(|ex| ex.instruments().is_some() && !ex.stats.ws_trouble.is_failing())
     }
 
     /// Asks the exchange for the stream of `key` (first subscriber arrived).
-    pub fn want(&self, key: &FeedKey) {
+    fn want(&self, key: &FeedKey) {
         let Some(ex) = self.get(key.exchange) else {
             return;
         };
@@ -612,10 +601,14 @@ impl Upstreams {
                 });
                 conn.desired().streams.insert(name.clone(), key.clone());
                 pool.conns.push(conn.clone());
-                let (ex2, hub, shutdown) = (ex.clone(), self.hub.clone(), self.shutdown.clone());
-                let c2 = conn.clone();
+                let link = connection::Link {
+                    sink: self.sink(),
+                    stats: self.stats.clone(),
+                    shutdown: self.shutdown.clone(),
+                };
+                let (ex2, c2) = (ex.clone(), conn.clone());
                 self.tasks.spawn(async move {
-                    connection::run(&ex2, &c2, hub, shutdown).await;
+                    connection::run(&ex2, &c2, link).await;
                     ex2.forget(&c2);
                 });
                 conn
@@ -625,7 +618,7 @@ impl Upstreams {
     }
 
     /// Drops the stream of `key` (its topic was released).
-    pub fn unwant(&self, key: &FeedKey) {
+    fn unwant(&self, key: &FeedKey) {
         let Some(ex) = self.get(key.exchange) else {
             return;
         };
@@ -635,6 +628,16 @@ impl Upstreams {
             conn.notify.notify_one();
         }
     }
+}
+
+/// The sink before [`Upstreams::start`]: nothing to tell.
+struct NoSink;
+
+impl FeedSink for NoSink {
+    fn events(&self, _: &FeedKey, _: Vec<MarketEvent>) {}
+    fn invalidated(&self, _: &FeedKey) {}
+    fn refused(&self, _: &FeedKey, _: ErrorCode, _: &str) {}
+    fn instruments_loaded(&self, _: ExchangeId) {}
 }
 
 /// Quote currencies a symbol is most often mistaken between (a Binance `USDT` market asked of
@@ -669,7 +672,7 @@ fn suggestions(set: &InstrumentSet, symbol: &str) -> Vec<String> {
 async fn load_instruments(
     ex: Arc<Exchange>,
     http: reqwest::Client,
-    hub: Weak<Hub>,
+    sink: Weak<dyn FeedSink>,
     shutdown: CancellationToken,
 ) {
     let id = ex.adapter.id();
@@ -679,36 +682,30 @@ async fn load_instruments(
         let wait = match fetch_text(&http, &url).await {
             Ok(body) => match ex.adapter.parse_instruments(&body) {
                 Ok(set) => {
-                    tracing::info!(exchange = %id, instruments = set.by_symbol.len(), "instrument list loaded");
-                    ex.stats.rest_trouble.clear();
+                    ex.stats.instruments_loaded(set.by_symbol.len());
                     ex.instruments.insert((), Arc::new(set));
                     backoff.reset();
-                    if let Some(hub) = hub.upgrade() {
-                        hub.resolve_pending(id);
+                    if let Some(sink) = sink.upgrade() {
+                        sink.instruments_loaded(id);
                     }
                     INSTRUMENT_REFRESH
                 }
                 Err(e) => {
-                    tracing::warn!(exchange = %id, error = %e, "instrument list unusable");
                     ex.stats
-                        .rest_trouble
-                        .fail(format!("instrument list unusable: {e}"));
+                        .instruments_failed(format!("instrument list unusable: {e}"));
                     backoff.next_delay()
                 }
             },
             Err(FetchError::RetryAfter(d)) => {
-                tracing::warn!(exchange = %id, retry_after_s = d.as_secs(), "instrument list rate limited");
-                ex.stats.rest_trouble.fail(format!(
+                ex.stats.instruments_failed(format!(
                     "instrument list rate limited; retry after {} s",
                     d.as_secs()
                 ));
                 d.max(backoff.next_delay())
             }
             Err(e) => {
-                tracing::warn!(exchange = %id, error = %e, "instrument list fetch failed");
                 ex.stats
-                    .rest_trouble
-                    .fail(format!("instrument list fetch failed: {e}"));
+                    .instruments_failed(format!("instrument list fetch failed: {e}"));
                 backoff.next_delay()
             }
         };

@@ -15,7 +15,7 @@
 //! overtaken by an event. A write never waits, so the lock is held for one non-blocking `send`
 //! per subscriber.
 
-pub mod outbox;
+pub mod feed;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,11 +30,11 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::domain::{Channel, ExchangeId};
 use crate::events::{render, Delivery, FeedKey, MarketEvent};
-use crate::exchange::{Check, Upstreams};
 use crate::protocol::{msg, now_iso, ErrorCode, RequestId};
 use crate::stats::Stats;
-use crate::ws::Wire;
-pub use outbox::{Close, Outbox, Pushed, Tally};
+pub use crate::ws::Close;
+use crate::ws::{Outbox, Pushed, Tally, Wire};
+pub use feed::{Check, FeedSink, FeedSource};
 
 /// What a subscription is fed from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -61,6 +61,12 @@ pub struct Client {
     /// Subscriptions in the order they were made. Changed only under the owning topic's lock,
     /// by the hub, so a subscription and its topic membership never disagree.
     subs: Mutex<Vec<Held>>,
+}
+
+impl AsRef<Outbox> for Client {
+    fn as_ref(&self) -> &Outbox {
+        &self.outbox
+    }
 }
 
 impl Client {
@@ -145,7 +151,10 @@ pub struct Hub {
     topics: RwLock<HashMap<TopicKey, Arc<Topic>>>,
     clients: Mutex<HashMap<u64, Arc<Client>>>,
     next_client: AtomicU64,
-    pub upstreams: Upstreams,
+    /// Where market data comes from (the exchanges; in tests, a fake).
+    source: Arc<dyn FeedSource>,
+    /// Itself, for the delayed releases it spawns.
+    me: Weak<Hub>,
     pub stats: Arc<Stats>,
     pub default_exchange: ExchangeId,
     close_delay: Duration,
@@ -157,12 +166,18 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(config: &Config, stats: Arc<Stats>, shutdown: CancellationToken) -> Arc<Hub> {
-        Arc::new_cyclic(|weak: &Weak<Hub>| Hub {
+    pub fn new(
+        config: &Config,
+        stats: Arc<Stats>,
+        shutdown: CancellationToken,
+        source: Arc<dyn FeedSource>,
+    ) -> Arc<Hub> {
+        Arc::new_cyclic(|me: &Weak<Hub>| Hub {
             topics: RwLock::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(rand::random::<u32>() as u64),
-            upstreams: Upstreams::new(config, weak.clone(), shutdown.clone()),
+            source,
+            me: me.clone(),
             stats,
             default_exchange: config.exchanges.default,
             close_delay: config.streams.close_delay(),
@@ -171,11 +186,6 @@ impl Hub {
             tasks: TaskTracker::new(),
             shutdown,
         })
-    }
-
-    /// Starts the exchange side (instrument loaders); connections open on demand.
-    pub fn start(self: &Arc<Self>) {
-        self.upstreams.start();
     }
 
     fn topics_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<TopicKey, Arc<Topic>>> {
@@ -269,7 +279,7 @@ impl Hub {
             // Validated under the topic lock: an instrument list arriving now either is seen here
             // or finds this topic in the map when it resolves pending topics.
             let check = match &held.topic {
-                TopicKey::Feed(key) => self.upstreams.check(key),
+                TopicKey::Feed(key) => self.source.check(key),
                 TopicKey::Published(_) => Check::Known,
             };
             let outcome = match check {
@@ -310,7 +320,7 @@ impl Hub {
                     let tally = client
                         .outbox
                         .push_data(&name, &[(Wire::text(frame.as_str()), delivery)]);
-                    self.count_tally(tally);
+                    self.count_tally(client, &name, tally);
                 }
             }
             client.subs().push(held.clone());
@@ -321,9 +331,9 @@ impl Hub {
             if let (TopicKey::Feed(key), Attached::Live) = (&held.topic, &outcome) {
                 if !st.wanted {
                     st.wanted = true;
-                    self.upstreams.want(key);
+                    self.source.want(key);
                 }
-                if !self.upstreams.reachable(key.exchange) {
+                if !self.source.reachable(key.exchange) {
                     return Attached::Unavailable;
                 }
             }
@@ -367,7 +377,7 @@ impl Hub {
             st.generation += 1;
             st.generation
         };
-        let Some(hub) = self.upstreams.hub() else {
+        let Some(hub) = self.me.upgrade() else {
             return;
         };
         let key = key.clone();
@@ -396,28 +406,28 @@ impl Hub {
         st.removed = true;
         topics.remove(key);
         if let (TopicKey::Feed(feed), true) = (key, st.wanted) {
-            self.upstreams.unwant(feed);
+            self.source.unwant(feed);
         }
     }
 
     fn send(&self, client: &Client, frame: crate::protocol::Frame) {
-        self.count_push(client.outbox.push_control(frame));
+        self.count_push(client, client.outbox.push_control(frame));
     }
 
-    fn count_tally(&self, tally: Tally) {
-        Stats::add(&self.stats.messages_out, tally.queued);
-        Stats::add(&self.stats.conflated, tally.conflated);
-        Stats::add(
-            &self.stats.slow_consumer_disconnects,
-            u64::from(tally.overflowed),
-        );
+    /// Counts what one push to `client` on `channel` did.
+    fn count_tally(&self, client: &Client, channel: &str, tally: Tally) {
+        self.stats.messages_out(tally.queued);
+        self.stats.conflated(tally.conflated);
+        if tally.overflowed {
+            self.stats.slow_consumer(&client.name, channel);
+        }
     }
 
-    fn count_push(&self, pushed: Pushed) {
+    fn count_push(&self, client: &Client, pushed: Pushed) {
         match pushed {
-            Pushed::Queued => Stats::add(&self.stats.messages_out, 1),
-            Pushed::Conflated => Stats::add(&self.stats.conflated, 1),
-            Pushed::Overflowed => Stats::add(&self.stats.slow_consumer_disconnects, 1),
+            Pushed::Queued => self.stats.messages_out(1),
+            Pushed::Conflated => self.stats.conflated(1),
+            Pushed::Overflowed => self.stats.slow_consumer(&client.name, "control"),
             Pushed::Closed => {}
         }
     }
@@ -425,7 +435,7 @@ impl Hub {
     /// Fans upstream events of one feed out to every channel of its topic, in order. A burst
     /// (events read from the exchange at once, as when the relay catches up) reaches each
     /// subscriber in one write.
-    pub fn dispatch(&self, key: &FeedKey, events: Vec<MarketEvent>) {
+    fn dispatch(&self, key: &FeedKey, events: Vec<MarketEvent>) {
         let Some(topic) = self.topic(&TopicKey::Feed(key.clone())) else {
             return;
         };
@@ -444,8 +454,8 @@ impl Hub {
             true
         });
         let now = now_iso();
+        // Counted once per dispatch, not per client: the loop below is the hot path.
         let mut total = Tally::default();
-        let mut overflowed = 0u64;
         let mut frames = Vec::with_capacity(events.len());
         for feed in &st.channels {
             frames.clear();
@@ -461,8 +471,7 @@ impl Hub {
                 total.queued += tally.queued;
                 total.conflated += tally.conflated;
                 if tally.overflowed {
-                    overflowed += 1;
-                    tracing::info!(client = %client.name, channel = %feed.name, "slow consumer: closing with 1013");
+                    self.stats.slow_consumer(&client.name, &feed.name);
                 }
             }
         }
@@ -470,9 +479,8 @@ impl Hub {
             st.last = Some(last);
         }
         drop(st);
-        Stats::add(&self.stats.messages_out, total.queued);
-        Stats::add(&self.stats.conflated, total.conflated);
-        Stats::add(&self.stats.slow_consumer_disconnects, overflowed);
+        self.stats.messages_out(total.queued);
+        self.stats.conflated(total.conflated);
     }
 
     /// Delivers a published message to the subscribers of `channel`; returns how many got it.
@@ -488,7 +496,7 @@ impl Hub {
             for client in &feed.subscribers {
                 let tally = client.outbox.push_data(&feed.name, &frames);
                 delivered += tally.queued as usize;
-                self.count_tally(tally);
+                self.count_tally(client, &feed.name, tally);
             }
         }
         delivered
@@ -497,7 +505,7 @@ impl Hub {
     /// Called when an exchange's instrument list is (re)loaded: pending topics of that exchange
     /// either go live or, for symbols the exchange does not list, are dropped with
     /// `UNKNOWN_SYMBOL` so their clients know.
-    pub fn resolve_pending(&self, exchange: ExchangeId) {
+    fn resolve_pending(&self, exchange: ExchangeId) {
         let topics: Vec<(TopicKey, Arc<Topic>)> = self
             .topics_read()
             .iter()
@@ -510,11 +518,11 @@ impl Hub {
             if st.wanted || st.removed || st.refs == 0 {
                 continue;
             }
-            match self.upstreams.check(feed) {
+            match self.source.check(feed) {
                 Check::Pending => {}
                 Check::Known => {
                     st.wanted = true;
-                    self.upstreams.want(feed);
+                    self.source.want(feed);
                 }
                 Check::Refused(code, message) => {
                     self.drop_subscribers(&mut st, code, &message);
@@ -527,7 +535,7 @@ impl Hub {
 
     /// Forgets the current value of a feed that can no longer vouch for it (a book being
     /// resynced, or whose connection dropped), so new subscribers wait for a fresh one.
-    pub fn invalidate(&self, key: &FeedKey) {
+    fn invalidate(&self, key: &FeedKey) {
         if let Some(topic) = self.topic(&TopicKey::Feed(key.clone())) {
             topic.lock().last = None;
         }
@@ -535,7 +543,7 @@ impl Hub {
 
     /// The exchange refused a feed for good: its subscribers get `code` and `unsubscribed`,
     /// and the topic goes (upstream stream included).
-    pub fn reject(&self, key: &FeedKey, code: ErrorCode, message: &str) {
+    fn reject(&self, key: &FeedKey, code: ErrorCode, message: &str) {
         let topic_key = TopicKey::Feed(key.clone());
         let Some(topic) = self.topic(&topic_key) else {
             return;
@@ -587,6 +595,24 @@ impl Hub {
         snap.active_channels.sort();
         snap.connected_clients = self.connected_clients();
         snap
+    }
+}
+
+impl FeedSink for Hub {
+    fn events(&self, key: &FeedKey, events: Vec<MarketEvent>) {
+        self.dispatch(key, events);
+    }
+
+    fn invalidated(&self, key: &FeedKey) {
+        self.invalidate(key);
+    }
+
+    fn refused(&self, key: &FeedKey, code: ErrorCode, message: &str) {
+        self.reject(key, code, message);
+    }
+
+    fn instruments_loaded(&self, exchange: ExchangeId) {
+        self.resolve_pending(exchange);
     }
 }
 

@@ -32,9 +32,9 @@ use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
 
+use super::Wire;
 use crate::events::Delivery;
 use crate::protocol::{close, msg, ErrorCode, Frame};
-use crate::ws::Wire;
 
 /// Frames per `writev` when draining a queue.
 const WRITE_BATCH: usize = 64;
@@ -473,7 +473,7 @@ impl Outbox {
             frames.push(Wire::text(words.as_str()).bytes().clone());
         }
         frames.push(Wire::close(close.code, &close.reason).bytes().clone());
-        crate::ws::write_all(socket, &frames).await
+        super::write_all(socket, &frames).await
     }
 }
 

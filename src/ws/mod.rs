@@ -8,7 +8,7 @@
 //! implementation; the few frames tungstenite itself wants to send (pong, close reply) go
 //! through the same outbox, in order with everything else.
 //!
-//! [`Outbox`]: crate::hub::Outbox
+//! [`Outbox`]: outbox::Outbox
 
 use std::future::Future;
 use std::io;
@@ -29,8 +29,10 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::hub::{Client, Close};
+pub mod outbox;
+
 use crate::protocol::close;
+pub use outbox::{Close, Outbox, Pushed, Tally};
 
 /// A complete server-to-client frame (FIN set, unmasked), shared by every client it goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,7 +245,8 @@ pub struct Inbound {
     socket: Arc<TcpStream>,
     /// Bytes hyper read past the upgrade request.
     prefix: Bytes,
-    client: Arc<Client>,
+    /// Where tungstenite's own frames go: the client's outbox.
+    client: Arc<dyn AsRef<Outbox> + Send + Sync>,
 }
 
 /// A client's incoming side: tungstenite over [`Inbound`].
@@ -255,7 +258,7 @@ pub type Incoming = WebSocketStream<Inbound>;
 pub async fn incoming(
     socket: Arc<TcpStream>,
     prefix: Bytes,
-    client: Arc<Client>,
+    client: Arc<dyn AsRef<Outbox> + Send + Sync>,
     max_message_bytes: usize,
 ) -> Incoming {
     let config = WebSocketConfig::default()
@@ -316,7 +319,8 @@ impl AsyncWrite for Inbound {
         // tungstenite hands over whole frames and only ever after writing the previous ones,
         // so each call is one or more complete frames.
         self.client
-            .outbox
+            .as_ref()
+            .as_ref()
             .push_wire(Wire::encoded(Bytes::copy_from_slice(buf)));
         Poll::Ready(Ok(buf.len()))
     }

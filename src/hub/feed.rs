@@ -1,0 +1,43 @@
+//! The boundary between the hub and what feeds it. The hub asks a [`FeedSource`] for the
+//! upstream streams its topics need; the source tells the hub's [`FeedSink`] what arrived.
+//! Each side holds the other only through these traits: the exchange connections are one
+//! source, a cluster's Redis feed can be another, and the hub's own tests use a fake.
+
+use crate::domain::ExchangeId;
+use crate::events::{FeedKey, MarketEvent};
+use crate::protocol::ErrorCode;
+
+/// Whether a market can be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Known,
+    /// Not known yet (the exchange's instrument list is not loaded: it is unreachable).
+    Pending,
+    /// Never: the client gets `code` and `message`.
+    Refused(ErrorCode, String),
+}
+
+/// What the hub asks of the side that produces market data.
+pub trait FeedSource: Send + Sync + 'static {
+    /// Whether `key` can be served now, later, or not at all.
+    fn check(&self, key: &FeedKey) -> Check;
+    /// The first subscriber of `key` arrived: start the stream.
+    fn want(&self, key: &FeedKey);
+    /// `key`'s topic was released (its last subscriber left `close_delay` ago): stop it.
+    fn unwant(&self, key: &FeedKey);
+    /// Whether data can be expected from `exchange` now.
+    fn reachable(&self, exchange: ExchangeId) -> bool;
+}
+
+/// What a source tells the hub. Called from the source's tasks; none of these may block.
+pub trait FeedSink: Send + Sync + 'static {
+    /// Events of one feed, in exchange order; a burst read at once comes in one call.
+    fn events(&self, key: &FeedKey, events: Vec<MarketEvent>);
+    /// The feed can no longer vouch for its current value (a book resyncing, a connection
+    /// lost): new subscribers wait for a fresh one.
+    fn invalidated(&self, key: &FeedKey);
+    /// The exchange refused the feed for good: its subscribers are told and dropped.
+    fn refused(&self, key: &FeedKey, code: ErrorCode, message: &str);
+    /// An exchange's instrument list was (re)loaded: pending subscriptions can be resolved.
+    fn instruments_loaded(&self, exchange: ExchangeId);
+}
