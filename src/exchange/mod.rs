@@ -308,12 +308,68 @@ pub struct Exchange {
     pub attempts: Mutex<AttemptBudget>,
 }
 
+/// An exchange's connections and which one carries each wanted stream.
 #[derive(Default)]
 struct Pool {
     conns: Vec<Arc<Conn>>,
     /// Which connection carries each wanted feed, under which stream name.
     assigned: HashMap<FeedKey, (Arc<Conn>, String)>,
     next_id: u64,
+}
+
+/// Where [`Pool::place`] put a stream.
+enum Placed {
+    /// On a connection that is already running (its task is told).
+    Existing,
+    /// On a new connection, whose task the caller starts.
+    New(Arc<Conn>),
+}
+
+impl Pool {
+    /// Puts `key`'s stream `name` on the first connection with room (fewest connections,
+    /// at most `max` streams each), or on a new one. `None` when it is placed already.
+    fn place(&mut self, key: &FeedKey, name: String, max: usize) -> Option<Placed> {
+        if self.assigned.contains_key(key) {
+            return None;
+        }
+        // A leaving connection takes nothing more; a new one replaces it.
+        self.conns.retain(|c| !c.desired().closing);
+        let existing = self
+            .conns
+            .iter()
+            .find(|c| c.desired().streams.len() < max)
+            .cloned();
+        let (conn, placed) = match existing {
+            Some(c) => {
+                c.desired().streams.insert(name.clone(), key.clone());
+                c.notify.notify_one();
+                (c, Placed::Existing)
+            }
+            None => {
+                self.next_id += 1;
+                let conn = Arc::new(Conn {
+                    id: self.next_id,
+                    desired: Mutex::new(Desired::default()),
+                    notify: Notify::new(),
+                    connected: AtomicBool::new(false),
+                    active: Mutex::new(BTreeSet::new()),
+                });
+                conn.desired().streams.insert(name.clone(), key.clone());
+                self.conns.push(conn.clone());
+                (conn.clone(), Placed::New(conn))
+            }
+        };
+        self.assigned.insert(key.clone(), (conn, name));
+        Some(placed)
+    }
+
+    /// Takes `key`'s stream off its connection (whose task is told).
+    fn remove(&mut self, key: &FeedKey) {
+        if let Some((conn, name)) = self.assigned.remove(key) {
+            conn.desired().streams.remove(&name);
+            conn.notify.notify_one();
+        }
+    }
 }
 
 impl Exchange {
@@ -575,46 +631,19 @@ impl FeedSource for Upstreams {
         };
         let name = ex.adapter.stream_name(key.feed, &instrument);
         let max = ex.max_streams_per_connection();
-        let mut pool = ex.pool();
-        if pool.assigned.contains_key(key) {
+        let Some(Placed::New(conn)) = ex.pool().place(key, name, max) else {
             return;
-        }
-        pool.conns.retain(|c| !c.desired().closing);
-        let existing = pool.conns.iter().find(|c| {
-            let d = c.desired();
-            !d.closing && d.streams.len() < max
-        });
-        let conn = match existing {
-            Some(c) => {
-                c.desired().streams.insert(name.clone(), key.clone());
-                c.notify.notify_one();
-                c.clone()
-            }
-            None => {
-                pool.next_id += 1;
-                let conn = Arc::new(Conn {
-                    id: pool.next_id,
-                    desired: Mutex::new(Desired::default()),
-                    notify: Notify::new(),
-                    connected: AtomicBool::new(false),
-                    active: Mutex::new(BTreeSet::new()),
-                });
-                conn.desired().streams.insert(name.clone(), key.clone());
-                pool.conns.push(conn.clone());
-                let link = connection::Link {
-                    sink: self.sink(),
-                    stats: self.stats.clone(),
-                    shutdown: self.shutdown.clone(),
-                };
-                let (ex2, c2) = (ex.clone(), conn.clone());
-                self.tasks.spawn(async move {
-                    connection::run(&ex2, &c2, link).await;
-                    ex2.forget(&c2);
-                });
-                conn
-            }
         };
-        pool.assigned.insert(key.clone(), (conn, name));
+        let link = connection::Link {
+            sink: self.sink(),
+            stats: self.stats.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        let ex = ex.clone();
+        self.tasks.spawn(async move {
+            connection::run(&ex, &conn, link).await;
+            ex.forget(&conn);
+        });
     }
 
     /// Drops the stream of `key` (its topic was released).
@@ -622,11 +651,7 @@ impl FeedSource for Upstreams {
         let Some(ex) = self.get(key.exchange) else {
             return;
         };
-        let mut pool = ex.pool();
-        if let Some((conn, name)) = pool.assigned.remove(key) {
-            conn.desired().streams.remove(&name);
-            conn.notify.notify_one();
-        }
+        ex.pool().remove(key);
     }
 }
 
@@ -719,6 +744,67 @@ async fn load_instruments(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(i: usize) -> FeedKey {
+        FeedKey {
+            exchange: ExchangeId::Binance,
+            symbol: Symbol::parse(&format!("S{i}USDT")).unwrap(),
+            feed: Feed::Trades,
+        }
+    }
+
+    fn loads(pool: &Pool) -> Vec<usize> {
+        pool.conns
+            .iter()
+            .map(|c| c.desired().streams.len())
+            .collect()
+    }
+
+    #[test]
+    fn the_pool_fills_connections_to_the_cap_before_opening_another() {
+        let mut pool = Pool::default();
+        let mut new = 0;
+        for i in 0..2500 {
+            match pool.place(&key(i), format!("s{i}usdt@trade"), 1024) {
+                Some(Placed::New(_)) => new += 1,
+                Some(Placed::Existing) => {}
+                None => panic!("placed twice"),
+            }
+        }
+        assert_eq!(new, 3);
+        assert_eq!(loads(&pool), [1024, 1024, 452]);
+        assert!(
+            pool.place(&key(7), "s7usdt@trade".into(), 1024).is_none(),
+            "already placed"
+        );
+        // Room made on the first connection is used before the third grows.
+        for i in 0..10 {
+            pool.remove(&key(i));
+        }
+        assert_eq!(loads(&pool), [1014, 1024, 452]);
+        for i in 2500..2510 {
+            assert!(matches!(
+                pool.place(&key(i), format!("s{i}usdt@trade"), 1024),
+                Some(Placed::Existing)
+            ));
+        }
+        assert_eq!(loads(&pool), [1024, 1024, 452]);
+    }
+
+    #[test]
+    fn a_leaving_connection_takes_nothing_more() {
+        let mut pool = Pool::default();
+        pool.place(&key(1), "a".into(), 1024);
+        pool.remove(&key(1));
+        // Its task saw nothing wanted and is closing.
+        assert!(pool.conns[0].wanted_or_close().is_none());
+        assert!(matches!(
+            pool.place(&key(2), "b".into(), 1024),
+            Some(Placed::New(_))
+        ));
+        assert_eq!(pool.conns.len(), 1, "the leaving one is gone from the pool");
+        assert_eq!(pool.conns[0].id, 2);
+    }
 
     #[test]
     fn the_attempt_budget_slides() {

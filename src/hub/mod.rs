@@ -628,3 +628,6 @@ pub struct HubSnapshot {
     /// Ticker values held for instant replay.
     pub price_cache: usize,
 }
+
+#[cfg(test)]
+mod tests;
