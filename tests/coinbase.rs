@@ -115,7 +115,15 @@ async fn one_second_candles_built_from_trades_equal_the_exchanges_own() {
             finals.push(k["data"].clone());
         }
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The exchange's own record of the last candle the relay finalised.
+    let last = open_time(&finals[finals.len() - 1]);
+    eventually("the exchange's own candles", || {
+        sims.coinbase
+            .closed_candles("ETH-USD", Interval::S1)
+            .iter()
+            .any(|c| c.open_time >= last)
+    })
+    .await;
     let truth = sims.coinbase.closed_candles("ETH-USD", Interval::S1);
     assert_candles_match(&finals[1..], &truth);
 }

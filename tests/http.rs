@@ -64,15 +64,6 @@ async fn health_reports_upstream_state() {
     assert_eq!(h["upstreams"]["binance"]["instrumentsLoaded"], true);
 }
 
-async fn health(relay: &Relay) -> Value {
-    reqwest::get(relay.http("/health"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn health_says_idle_once_the_last_client_has_gone() {
     let (sim, relay) = start().await;
@@ -82,16 +73,11 @@ async fn health_says_idle_once_the_last_client_has_gone() {
     drop(c);
     // close_delay_ms is 300 in tests: the stream goes, then the connection.
     eventually("upstream closed", || sim.connections() == 0).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let b = loop {
-        let h = health(&relay).await;
-        let b = h["upstreams"]["binance"].clone();
-        if b["connections"] == 0 && b["wantedConnections"] == 0 {
-            break b;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{b}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let b = until("the connection gone from /health", || async {
+        let b = health(&relay).await["upstreams"]["binance"].clone();
+        (b["connections"] == 0 && b["wantedConnections"] == 0).then_some(b)
+    })
+    .await;
     assert_eq!(b["state"], "idle", "{b}");
     assert_eq!(b["streams"], 0, "{b}");
     assert!(b.get("lastError").is_none(), "{b}");
@@ -108,15 +94,7 @@ async fn health_says_unreachable_since_when_and_why_without_subscribers() {
     cfg.exchanges.binance.rest_url = format!("http://{dead_addr}");
     cfg.exchanges.binance.ws_url = format!("ws://{dead_addr}");
     let relay = start_relay_unready(cfg).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let b = loop {
-        let b = health(&relay).await["upstreams"]["binance"].clone();
-        if b["state"] == "unreachable" {
-            break b;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{b}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let b = until_upstream_state(&relay, "binance", "unreachable").await;
     assert!(b["since"].as_str().unwrap().ends_with('Z'), "{b}");
     assert!(
         b["lastError"].as_str().unwrap().contains("instrument list"),
@@ -133,26 +111,11 @@ async fn health_says_unreachable_while_the_exchange_is_away() {
     c.recv_until(is_type("trade")).await;
     sim.set_available(false);
     sim.kill_connections();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let b = loop {
-        let b = health(&relay).await["upstreams"]["binance"].clone();
-        if b["state"] == "unreachable" {
-            break b;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{b}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let b = until_upstream_state(&relay, "binance", "unreachable").await;
     assert!(b["since"].is_string() && b["lastError"].is_string(), "{b}");
     sim.set_available(true);
     c.recv_until(is_type("trade")).await;
-    let b = loop {
-        let b = health(&relay).await["upstreams"]["binance"].clone();
-        if b["state"] == "connected" {
-            break b;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{b}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let b = until_upstream_state(&relay, "binance", "connected").await;
     assert!(b.get("since").is_none(), "{b}");
 }
 

@@ -163,7 +163,15 @@ async fn one_second_candles_built_from_trades_equal_the_exchanges_own() {
             finals.push(k["data"].clone());
         }
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The exchange's own record of the last candle the relay finalised.
+    let last = open_time(&finals[finals.len() - 1]);
+    eventually("the exchange's own candles", || {
+        sims.kraken
+            .closed_candles("ETH/USD", Interval::S1)
+            .iter()
+            .any(|c| c.open_time >= last)
+    })
+    .await;
     let truth = sims.kraken.closed_candles("ETH/USD", Interval::S1);
     // The first candle may have started before the subscription; every later one is exact.
     assert_candles_match(&finals[1..], &truth);
@@ -223,7 +231,7 @@ async fn no_stale_book_is_replayed_while_the_exchange_is_away() {
     sims.kraken.set_available(false);
     sims.kraken.kill_connections();
     eventually("the relay to notice", || sims.kraken.connections() == 0).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_upstream_state(&relay, "kraken", "unreachable").await;
 
     let mut late = Client::connect(&relay).await;
     late.subscribe(&["depth:BTCUSD@kraken"]).await;

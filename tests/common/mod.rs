@@ -340,6 +340,48 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the async `cond` gives `Some`, polling; panics with `what` after [`WAIT`].
+pub async fn until<T, F, Fut>(what: &str, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /health`.
+pub async fn health(relay: &Relay) -> Value {
+    reqwest::get(relay.http("/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until `/health` says `exchange` is in `state`; returns its entry.
+pub async fn until_upstream_state(relay: &Relay, exchange: &str, state: &str) -> Value {
+    until(&format!("{exchange} {state} in /health"), || async {
+        let e = health(relay).await["upstreams"][exchange].clone();
+        (e["state"] == state).then_some(e)
+    })
+    .await
+}
+
+/// The open time (ms) of a kline message's candle.
+pub fn open_time(kline: &Value) -> i64 {
+    kline["time"].as_i64().unwrap()
+}
+
 /// A signed HS256 token for `sub` expiring `ttl_s` seconds from now.
 pub fn token(sub: &str, ttl_s: i64) -> String {
     token_with(
