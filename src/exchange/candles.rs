@@ -19,11 +19,12 @@
 //! Amounts are exact decimals: volume is the exact sum of the trades' sizes, quote volume the
 //! exact sum of price · size.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
+use super::Effect;
 use crate::decimal::Dec;
 use crate::domain::{bucket, Interval};
-use crate::events::{Kline, Trade, TradeId};
+use crate::events::{Kline, MarketEvent, Trade, TradeId};
 
 /// How long after its end a candle without later trades waits before it is final: absorbs
 /// trade batching (Coinbase sends trades every 250 ms) and network delay.
@@ -263,6 +264,111 @@ impl TradeCandles {
             is_final,
             time_ms: b.last_time,
         }
+    }
+}
+
+/// The trade-built candle streams of one upstream connection, and their REST seeds in
+/// flight: the plumbing every exchange that builds candles shares. The adapter says which
+/// stream to build at which interval and where its seed comes from; this routes trades,
+/// ticks and seed replies to the builders and turns their candles into events.
+#[derive(Default)]
+pub struct DerivedCandles {
+    /// Stream name → builder.
+    builders: HashMap<String, TradeCandles>,
+    /// Seed requests in flight: fetch tag → (stream, asked at ms).
+    seeds: HashMap<u64, (String, i64)>,
+    next_tag: u64,
+}
+
+impl DerivedCandles {
+    /// Starts building `stream` at `interval`; with `seed_url`, the forming candle is seeded
+    /// from that REST answer (parsed by the adapter and handed to [`DerivedCandles::on_seed`]).
+    pub fn add(
+        &mut self,
+        stream: &str,
+        interval: Interval,
+        seed_url: Option<String>,
+        now_ms: i64,
+        out: &mut Vec<Effect>,
+    ) {
+        let builder = match seed_url {
+            Some(url) => {
+                self.next_tag += 1;
+                let tag = self.next_tag;
+                self.seeds.insert(tag, (stream.to_string(), now_ms));
+                out.push(Effect::Fetch { tag, url });
+                TradeCandles::seeded(interval)
+            }
+            None => TradeCandles::unseeded(interval),
+        };
+        self.builders.insert(stream.to_string(), builder);
+    }
+
+    pub fn remove(&mut self, stream: &str) {
+        self.builders.remove(stream);
+    }
+
+    /// A trade of `market`: every builder whose stream name ends with `:<market>` takes it.
+    pub fn on_trade(&mut self, market: &str, trade: &Trade, out: &mut Vec<Effect>) {
+        let suffix = format!(":{market}");
+        for (stream, builder) in self
+            .builders
+            .iter_mut()
+            .filter(|(n, _)| n.ends_with(&suffix))
+        {
+            let mut klines = Vec::new();
+            builder.on_trade(trade, &mut klines);
+            push_klines(stream, klines, out);
+        }
+    }
+
+    pub fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Effect>) {
+        for (stream, builder) in &mut self.builders {
+            let mut klines = Vec::new();
+            builder.on_tick(now_ms, &mut klines);
+            push_klines(stream, klines, out);
+        }
+    }
+
+    /// Whether `tag` is one of this set's seed requests.
+    pub fn is_seed(&self, tag: u64) -> bool {
+        self.seeds.contains_key(&tag)
+    }
+
+    /// The (parsed) answer to a seed request: the builder starts from it, or from its trades
+    /// alone when the seed could not be had.
+    pub fn on_seed(
+        &mut self,
+        exchange: &str,
+        tag: u64,
+        rows: Result<Vec<SeedCandle>, String>,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some((stream, asked_at)) = self.seeds.remove(&tag) else {
+            return;
+        };
+        let Some(builder) = self.builders.get_mut(&stream) else {
+            return;
+        };
+        let mut klines = Vec::new();
+        match rows {
+            Ok(rows) => builder.seed(&rows, asked_at, &mut klines),
+            Err(error) => {
+                tracing::warn!(%exchange, %stream, %error, "candle seed failed; building from trades alone");
+                builder.seed_failed(&mut klines);
+            }
+        }
+        push_klines(&stream, klines, out);
+    }
+}
+
+/// Candles of `stream` as events.
+pub fn push_klines(stream: &str, klines: Vec<Kline>, out: &mut Vec<Effect>) {
+    for k in klines {
+        out.push(Effect::Event {
+            stream: stream.to_string(),
+            event: MarketEvent::Kline(k),
+        });
     }
 }
 

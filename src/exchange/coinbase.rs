@@ -24,14 +24,15 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::candles::{SeedCandle, TradeCandles};
+use super::book::{BookSide, LocalBook};
+use super::candles::{DerivedCandles, SeedCandle};
 use super::{
-    decimal, Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol,
+    decimal, rfc3339_ms, Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol,
     ProtocolContext,
 };
 use crate::decimal::Dec;
 use crate::domain::{bucket, ExchangeId, Interval, Symbol};
-use crate::events::{Book, Feed, MarketEvent, Side, Ticker, Trade, TradeId};
+use crate::events::{Feed, MarketEvent, Side, Ticker, Trade, TradeId};
 
 pub struct Coinbase {
     limits: Limits,
@@ -169,33 +170,6 @@ impl Adapter for Coinbase {
     }
 }
 
-#[derive(Default)]
-struct LocalBook {
-    bids: BTreeMap<Dec, Dec>,
-    asks: BTreeMap<Dec, Dec>,
-    synced: bool,
-}
-
-impl LocalBook {
-    fn top(&self, time_ms: i64) -> Book {
-        let side = |it: &mut dyn Iterator<Item = (&Dec, &Dec)>| -> Vec<[Dec; 2]> {
-            it.take(20).map(|(p, q)| [*p, *q]).collect()
-        };
-        Book {
-            bids: side(&mut self.bids.iter().rev()),
-            asks: side(&mut self.asks.iter()),
-            time_ms,
-        }
-    }
-
-    fn crossed(&self) -> bool {
-        match (self.bids.last_key_value(), self.asks.first_key_value()) {
-            (Some((b, _)), Some((a, _))) => b >= a,
-            _ => false,
-        }
-    }
-}
-
 struct CoinbaseProtocol {
     rest_url: String,
     /// Our streams on this connection.
@@ -204,13 +178,12 @@ struct CoinbaseProtocol {
     trade_users: HashMap<String, usize>,
     /// Books by the product we subscribed (`BTC-USDC` keeps its own, fed from `BTC-USD`).
     books: HashMap<String, LocalBook>,
-    derived: HashMap<String, TradeCandles>,
+    /// Every kline stream: Coinbase's candles are built from its trades.
+    derived: DerivedCandles,
     /// Trade ids already sent per product (snapshots and reconnects repeat trades).
     seen_trades: HashMap<String, (HashSet<String>, VecDeque<String>)>,
     /// The `sequence_num` expected next on this connection.
     next_seq: Option<u64>,
-    fetches: HashMap<u64, (String, i64)>,
-    next_tag: u64,
 }
 
 /// Trade ids remembered per product for deduplication.
@@ -223,11 +196,9 @@ impl CoinbaseProtocol {
             streams: HashSet::new(),
             trade_users: HashMap::new(),
             books: HashMap::new(),
-            derived: HashMap::new(),
+            derived: DerivedCandles::default(),
             seen_trades: HashMap::new(),
             next_seq: None,
-            fetches: HashMap::new(),
-            next_tag: 1,
         }
     }
 
@@ -282,29 +253,16 @@ impl CoinbaseProtocol {
             for product in targets {
                 let book = self.books.entry(product.clone()).or_default();
                 if ev.kind == "snapshot" {
-                    *book = LocalBook::default();
-                    book.synced = true;
+                    book.clear(true);
                 } else if !book.synced {
                     continue; // waiting for the resync snapshot
                 }
                 for u in &ev.updates {
-                    let price: Dec =
-                        u.price_level
-                            .parse()
-                            .map_err(|e: crate::decimal::DecError| DecodeError::Field {
-                                field: "price_level",
-                                reason: e.to_string(),
-                            })?;
-                    let qty: Dec =
-                        u.new_quantity
-                            .parse()
-                            .map_err(|e: crate::decimal::DecError| DecodeError::Field {
-                                field: "new_quantity",
-                                reason: e.to_string(),
-                            })?;
+                    let price = decimal("price_level", &u.price_level)?;
+                    let qty = decimal("new_quantity", &u.new_quantity)?;
                     let side = match u.side.as_str() {
-                        "bid" => &mut book.bids,
-                        "offer" | "ask" => &mut book.asks,
+                        "bid" => BookSide::Bid,
+                        "offer" | "ask" => BookSide::Ask,
                         other => {
                             return Err(DecodeError::Field {
                                 field: "side",
@@ -312,11 +270,7 @@ impl CoinbaseProtocol {
                             })
                         }
                     };
-                    if qty.is_zero() {
-                        side.remove(&price);
-                    } else {
-                        side.insert(price, qty);
-                    }
+                    book.set(side, price, qty);
                 }
                 if book.crossed() {
                     self.resync(vec![product.clone()], "crossed book", out);
@@ -395,31 +349,11 @@ impl CoinbaseProtocol {
                 .products_for("candles", &t.product_id)
                 .collect::<Vec<_>>()
             {
-                let suffix = format!(":{product}");
-                for (name, builder) in self
-                    .derived
-                    .iter_mut()
-                    .filter(|(n, _)| n.ends_with(&suffix))
-                {
-                    let mut klines = Vec::new();
-                    builder.on_trade(&trade, &mut klines);
-                    for k in klines {
-                        out.push(Effect::Event {
-                            stream: name.clone(),
-                            event: MarketEvent::Kline(k),
-                        });
-                    }
-                }
+                self.derived.on_trade(&product, &trade, out);
             }
         }
         Ok(())
     }
-}
-
-fn rfc3339_ms(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.timestamp_millis())
 }
 
 impl Protocol for CoinbaseProtocol {
@@ -449,26 +383,16 @@ impl Protocol for CoinbaseProtocol {
                         else {
                             continue;
                         };
-                        let builder = match seed_granularity(iv) {
-                            Some(granularity) => {
-                                let (start, _) = bucket(iv, now_ms);
-                                let tag = self.next_tag;
-                                self.next_tag += 1;
-                                self.fetches.insert(tag, (stream.clone(), now_ms));
-                                out.push(Effect::Fetch {
-                                    tag,
-                                    url: format!(
-                                        "{}/api/v3/brokerage/market/products/{product}/candles?start={}&end={}&granularity={granularity}&limit=350",
-                                        self.rest_url,
-                                        start / 1000,
-                                        now_ms / 1000 + 1
-                                    ),
-                                });
-                                TradeCandles::seeded(iv)
-                            }
-                            None => TradeCandles::unseeded(iv),
-                        };
-                        self.derived.insert(stream.clone(), builder);
+                        let seed = seed_granularity(iv).map(|granularity| {
+                            let (start, _) = bucket(iv, now_ms);
+                            format!(
+                                "{}/api/v3/brokerage/market/products/{product}/candles?start={}&end={}&granularity={granularity}&limit=350",
+                                self.rest_url,
+                                start / 1000,
+                                now_ms / 1000 + 1
+                            )
+                        });
+                        self.derived.add(stream, iv, seed, now_ms, out);
                     }
                     let users = self.trade_users.entry(product.clone()).or_default();
                     *users += 1;
@@ -608,16 +532,7 @@ impl Protocol for CoinbaseProtocol {
     }
 
     fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Effect>) {
-        for (stream, builder) in &mut self.derived {
-            let mut klines = Vec::new();
-            builder.on_tick(now_ms, &mut klines);
-            for k in klines {
-                out.push(Effect::Event {
-                    stream: stream.clone(),
-                    event: MarketEvent::Kline(k),
-                });
-            }
-        }
+        self.derived.on_tick(now_ms, out);
     }
 
     fn on_fetched(
@@ -627,26 +542,8 @@ impl Protocol for CoinbaseProtocol {
         _now_ms: i64,
         out: &mut Vec<Effect>,
     ) {
-        let Some((stream, asked_at)) = self.fetches.remove(&tag) else {
-            return;
-        };
-        let Some(builder) = self.derived.get_mut(&stream) else {
-            return;
-        };
-        let mut klines = Vec::new();
-        match body.and_then(|b| parse_rest_candles(&b)) {
-            Ok(rows) => builder.seed(&rows, asked_at, &mut klines),
-            Err(error) => {
-                tracing::warn!(exchange = "coinbase", %stream, %error, "candle seed failed; building from trades alone");
-                builder.seed_failed(&mut klines);
-            }
-        }
-        for k in klines {
-            out.push(Effect::Event {
-                stream: stream.clone(),
-                event: MarketEvent::Kline(k),
-            });
-        }
+        let rows = body.and_then(|b| parse_rest_candles(&b));
+        self.derived.on_seed("coinbase", tag, rows, out);
     }
 }
 

@@ -23,13 +23,15 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::candles::{SeedCandle, TradeCandles, GRACE_MS};
+use super::book::{BookSide, LocalBook};
+use super::candles::{push_klines, DerivedCandles, SeedCandle, GRACE_MS};
 use super::{
-    Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol, ProtocolContext,
+    decimal, rfc3339_ms, Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol,
+    ProtocolContext,
 };
 use crate::decimal::Dec;
 use crate::domain::{bucket, ExchangeId, Interval, Symbol};
-use crate::events::{Book, Feed, Kline, MarketEvent, Side, Ticker, Trade, TradeId};
+use crate::events::{Feed, Kline, MarketEvent, Side, Ticker, Trade, TradeId};
 use crate::protocol::ErrorCode;
 
 /// Book depth subscribed: the smallest Kraken depth covering `depth:…:20`.
@@ -195,72 +197,21 @@ impl Adapter for Kraken {
     }
 }
 
-/// One side's level: the exact value for ordering and checksums.
-#[derive(Debug, Clone)]
-struct Level {
-    qty: Dec,
-}
-
-#[derive(Debug, Default)]
-struct LocalBook {
-    bids: BTreeMap<Dec, Level>,
-    asks: BTreeMap<Dec, Level>,
-    /// A snapshot has been applied and every checksum since matched.
-    synced: bool,
-}
-
-impl LocalBook {
-    fn truncate(&mut self) {
-        while self.bids.len() > BOOK_DEPTH {
-            self.bids.pop_first();
-        }
-        while self.asks.len() > BOOK_DEPTH {
-            self.asks.pop_last();
-        }
+/// Kraken's CRC32: top-10 asks low→high then top-10 bids high→low, each level as price
+/// digits then quantity digits, at the pair's precisions.
+fn checksum(book: &LocalBook, price_prec: u32, qty_prec: u32) -> u32 {
+    let mut s = String::with_capacity(400);
+    let mut push = |p: &Dec, q: &Dec| {
+        s.push_str(&p.checksum_digits(price_prec));
+        s.push_str(&q.checksum_digits(qty_prec));
+    };
+    for (p, q) in book.best_asks().take(CHECKSUM_LEVELS) {
+        push(p, q);
     }
-
-    fn crossed(&self) -> bool {
-        match (self.bids.last_key_value(), self.asks.first_key_value()) {
-            (Some((bid, _)), Some((ask, _))) => bid >= ask,
-            _ => false,
-        }
+    for (p, q) in book.best_bids().take(CHECKSUM_LEVELS) {
+        push(p, q);
     }
-
-    /// Kraken's CRC32: top-10 asks low→high then top-10 bids high→low, each level as price
-    /// digits then quantity digits, at the pair's precisions.
-    fn checksum(&self, price_prec: u32, qty_prec: u32) -> u32 {
-        let mut s = String::with_capacity(400);
-        let mut push = |p: &Dec, l: &Level| {
-            s.push_str(&p.checksum_digits(price_prec));
-            s.push_str(&l.qty.checksum_digits(qty_prec));
-        };
-        for (p, l) in self.asks.iter().take(CHECKSUM_LEVELS) {
-            push(p, l);
-        }
-        for (p, l) in self.bids.iter().rev().take(CHECKSUM_LEVELS) {
-            push(p, l);
-        }
-        crc32fast::hash(s.as_bytes())
-    }
-
-    fn top(&self, time_ms: i64) -> Book {
-        Book {
-            bids: self
-                .bids
-                .iter()
-                .rev()
-                .take(20)
-                .map(|(p, l)| [*p, l.qty])
-                .collect(),
-            asks: self
-                .asks
-                .iter()
-                .take(20)
-                .map(|(p, l)| [*p, l.qty])
-                .collect(),
-            time_ms,
-        }
-    }
+    crc32fast::hash(s.as_bytes())
 }
 
 /// A native `ohlc` stream: the candle being reported, finalised exactly once.
@@ -316,10 +267,8 @@ struct KrakenProtocol {
     trade_users: HashMap<String, usize>,
     books: HashMap<String, LocalBook>,
     native: HashMap<String, NativeCandles>,
-    derived: HashMap<String, TradeCandles>,
-    /// REST seed requests in flight: tag → (stream, asked at).
-    fetches: HashMap<u64, (String, i64)>,
-    next_tag: u64,
+    /// Intervals Kraken has no native stream for, built from its trades.
+    derived: DerivedCandles,
     next_req: u64,
     last_ping_ms: i64,
 }
@@ -339,9 +288,7 @@ impl KrakenProtocol {
             trade_users: HashMap::new(),
             books: HashMap::new(),
             native: HashMap::new(),
-            derived: HashMap::new(),
-            fetches: HashMap::new(),
-            next_tag: 1,
+            derived: DerivedCandles::default(),
             next_req: 1,
             last_ping_ms: 0,
         }
@@ -400,9 +347,7 @@ impl KrakenProtocol {
             why: why.to_string(),
         });
         if let Some(book) = self.books.get_mut(symbol) {
-            book.synced = false;
-            book.bids.clear();
-            book.asks.clear();
+            book.clear(false);
         }
         self.frame("unsubscribe", "book", None, &[symbol], out);
         self.frame("subscribe", "book", None, &[symbol], out);
@@ -417,33 +362,16 @@ impl KrakenProtocol {
         })
     }
 
-    fn seed_request(
-        &mut self,
-        stream: &str,
-        iv: Interval,
-        symbol: &str,
-        now_ms: i64,
-        out: &mut Vec<Effect>,
-    ) -> bool {
-        let (Some(minutes), Some(rest_name)) = (
-            seed_minutes(iv),
-            self.by_native.get(symbol).and_then(|i| i.rest_name.clone()),
-        ) else {
-            return false;
-        };
+    /// Where the REST candles seeding a trade-built `iv` candle of `symbol` come from.
+    fn seed_url(&self, iv: Interval, symbol: &str, now_ms: i64) -> Option<String> {
+        let minutes = seed_minutes(iv)?;
+        let rest_name = self.by_native.get(symbol)?.rest_name.as_ref()?;
         let (start, _) = bucket(iv, now_ms);
-        let tag = self.next_tag;
-        self.next_tag += 1;
-        self.fetches.insert(tag, (stream.to_string(), now_ms));
-        out.push(Effect::Fetch {
-            tag,
-            url: format!(
-                "{}/0/public/OHLC?pair={rest_name}&interval={minutes}&since={}",
-                self.rest_url,
-                start / 1000 - 1
-            ),
-        });
-        true
+        Some(format!(
+            "{}/0/public/OHLC?pair={rest_name}&interval={minutes}&since={}",
+            self.rest_url,
+            start / 1000 - 1
+        ))
     }
 
     fn on_book(
@@ -460,37 +388,19 @@ impl KrakenProtocol {
         let (pp, qp) = self.precisions(&symbol, (msg.price_scale(), msg.qty_scale()));
         let book = self.books.entry(symbol.clone()).or_default();
         if snapshot {
-            book.bids.clear();
-            book.asks.clear();
-            book.synced = true;
+            book.clear(true);
         } else if !book.synced {
             return Ok(()); // waiting for the resync snapshot
         }
-        for (side, levels) in [(&mut book.bids, &msg.bids), (&mut book.asks, &msg.asks)] {
+        for (side, levels) in [(BookSide::Bid, &msg.bids), (BookSide::Ask, &msg.asks)] {
             for l in levels {
-                let price: Dec = l
-                    .price
-                    .get()
-                    .parse()
-                    .map_err(|e: crate::decimal::DecError| DecodeError::Field {
-                        field: "price",
-                        reason: e.to_string(),
-                    })?;
-                let qty: Dec = l.qty.get().parse().map_err(|e: crate::decimal::DecError| {
-                    DecodeError::Field {
-                        field: "qty",
-                        reason: e.to_string(),
-                    }
-                })?;
-                if qty.is_zero() {
-                    side.remove(&price);
-                } else {
-                    side.insert(price, Level { qty });
-                }
+                let price = decimal("price", l.price.get())?;
+                let qty = decimal("qty", l.qty.get())?;
+                book.set(side, price, qty);
             }
         }
-        book.truncate();
-        let local = book.checksum(pp, qp);
+        book.truncate(BOOK_DEPTH);
+        let local = checksum(book, pp, qp);
         if local != msg.checksum {
             self.resync(
                 &symbol,
@@ -550,34 +460,10 @@ impl KrakenProtocol {
                     event: MarketEvent::Trade(trade.clone()),
                 });
             }
-            let suffix = format!(":{}", t.symbol);
-            for (name, builder) in self
-                .derived
-                .iter_mut()
-                .filter(|(n, _)| n.ends_with(&suffix))
-            {
-                let mut klines = Vec::new();
-                builder.on_trade(&trade, &mut klines);
-                push_klines(name, klines, out);
-            }
+            self.derived.on_trade(&t.symbol, &trade, out);
         }
         Ok(())
     }
-}
-
-fn push_klines(stream: &str, klines: Vec<Kline>, out: &mut Vec<Effect>) {
-    for k in klines {
-        out.push(Effect::Event {
-            stream: stream.to_string(),
-            event: MarketEvent::Kline(k),
-        });
-    }
-}
-
-fn rfc3339_ms(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.timestamp_millis())
 }
 
 /// Symbols per (channel, parameter): one Kraken frame each.
@@ -619,13 +505,8 @@ impl Protocol for KrakenProtocol {
                         let Some(iv) = param.and_then(|p| p.parse::<Interval>().ok()) else {
                             continue;
                         };
-                        let seeded = self.seed_request(stream, iv, &symbol, now_ms, out);
-                        let builder = if seeded {
-                            TradeCandles::seeded(iv)
-                        } else {
-                            TradeCandles::unseeded(iv)
-                        };
-                        self.derived.insert(stream.clone(), builder);
+                        let seed = self.seed_url(iv, &symbol, now_ms);
+                        self.derived.add(stream, iv, seed, now_ms, out);
                     }
                     let users = self.trade_users.entry(symbol.clone()).or_default();
                     *users += 1;
@@ -814,11 +695,7 @@ impl Protocol for KrakenProtocol {
             state.on_tick(now_ms, &mut klines);
             push_klines(stream, klines, out);
         }
-        for (stream, builder) in &mut self.derived {
-            let mut klines = Vec::new();
-            builder.on_tick(now_ms, &mut klines);
-            push_klines(stream, klines, out);
-        }
+        self.derived.on_tick(now_ms, out);
         if now_ms - self.last_ping_ms >= PING_EVERY_MS {
             self.last_ping_ms = now_ms;
             let req_id = self.next_req;
@@ -836,24 +713,8 @@ impl Protocol for KrakenProtocol {
         _now_ms: i64,
         out: &mut Vec<Effect>,
     ) {
-        let Some((stream, asked_at)) = self.fetches.remove(&tag) else {
-            return;
-        };
-        let Some(builder) = self.derived.get_mut(&stream) else {
-            return;
-        };
-        let mut klines = Vec::new();
-        match body
-            .map_err(|e| e.to_string())
-            .and_then(|b| parse_rest_ohlc(&b))
-        {
-            Ok(rows) => builder.seed(&rows, asked_at, &mut klines),
-            Err(error) => {
-                tracing::warn!(exchange = "kraken", %stream, %error, "candle seed failed; building from trades alone");
-                builder.seed_failed(&mut klines);
-            }
-        }
-        push_klines(&stream, klines, out);
+        let rows = body.and_then(|b| parse_rest_ohlc(&b));
+        self.derived.on_seed("kraken", tag, rows, out);
     }
 }
 

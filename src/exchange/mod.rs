@@ -6,6 +6,7 @@
 //! the rest of the relay speaks [`FeedKey`]s.
 
 pub mod binance;
+pub mod book;
 pub mod candles;
 pub mod coinbase;
 pub mod connection;
@@ -66,6 +67,14 @@ pub enum DecodeError {
     Field { field: &'static str, reason: String },
     #[error("unexpected message: {0}")]
     Unexpected(String),
+}
+
+/// An exchange's RFC 3339 time (`2023-10-06T17:35:55.440295Z`, nanoseconds allowed) as ms
+/// since the epoch.
+pub fn rfc3339_ms(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 /// Parses an exchange decimal string (`"0.35280000"`) exactly.
