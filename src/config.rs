@@ -173,9 +173,8 @@ impl StreamsConfig {
 pub struct ExchangesConfig {
     /// The exchange meant by a channel without `@exchange`.
     pub default: ExchangeId,
-    pub binance: ExchangeConfig,
-    pub coinbase: ExchangeConfig,
-    pub kraken: ExchangeConfig,
+    /// One per exchange, in [`ExchangeId::ALL`] order.
+    venues: Vec<ExchangeConfig>,
 }
 
 impl Default for ExchangesConfig {
@@ -186,19 +185,11 @@ impl Default for ExchangesConfig {
 
 impl ExchangesConfig {
     pub fn get(&self, id: ExchangeId) -> &ExchangeConfig {
-        match id {
-            ExchangeId::Binance => &self.binance,
-            ExchangeId::Coinbase => &self.coinbase,
-            ExchangeId::Kraken => &self.kraken,
-        }
+        &self.venues[id.index()]
     }
 
     pub fn get_mut(&mut self, id: ExchangeId) -> &mut ExchangeConfig {
-        match id {
-            ExchangeId::Binance => &mut self.binance,
-            ExchangeId::Coinbase => &mut self.coinbase,
-            ExchangeId::Kraken => &mut self.kraken,
-        }
+        &mut self.venues[id.index()]
     }
 }
 
@@ -216,34 +207,28 @@ pub struct ExchangeConfig {
 }
 
 impl ExchangeConfig {
-    /// The real exchanges: what users deploy.
+    /// The real exchange: what users deploy.
     pub fn for_exchange(id: ExchangeId) -> ExchangeConfig {
-        let (ws, rest) = match id {
-            ExchangeId::Binance => ("wss://stream.binance.com:9443", "https://api.binance.com"),
-            ExchangeId::Coinbase => (
-                "wss://advanced-trade-ws.coinbase.com",
-                "https://api.coinbase.com",
-            ),
-            ExchangeId::Kraken => ("wss://ws.kraken.com/v2", "https://api.kraken.com"),
-        };
+        let info = id.info();
         ExchangeConfig {
             enabled: true,
-            ws_url: ws.into(),
-            rest_url: rest.into(),
+            ws_url: info.ws_url.into(),
+            rest_url: info.rest_url.into(),
             stale_timeout_ms: None,
             max_streams_per_connection: None,
         }
     }
 }
 
-/// `[exchanges]` as written: absent keys are filled with each exchange's own defaults.
+/// `[exchanges]` as written: `default`, and a `[exchanges.<name>]` table per exchange whose
+/// absent keys take that exchange's own defaults. Keys are checked one by one before this is
+/// read (`check_keys`), so an unknown name is reported there, with the names there are.
 #[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 struct RawExchanges {
     default: Option<ExchangeId>,
-    binance: RawExchange,
-    coinbase: RawExchange,
-    kraken: RawExchange,
+    #[serde(flatten)]
+    venues: BTreeMap<ExchangeId, RawExchange>,
 }
 
 #[derive(Default, Deserialize)]
@@ -270,12 +255,13 @@ impl RawExchange {
 }
 
 impl From<RawExchanges> for ExchangesConfig {
-    fn from(raw: RawExchanges) -> Self {
+    fn from(mut raw: RawExchanges) -> Self {
         ExchangesConfig {
             default: raw.default.unwrap_or(ExchangeId::Binance),
-            binance: raw.binance.resolve(ExchangeId::Binance),
-            coinbase: raw.coinbase.resolve(ExchangeId::Coinbase),
-            kraken: raw.kraken.resolve(ExchangeId::Kraken),
+            venues: ExchangeId::ALL
+                .into_iter()
+                .map(|id| raw.venues.remove(&id).unwrap_or_default().resolve(id))
+                .collect(),
         }
     }
 }
@@ -524,8 +510,11 @@ fn check_keys(
                             bad.push(key.clone());
                         }
                     } else {
+                        let names: Vec<&str> =
+                            ExchangeId::ALL.iter().map(|id| id.as_str()).collect();
                         problems.push(format!(
-                            "{path}: unknown key; expected default, binance, coinbase or kraken"
+                            "{path}: unknown key; expected default or an exchange ({})",
+                            names.join(", ")
                         ));
                         bad.push(key.clone());
                     }
@@ -616,9 +605,18 @@ mod tests {
         assert_eq!(c.server.max_subscriptions_per_client, 50);
         assert_eq!(c.streams.close_delay_ms, 3000);
         assert_eq!(c.exchanges.default, ExchangeId::Binance);
-        assert_eq!(c.exchanges.binance.ws_url, "wss://stream.binance.com:9443");
-        assert_eq!(c.exchanges.kraken.ws_url, "wss://ws.kraken.com/v2");
-        assert_eq!(c.exchanges.coinbase.rest_url, "https://api.coinbase.com");
+        assert_eq!(
+            c.exchanges.get(ExchangeId::Binance).ws_url,
+            "wss://stream.binance.com:9443"
+        );
+        assert_eq!(
+            c.exchanges.get(ExchangeId::Kraken).ws_url,
+            "wss://ws.kraken.com/v2"
+        );
+        assert_eq!(
+            c.exchanges.get(ExchangeId::Coinbase).rest_url,
+            "https://api.coinbase.com"
+        );
     }
 
     #[test]
@@ -627,11 +625,19 @@ mod tests {
         let c = Config::from_toml(text, env(&[])).unwrap();
         assert!(c
             .exchanges
-            .binance
+            .get(ExchangeId::Binance)
             .ws_url
             .starts_with("wss://stream.binance.com"));
-        assert!(c.exchanges.coinbase.ws_url.starts_with("wss://"));
-        assert!(c.exchanges.kraken.ws_url.starts_with("wss://"));
+        assert!(c
+            .exchanges
+            .get(ExchangeId::Coinbase)
+            .ws_url
+            .starts_with("wss://"));
+        assert!(c
+            .exchanges
+            .get(ExchangeId::Kraken)
+            .ws_url
+            .starts_with("wss://"));
     }
 
     #[test]
@@ -681,9 +687,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:4000");
         assert_eq!(c.server.max_connections, 7);
-        assert!(!c.exchanges.kraken.enabled);
+        assert!(!c.exchanges.get(ExchangeId::Kraken).enabled);
         assert_eq!(c.auth.jwt_secret, "12345");
-        assert_eq!(c.exchanges.kraken.ws_url, "wss://ws.kraken.com/v2");
+        assert_eq!(
+            c.exchanges.get(ExchangeId::Kraken).ws_url,
+            "wss://ws.kraken.com/v2"
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-/// The exchanges the relay speaks to.
+/// The exchanges the relay speaks to. A new exchange is a variant here and a row in
+/// [`EXCHANGES`]; its adapter registers in `exchange::adapter_for`, its simulator in
+/// `sim::start_demo`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExchangeId {
@@ -15,19 +17,62 @@ pub enum ExchangeId {
     Kraken,
 }
 
+/// What the relay knows of an exchange before any adapter is involved.
+#[derive(Debug)]
+pub struct ExchangeInfo {
+    pub id: ExchangeId,
+    /// The name in channels (`@kraken`), configuration (`[exchanges.kraken]`) and logs.
+    pub name: &'static str,
+    /// The public endpoints a relay connects to unless configured otherwise: what users
+    /// deploy.
+    pub ws_url: &'static str,
+    pub rest_url: &'static str,
+}
+
+/// Every exchange, in [`ExchangeId`] order.
+pub const EXCHANGES: [ExchangeInfo; 3] = [
+    ExchangeInfo {
+        id: ExchangeId::Binance,
+        name: "binance",
+        ws_url: "wss://stream.binance.com:9443",
+        rest_url: "https://api.binance.com",
+    },
+    ExchangeInfo {
+        id: ExchangeId::Coinbase,
+        name: "coinbase",
+        ws_url: "wss://advanced-trade-ws.coinbase.com",
+        rest_url: "https://api.coinbase.com",
+    },
+    ExchangeInfo {
+        id: ExchangeId::Kraken,
+        name: "kraken",
+        ws_url: "wss://ws.kraken.com/v2",
+        rest_url: "https://api.kraken.com",
+    },
+];
+
 impl ExchangeId {
-    pub const ALL: [ExchangeId; 3] = [
-        ExchangeId::Binance,
-        ExchangeId::Coinbase,
-        ExchangeId::Kraken,
-    ];
+    pub const ALL: [ExchangeId; EXCHANGES.len()] = {
+        let mut all = [ExchangeId::Binance; EXCHANGES.len()];
+        let mut i = 0;
+        while i < EXCHANGES.len() {
+            all[i] = EXCHANGES[i].id;
+            i += 1;
+        }
+        all
+    };
+
+    /// Its position in [`EXCHANGES`] and [`ExchangeId::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn info(self) -> &'static ExchangeInfo {
+        &EXCHANGES[self.index()]
+    }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            ExchangeId::Binance => "binance",
-            ExchangeId::Coinbase => "coinbase",
-            ExchangeId::Kraken => "kraken",
-        }
+        self.info().name
     }
 }
 
@@ -41,14 +86,17 @@ impl FromStr for ExchangeId {
     type Err = ChannelError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "binance" => Ok(ExchangeId::Binance),
-            "coinbase" => Ok(ExchangeId::Coinbase),
-            "kraken" => Ok(ExchangeId::Kraken),
-            other => Err(ChannelError::UnknownExchange(format!(
-                "unknown exchange '{other}'; expected one of binance, coinbase, kraken (lower case)"
-            ))),
-        }
+        EXCHANGES
+            .iter()
+            .find(|e| e.name == s)
+            .map(|e| e.id)
+            .ok_or_else(|| {
+                let names: Vec<&str> = EXCHANGES.iter().map(|e| e.name).collect();
+                ChannelError::UnknownExchange(format!(
+                    "unknown exchange '{s}'; expected one of {} (lower case)",
+                    names.join(", ")
+                ))
+            })
     }
 }
 
@@ -544,6 +592,17 @@ impl FromStr for Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_exchange_table_is_in_variant_order_and_names_round_trip() {
+        for (i, e) in EXCHANGES.iter().enumerate() {
+            assert_eq!(e.id.index(), i, "{} is out of place", e.name);
+            assert_eq!(ExchangeId::ALL[i], e.id);
+            assert_eq!(e.name.parse::<ExchangeId>().unwrap(), e.id);
+            let toml_name: ExchangeId = serde_json::from_value(serde_json::json!(e.name)).unwrap();
+            assert_eq!(toml_name, e.id, "serde's name agrees");
+        }
+    }
 
     fn parse(s: &str) -> Result<Channel, ChannelError> {
         s.parse()

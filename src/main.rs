@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use exchange_relay::config::Config;
-use exchange_relay::domain::ExchangeId;
-use exchange_relay::sim::{SimBinance, SimCoinbase, SimKraken, SimOptions};
+use exchange_relay::sim::{start_demo, SimOptions};
 use tokio::net::TcpListener;
 
 /// Real-time market-data relay: Binance, Coinbase and Kraken upstream, one WebSocket hub downstream.
@@ -90,41 +89,16 @@ async fn relay_main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
 
     // Kept alive for the life of the relay.
-    let mut _sims: Vec<Box<dyn std::any::Any>> = Vec::new();
+    let mut _sims = Vec::new();
     if args.demo {
-        let sim = SimBinance::start(
-            TcpListener::bind("127.0.0.1:0").await?,
-            SimOptions::realistic(),
-        )
-        .await?;
-        let binance = config.exchanges.get_mut(ExchangeId::Binance);
-        binance.enabled = true;
-        binance.ws_url = sim.ws_url();
-        binance.rest_url = sim.rest_url();
-        tracing::info!(ws = %binance.ws_url, rest = %binance.rest_url, "demo: simulated Binance running");
-        let kraken_sim = SimKraken::start(
-            TcpListener::bind("127.0.0.1:0").await?,
-            SimOptions::realistic(),
-        )
-        .await?;
-        let kraken = config.exchanges.get_mut(ExchangeId::Kraken);
-        kraken.enabled = true;
-        kraken.ws_url = kraken_sim.ws_url();
-        kraken.rest_url = kraken_sim.rest_url();
-        tracing::info!(ws = %kraken.ws_url, rest = %kraken.rest_url, "demo: simulated Kraken running");
-        let coinbase_sim = SimCoinbase::start(
-            TcpListener::bind("127.0.0.1:0").await?,
-            SimOptions::realistic(),
-        )
-        .await?;
-        let coinbase = config.exchanges.get_mut(ExchangeId::Coinbase);
-        coinbase.enabled = true;
-        coinbase.ws_url = coinbase_sim.ws_url();
-        coinbase.rest_url = coinbase_sim.rest_url();
-        tracing::info!(ws = %coinbase.ws_url, rest = %coinbase.rest_url, "demo: simulated Coinbase running");
-        _sims.push(Box::new(sim) as Box<dyn std::any::Any>);
-        _sims.push(Box::new(kraken_sim));
-        _sims.push(Box::new(coinbase_sim));
+        _sims = start_demo(SimOptions::realistic()).await?;
+        for sim in &_sims {
+            let cfg = config.exchanges.get_mut(sim.id);
+            cfg.enabled = true;
+            cfg.ws_url = sim.ws_url.clone();
+            cfg.rest_url = sim.rest_url.clone();
+            tracing::info!(exchange = %sim.id, ws = %sim.ws_url, rest = %sim.rest_url, "demo: simulated exchange running");
+        }
     }
 
     let local = listener.local_addr().map_or(addr, |a| a.to_string());

@@ -91,8 +91,8 @@ async fn health_says_unreachable_since_when_and_why_without_subscribers() {
     drop(dead);
     let sim = start_sim().await;
     let mut cfg = config_for(&sim);
-    cfg.exchanges.binance.rest_url = format!("http://{dead_addr}");
-    cfg.exchanges.binance.ws_url = format!("ws://{dead_addr}");
+    cfg.exchanges.get_mut(ExchangeId::Binance).rest_url = format!("http://{dead_addr}");
+    cfg.exchanges.get_mut(ExchangeId::Binance).ws_url = format!("ws://{dead_addr}");
     let relay = start_relay_unready(cfg).await;
     let b = until_upstream_state(&relay, "binance", "unreachable").await;
     assert!(b["since"].as_str().unwrap().ends_with('Z'), "{b}");

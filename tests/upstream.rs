@@ -213,7 +213,7 @@ async fn eventually_ready(relay: &common::Relay) {
 async fn a_silent_upstream_is_replaced() {
     let sim = start_sim().await;
     let mut cfg = config_for(&sim);
-    cfg.exchanges.binance.stale_timeout_ms = Some(600);
+    cfg.exchanges.get_mut(ExchangeId::Binance).stale_timeout_ms = Some(600);
     let relay = start_relay(cfg).await;
     let mut c = Client::connect(&relay).await;
     c.subscribe(&["trades:BTCUSDT"]).await;
@@ -263,7 +263,9 @@ async fn exchange_pings_are_answered_so_the_connection_lives_on() {
 async fn streams_beyond_the_per_connection_limit_open_another_connection() {
     let sim = start_sim().await;
     let mut cfg = config_for(&sim);
-    cfg.exchanges.binance.max_streams_per_connection = Some(5);
+    cfg.exchanges
+        .get_mut(ExchangeId::Binance)
+        .max_streams_per_connection = Some(5);
     let relay = start_relay(cfg).await;
     let mut c = Client::connect(&relay).await;
     let channels: Vec<String> = [

@@ -144,6 +144,12 @@ impl Adapter for Kraken {
         }
     }
 
+    fn unknown_symbol_hint(&self, symbol: &str) -> Option<&'static str> {
+        symbol
+            .starts_with("XBT")
+            .then_some("Kraken's XBT is BTC here")
+    }
+
     fn instruments_url(&self, rest_base: &str) -> String {
         format!("{}/0/public/AssetPairs", rest_base.trim_end_matches('/'))
     }
@@ -425,6 +431,78 @@ impl KrakenProtocol {
         Ok(())
     }
 
+    /// A reply to one of our requests. A subscribe refused for a symbol means the exchange
+    /// will never serve it: every stream of ours on it is refused, so its clients are told
+    /// instead of waiting forever.
+    fn on_reply(&self, method: &str, frame: &Frame, out: &mut Vec<Effect>) {
+        if frame.success != Some(false) {
+            out.push(Effect::Ack);
+            return;
+        }
+        let error = frame.error.clone().unwrap_or_default();
+        match (&frame.symbol, method) {
+            (Some(symbol), "subscribe") if !error.contains("Already subscribed") => {
+                let suffix = format!(":{symbol}");
+                for stream in self.streams.iter().filter(|s| s.ends_with(&suffix)) {
+                    out.push(Effect::StreamRejected {
+                        stream: stream.clone(),
+                        code: ErrorCode::UnknownSymbol,
+                        message: format!("kraken refused {symbol}: {error}"),
+                    });
+                }
+            }
+            _ => out.push(Effect::Rejected(format!("{method}: {error}"))),
+        }
+    }
+
+    /// Native candles. Kraken's have no closed flag: [`NativeCandles`] marks one final when
+    /// the next begins or the clock passes its end. `time` is the message's (never later than
+    /// now): the candle's own `timestamp` is its end, and a 1d candle's is tomorrow.
+    fn on_ohlc(
+        &mut self,
+        mut candles: Vec<OhlcMsg>,
+        snapshot: bool,
+        time_ms: i64,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), DecodeError> {
+        candles.sort_by_key(|c| rfc3339_ms(&c.interval_begin).unwrap_or(0));
+        if snapshot {
+            // A snapshot lists recent candles; only the newest is current.
+            let newest = candles.pop();
+            candles = newest.into_iter().collect();
+        }
+        for c in candles {
+            let stream = format!("ohlc:{}:{}", c.interval, c.symbol);
+            let Some(state) = self.native.get_mut(&stream) else {
+                continue;
+            };
+            let begin = rfc3339_ms(&c.interval_begin).ok_or_else(|| DecodeError::Field {
+                field: "interval_begin",
+                reason: c.interval_begin.clone(),
+            })?;
+            let (open_time, close_time) = bucket(state.interval, begin);
+            let k = Kline {
+                interval: state.interval,
+                open_time,
+                close_time,
+                open: c.open,
+                high: c.high,
+                low: c.low,
+                close: c.close,
+                volume: c.volume,
+                // Kraken gives only a rounded vwap: no exact quote volume.
+                quote_volume: None,
+                trades: Some(c.trades),
+                is_final: false,
+                time_ms,
+            };
+            let mut klines = Vec::new();
+            state.update(k, &mut klines);
+            push_klines(&stream, klines, out);
+        }
+        Ok(())
+    }
+
     fn on_trades(
         &mut self,
         mut trades: Vec<TradeMsg>,
@@ -578,26 +656,7 @@ impl Protocol for KrakenProtocol {
     ) -> Result<(), DecodeError> {
         let frame: Frame = serde_json::from_str(text)?;
         if let Some(method) = frame.method {
-            if frame.success == Some(false) {
-                let error = frame.error.unwrap_or_default();
-                match (&frame.symbol, method) {
-                    (Some(symbol), "subscribe") if !error.contains("Already subscribed") => {
-                        // The exchange will never serve this symbol: every stream of ours on it
-                        // is refused, so their clients are told instead of waiting forever.
-                        let suffix = format!(":{symbol}");
-                        for stream in self.streams.iter().filter(|s| s.ends_with(&suffix)) {
-                            out.push(Effect::StreamRejected {
-                                stream: stream.clone(),
-                                code: ErrorCode::UnknownSymbol,
-                                message: format!("kraken refused {symbol}: {error}"),
-                            });
-                        }
-                    }
-                    _ => out.push(Effect::Rejected(format!("{method}: {error}"))),
-                }
-            } else {
-                out.push(Effect::Ack);
-            }
+            self.on_reply(method, &frame, out);
             return Ok(());
         }
         let Some(data) = frame.data else {
@@ -610,79 +669,16 @@ impl Protocol for KrakenProtocol {
                     self.on_book(msg, snapshot, out)?;
                 }
             }
-            Some("trade") => {
-                let trades: Vec<TradeMsg> = serde_json::from_str(data.get())?;
-                self.on_trades(trades, out)?;
-            }
+            Some("trade") => self.on_trades(serde_json::from_str(data.get())?, out)?,
             Some("ticker") => {
                 for t in serde_json::from_str::<Vec<TickerMsg>>(data.get())? {
-                    let stream = format!("ticker:{}", t.symbol);
-                    out.push(Effect::Event {
-                        stream,
-                        event: MarketEvent::Ticker(Box::new(Ticker {
-                            price: t.last,
-                            bid: t.bid,
-                            ask: t.ask,
-                            bid_size: t.bid_qty,
-                            ask_size: t.ask_qty,
-                            volume: t.volume,
-                            // vwap·volume would look exact and is not: vwap is rounded.
-                            quote_volume: None,
-                            change: Some(t.change),
-                            change_percent: t.change_pct,
-                            high: t.high,
-                            low: t.low,
-                            open: t.last.checked_sub(t.change),
-                            previous_close: None,
-                            time_ms: t
-                                .timestamp
-                                .as_deref()
-                                .and_then(rfc3339_ms)
-                                .unwrap_or(now_ms),
-                        })),
-                    });
+                    on_ticker(t, now_ms, out);
                 }
             }
             Some("ohlc") => {
                 let event_time = frame.timestamp.and_then(rfc3339_ms).unwrap_or(now_ms);
-                let mut candles: Vec<OhlcMsg> = serde_json::from_str(data.get())?;
-                candles.sort_by_key(|c| rfc3339_ms(&c.interval_begin).unwrap_or(0));
-                if snapshot {
-                    // A snapshot lists recent candles; only the newest is current.
-                    let newest = candles.pop();
-                    candles = newest.into_iter().collect();
-                }
-                for c in candles {
-                    let stream = format!("ohlc:{}:{}", c.interval, c.symbol);
-                    let Some(state) = self.native.get_mut(&stream) else {
-                        continue;
-                    };
-                    let begin =
-                        rfc3339_ms(&c.interval_begin).ok_or_else(|| DecodeError::Field {
-                            field: "interval_begin",
-                            reason: c.interval_begin.clone(),
-                        })?;
-                    let (open_time, close_time) = bucket(state.interval, begin);
-                    let k = Kline {
-                        interval: state.interval,
-                        open_time,
-                        close_time,
-                        open: c.open,
-                        high: c.high,
-                        low: c.low,
-                        close: c.close,
-                        volume: c.volume,
-                        quote_volume: None,
-                        trades: Some(c.trades),
-                        is_final: false,
-                        // The candle's own `timestamp` is its end (a 1d candle's is tomorrow):
-                        // the data's time is the message's, and never later than now.
-                        time_ms: event_time.min(now_ms),
-                    };
-                    let mut klines = Vec::new();
-                    state.update(k, &mut klines);
-                    push_klines(&stream, klines, out);
-                }
+                let candles = serde_json::from_str(data.get())?;
+                self.on_ohlc(candles, snapshot, event_time.min(now_ms), out)?;
             }
             _ => {} // status, heartbeat, instrument
         }
@@ -756,6 +752,35 @@ pub fn parse_rest_ohlc(body: &str) -> Result<Vec<SeedCandle>, String> {
             })
         })
         .collect()
+}
+
+/// `{"symbol":"ALGO/USD","bid":0.10025,"bid_qty":740.0,...,"change_pct":-0.17}`: every
+/// amount Kraken's own, the open exactly `last − change`.
+fn on_ticker(t: TickerMsg, now_ms: i64, out: &mut Vec<Effect>) {
+    out.push(Effect::Event {
+        stream: format!("ticker:{}", t.symbol),
+        event: MarketEvent::Ticker(Box::new(Ticker {
+            price: t.last,
+            bid: t.bid,
+            ask: t.ask,
+            bid_size: t.bid_qty,
+            ask_size: t.ask_qty,
+            volume: t.volume,
+            // vwap·volume would look exact and is not: vwap is rounded.
+            quote_volume: None,
+            change: Some(t.change),
+            change_percent: t.change_pct,
+            high: t.high,
+            low: t.low,
+            open: t.last.checked_sub(t.change),
+            previous_close: None,
+            time_ms: t
+                .timestamp
+                .as_deref()
+                .and_then(rfc3339_ms)
+                .unwrap_or(now_ms),
+        })),
+    });
 }
 
 #[derive(Deserialize)]

@@ -200,6 +200,11 @@ pub trait Adapter: Send + Sync + 'static {
     }
     /// Where the instrument list is fetched from.
     fn instruments_url(&self, rest_base: &str) -> String;
+    /// A note for a person who asked for `symbol`, which the exchange does not list (an
+    /// exchange's own spelling the relay does not use, say).
+    fn unknown_symbol_hint(&self, _symbol: &str) -> Option<&'static str> {
+        None
+    }
     /// Parses the instrument list into unified symbols.
     fn parse_instruments(&self, body: &str) -> Result<InstrumentSet, DecodeError>;
 }
@@ -613,8 +618,8 @@ impl FeedSource for Upstreams {
                         .collect();
                     message.push_str(&format!("; did you mean {}?", named.join(" or ")));
                 }
-                if key.symbol.as_str().starts_with("XBT") && key.exchange == ExchangeId::Kraken {
-                    message.push_str(" (Kraken's XBT is BTC here)");
+                if let Some(hint) = ex.adapter.unknown_symbol_hint(key.symbol.as_str()) {
+                    message.push_str(&format!(" ({hint})"));
                 }
                 Check::Refused(ErrorCode::UnknownSymbol, message)
             }

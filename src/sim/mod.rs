@@ -10,6 +10,9 @@ mod util;
 
 use std::time::Duration;
 
+use tokio::net::TcpListener;
+
+use crate::domain::ExchangeId;
 pub use binance::SimBinance;
 pub use coinbase::SimCoinbase;
 pub use kraken::SimKraken;
@@ -69,4 +72,49 @@ impl SimOptions {
             ..SimOptions::realistic()
         }
     }
+}
+
+/// A simulated exchange running on loopback for `--demo`, kept alive by this value.
+pub struct DemoExchange {
+    pub id: ExchangeId,
+    pub ws_url: String,
+    pub rest_url: String,
+    /// The simulator itself; it stops when dropped.
+    _server: Box<dyn std::any::Any + Send>,
+}
+
+impl DemoExchange {
+    fn new<S: Send + 'static>(id: ExchangeId, ws_url: String, rest_url: String, server: S) -> Self {
+        DemoExchange {
+            id,
+            ws_url,
+            rest_url,
+            _server: Box::new(server),
+        }
+    }
+}
+
+/// Starts a simulator of every exchange on its own loopback port: the one place a simulator
+/// is registered (the match is exhaustive, so a new exchange cannot miss its simulator).
+pub async fn start_demo(opts: SimOptions) -> std::io::Result<Vec<DemoExchange>> {
+    let mut running = Vec::new();
+    for id in ExchangeId::ALL {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let demo = match id {
+            ExchangeId::Binance => {
+                let sim = SimBinance::start(listener, opts.clone()).await?;
+                DemoExchange::new(id, sim.ws_url(), sim.rest_url(), sim)
+            }
+            ExchangeId::Coinbase => {
+                let sim = SimCoinbase::start(listener, opts.clone()).await?;
+                DemoExchange::new(id, sim.ws_url(), sim.rest_url(), sim)
+            }
+            ExchangeId::Kraken => {
+                let sim = SimKraken::start(listener, opts.clone()).await?;
+                DemoExchange::new(id, sim.ws_url(), sim.rest_url(), sim)
+            }
+        };
+        running.push(demo);
+    }
+    Ok(running)
 }

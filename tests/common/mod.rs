@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use exchange_relay::config::Config;
+pub use exchange_relay::domain::ExchangeId;
 use exchange_relay::sim::{SimBinance, SimCoinbase, SimKraken, SimOptions};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -39,10 +40,10 @@ pub fn config_for(sim: &SimBinance) -> Config {
     c.auth.jwt_secret = SECRET.into();
     c.auth.publish_api_key = PUBLISH_KEY.into();
     c.streams.close_delay_ms = 300;
-    c.exchanges.binance.ws_url = sim.ws_url();
-    c.exchanges.binance.rest_url = sim.rest_url();
-    c.exchanges.coinbase.enabled = false;
-    c.exchanges.kraken.enabled = false;
+    c.exchanges.get_mut(ExchangeId::Binance).ws_url = sim.ws_url();
+    c.exchanges.get_mut(ExchangeId::Binance).rest_url = sim.rest_url();
+    c.exchanges.get_mut(ExchangeId::Coinbase).enabled = false;
+    c.exchanges.get_mut(ExchangeId::Kraken).enabled = false;
     c
 }
 
@@ -162,12 +163,12 @@ pub async fn start_sims(opts: SimOptions) -> Sims {
 /// A config pointing every exchange at its simulator.
 pub fn config_for_all(sims: &Sims) -> Config {
     let mut c = config_for(&sims.binance);
-    c.exchanges.kraken.enabled = true;
-    c.exchanges.kraken.ws_url = sims.kraken.ws_url();
-    c.exchanges.kraken.rest_url = sims.kraken.rest_url();
-    c.exchanges.coinbase.enabled = true;
-    c.exchanges.coinbase.ws_url = sims.coinbase.ws_url();
-    c.exchanges.coinbase.rest_url = sims.coinbase.rest_url();
+    c.exchanges.get_mut(ExchangeId::Kraken).enabled = true;
+    c.exchanges.get_mut(ExchangeId::Kraken).ws_url = sims.kraken.ws_url();
+    c.exchanges.get_mut(ExchangeId::Kraken).rest_url = sims.kraken.rest_url();
+    c.exchanges.get_mut(ExchangeId::Coinbase).enabled = true;
+    c.exchanges.get_mut(ExchangeId::Coinbase).ws_url = sims.coinbase.ws_url();
+    c.exchanges.get_mut(ExchangeId::Coinbase).rest_url = sims.coinbase.rest_url();
     c
 }
 
