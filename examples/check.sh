@@ -47,6 +47,7 @@ while IFS= read -r cmd; do
     *publish*) check "$cmd" "$cmd" '"success":true' ;;
     *health*) check "$cmd" "$cmd" '"status":"ok"' ;;
     *ready*) check "$cmd" "$cmd" '"status":"ready"' ;;
+    *openapi*) check "$cmd" "$cmd" '"openapi":"3.' ;;
     *) check "$cmd" "$cmd" '"success":true' ;;
   esac
 done <"$WORK/curls"
@@ -54,11 +55,15 @@ check "curl -i /ws (not a WebSocket request)" "curl -si localhost:$PORT/ws" "426
 
 # The Python example, in a virtualenv with the one package it needs.
 VENV="${EXAMPLES_VENV:-/tmp/exchange-relay-examples-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import websockets' 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import websockets, openapi_spec_validator' 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "websockets==17.4"
+  "$VENV/bin/pip" install --quiet "websockets==17.4" "openapi-spec-validator==0.9.0"
 fi
 check "python3 examples/client.py" "timeout 60 $VENV/bin/python examples/client.py ws://localhost:$PORT/ws 20" "trades:BTCUSDT: "
+
+# The OpenAPI document, checked by a validator that is not the one that wrote it.
+curl -sf "localhost:$PORT/api/v1/openapi.json" >"$WORK/openapi.json"
+check "openapi-spec-validator /api/v1/openapi.json" "$VENV/bin/openapi-spec-validator $WORK/openapi.json" "OK"
 
 # The Node example, with the locked `ws` package.
 if ! command -v node >/dev/null 2>&1; then

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use utoipa::ToSchema;
 
 /// Error codes of HTTP answers (beside the WebSocket ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,10 +25,12 @@ pub enum HttpCode {
     OriginNotAllowed,
     /// A plain HTTP request, or a malformed upgrade, on `/ws` (426 or 400).
     WebsocketUpgradeRequired,
+    /// A query parameter missing or malformed (400).
+    InvalidParameter,
 }
 
 impl HttpCode {
-    pub const ALL: [HttpCode; 7] = [
+    pub const ALL: [HttpCode; 8] = [
         HttpCode::NotFound,
         HttpCode::MethodNotAllowed,
         HttpCode::Unauthorized,
@@ -35,6 +38,7 @@ impl HttpCode {
         HttpCode::TooManyConnects,
         HttpCode::OriginNotAllowed,
         HttpCode::WebsocketUpgradeRequired,
+        HttpCode::InvalidParameter,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,8 +50,27 @@ impl HttpCode {
             HttpCode::TooManyConnects => "TOO_MANY_CONNECTS",
             HttpCode::OriginNotAllowed => "ORIGIN_NOT_ALLOWED",
             HttpCode::WebsocketUpgradeRequired => "WEBSOCKET_UPGRADE_REQUIRED",
+            HttpCode::InvalidParameter => "INVALID_PARAMETER",
         }
     }
+}
+
+/// The error shape, for the OpenAPI document.
+#[derive(ToSchema)]
+#[allow(dead_code)] // built as JSON by error_body; described here
+pub struct ApiErrorBody {
+    /// Always `false`.
+    success: bool,
+    error: ApiErrorDetail,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ApiErrorDetail {
+    /// A code of docs/protocol.md (`NOT_FOUND`, `UNAUTHORIZED`, `INVALID_CHANNEL`, ...).
+    code: String,
+    /// A sentence saying what to change.
+    message: String,
 }
 
 /// The API's error response: `status` with the JSON error shape. `message` is a sentence a

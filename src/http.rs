@@ -10,12 +10,14 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use crate::api_error::{error_body, HttpCode};
+use crate::api_error::{error_body, ApiErrorBody, HttpCode};
 use crate::app::{AppState, Refusal};
 use crate::domain::{Channel, ExchangeId};
 use crate::hub::Close;
@@ -24,34 +26,72 @@ use crate::session;
 use crate::ws::{self, Upgrade, Wire};
 
 pub fn app(state: AppState) -> Router {
-    let router = if state.config.server.autobahn_echo {
-        Router::new().route("/autobahn", get(autobahn_echo))
-    } else {
-        Router::new()
-    };
-    // Read-only endpoints, readable from browser pages (dashboards) under `allowed_origins`.
-    // A method router's layer wraps only the methods it has: OPTIONS is given one, so that
-    // the CORS layer sees (and answers) preflight requests.
-    let cors = cors(&state.config.server.allowed_origins);
-    let readable = Router::new()
-        .route(
-            "/health",
-            get(health).options(preflight).layer(cors.clone()),
-        )
-        .route("/ready", get(ready).options(preflight).layer(cors.clone()))
-        .route(
-            "/api/v1/ws/stats",
-            get(stats).options(preflight).layer(cors),
-        );
+    let mut router = Router::new();
+    if state.config.server.autobahn_echo {
+        router = router.route("/autobahn", get(autobahn_echo));
+    }
+    for (path, route) in routes(&state.config.server.allowed_origins) {
+        router = router.route(path, route);
+    }
     router
-        .route("/ws", get(ws_upgrade))
-        // Never CORS-open: a page must not be able to publish with a key it was handed.
-        .route("/api/v1/publish", post(publish))
-        .merge(readable)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
+
+/// Every route the relay serves (but the test-only `/autobahn`), the one list the router is
+/// built from: `tests/openapi.rs` checks it against the OpenAPI document both ways.
+///
+/// The read-only endpoints are CORS-readable under `allowed_origins` (dashboards in browser
+/// pages). A method router's layer wraps only the methods it has: OPTIONS is given one, so
+/// the CORS layer sees (and answers) preflight requests. Publish is never CORS-open: a page
+/// must not be able to publish with a key it was handed.
+pub fn routes(allowed_origins: &[String]) -> Vec<(&'static str, MethodRouter<AppState>)> {
+    let cors = cors(allowed_origins);
+    let readable = |route: MethodRouter<AppState>| route.options(preflight).layer(cors.clone());
+    vec![
+        ("/", get(crate::console::page)),
+        ("/console.js", get(crate::console::script)),
+        ("/console.css", get(crate::console::style)),
+        ("/ws", get(ws_upgrade)),
+        ("/health", readable(get(health))),
+        ("/ready", readable(get(ready))),
+        ("/api/v1/ws/stats", readable(get(stats))),
+        ("/api/v1/instruments", readable(get(instruments))),
+        ("/api/v1/openapi.json", readable(get(openapi))),
+        ("/api/v1/publish", post(publish)),
+    ]
+}
+
+/// The OpenAPI 3 document of the REST endpoints, generated from the handlers' annotations
+/// and the response types themselves.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "exchange-relay",
+        description = "Real-time market data from Binance, Coinbase and Kraken: REST endpoints. The WebSocket protocol on /ws is described in docs/protocol.md."
+    ),
+    paths(
+        crate::console::page,
+        crate::console::script,
+        crate::console::style,
+        ws_upgrade,
+        health,
+        ready,
+        stats,
+        instruments,
+        openapi,
+        publish
+    ),
+    tags(
+        (name = "operations", description = "Liveness, readiness and counters"),
+        (name = "market data", description = "What can be subscribed"),
+        (name = "publish", description = "Backend services pushing private and signal messages"),
+        (name = "console", description = "The web console for people"),
+        (name = "websocket", description = "The client WebSocket")
+    )
+)]
+pub struct ApiDoc;
 
 /// CORS for the read-only endpoints: any origin when `allowed_origins` is empty (as for the
 /// WebSocket), else exactly the listed ones. GET only, no credentials.
@@ -82,7 +122,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
         StatusCode::NOT_FOUND,
         HttpCode::NotFound.as_str(),
         &format!(
-            "no endpoint at {}; the relay serves /ws (WebSocket), /health, /ready, /api/v1/ws/stats and POST /api/v1/publish",
+            "no endpoint at {}; the relay serves / (console), /ws (WebSocket), /health, /ready, /api/v1/ws/stats, /api/v1/instruments, /api/v1/openapi.json and POST /api/v1/publish",
             uri.path()
         ),
     )
@@ -134,6 +174,15 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
     resp
 }
 
+/// The client WebSocket (docs/protocol.md). A plain HTTP request gets 426.
+#[utoipa::path(get, path = "/ws", tag = "websocket",
+    params(("token" = Option<String>, Query, description = "A JWT, for browsers (or an Authorization: Bearer header)")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 403, description = "Origin outside allowed_origins", body = ApiErrorBody),
+        (status = 426, description = "Not a WebSocket upgrade", body = ApiErrorBody),
+        (status = 429, description = "Too many connections or connects from this address", body = ApiErrorBody),
+        (status = 503, description = "The relay is at its connection limit", body = ApiErrorBody)))]
 async fn ws_upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -224,7 +273,25 @@ async fn autobahn_echo(State(state): State<AppState>, upgrade: Upgrade) -> Respo
     })
 }
 
-async fn health(State(state): State<AppState>) -> Json<Value> {
+/// `GET /health`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthBody {
+    /// Always `ok` while the relay answers.
+    status: &'static str,
+    uptime_seconds: u64,
+    connected_clients: usize,
+    /// Per exchange: `state` (`disabled`, `idle`, `connecting`, `connected`, `unreachable`),
+    /// and while unreachable `since` and `lastError`; `instrumentsLoaded`, `connections`,
+    /// `wantedConnections`, `streams`.
+    #[schema(value_type = Object)]
+    upstreams: serde_json::Map<String, Value>,
+}
+
+/// Liveness, with each exchange's upstream state.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "The relay serves", body = HealthBody)))]
+async fn health(State(state): State<AppState>) -> Json<HealthBody> {
     let mut upstreams = serde_json::Map::new();
     for id in ExchangeId::ALL {
         let entry = if state.config.exchanges.get(id).enabled {
@@ -240,43 +307,73 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
             serde_json::to_value(health).unwrap_or_default(),
         );
     }
-    Json(json!({
-        "status": "ok",
-        "uptimeSeconds": state.stats.uptime_seconds(),
-        "connectedClients": state.hub.connected_clients(),
-        "upstreams": upstreams,
-    }))
+    Json(HealthBody {
+        status: "ok",
+        uptime_seconds: state.stats.uptime_seconds(),
+        connected_clients: state.hub.connected_clients(),
+        upstreams,
+    })
+}
+
+/// `GET /ready`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadyBody {
+    /// `ready`, or `starting` while instrument lists load.
+    status: &'static str,
+    /// While starting: the exchanges whose instrument list is not loaded yet.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    waiting_for: Vec<String>,
 }
 
 /// Readiness, distinct from liveness: 200 once every enabled exchange's instrument list is
 /// loaded (subscriptions are validated and served at once), 503 before. Load balancers and
 /// orchestrators route clients only to ready relays; `/health` stays 200 throughout.
+#[utoipa::path(get, path = "/ready", tag = "operations", responses(
+    (status = 200, description = "Every enabled exchange's instruments are loaded", body = ReadyBody),
+    (status = 503, description = "Still loading instrument lists", body = ReadyBody)))]
 async fn ready(State(state): State<AppState>) -> Response {
-    let waiting: Vec<String> = state
+    let waiting_for: Vec<String> = state
         .upstreams
         .waiting_for_instruments()
         .iter()
         .map(ToString::to_string)
         .collect();
-    if waiting.is_empty() {
-        Json(json!({"status": "ready"})).into_response()
+    if waiting_for.is_empty() {
+        Json(ReadyBody {
+            status: "ready",
+            waiting_for,
+        })
+        .into_response()
     } else {
-        let body = json!({"status": "starting", "waitingFor": waiting});
+        let body = ReadyBody {
+            status: "starting",
+            waiting_for,
+        };
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 
-/// `GET /api/v1/ws/stats` → `data`. The first nine fields are the ones existing frontends
-/// read; `<exchange>Streams` and `<exchange>ActiveStreams` come for every exchange.
-#[derive(Serialize)]
+/// `GET /api/v1/ws/stats`.
+#[derive(Serialize, ToSchema)]
+pub struct StatsBody {
+    success: bool,
+    data: StatsData,
+}
+
+/// The first nine fields are the ones existing frontends read; `<exchange>Streams` and
+/// `<exchange>ActiveStreams` come for every exchange.
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct StatsData {
+pub struct StatsData {
     connected_clients: usize,
     total_subscriptions: usize,
     active_channels: Vec<String>,
     quote_streams: usize,
     signal_streams: usize,
+    /// `binanceStreams`, `binanceActiveStreams`, ... for every exchange.
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     per_exchange: BTreeMap<String, Value>,
     price_cache: usize,
     upstreams: BTreeMap<String, UpstreamStatsData>,
@@ -290,9 +387,9 @@ struct StatsData {
     total_connections: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct UpstreamStatsData {
+pub struct UpstreamStatsData {
     connected: bool,
     connections: usize,
     streams: usize,
@@ -305,7 +402,10 @@ struct UpstreamStatsData {
     last_message_at: Option<String>,
 }
 
-async fn stats(State(state): State<AppState>) -> Json<Value> {
+/// Clients, channels, upstream streams and counters.
+#[utoipa::path(get, path = "/api/v1/ws/stats", tag = "operations",
+    responses((status = 200, description = "The counters now", body = StatsBody)))]
+async fn stats(State(state): State<AppState>) -> Json<StatsBody> {
     let hub = state.hub.snapshot();
     let counters = state.stats.counters();
     let upstreams = state.upstreams.snapshot();
@@ -355,7 +455,10 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
         rejected_connections: counters.rejected_connections,
         total_connections: counters.total_connections,
     };
-    Json(json!({"success": true, "data": data}))
+    Json(StatsBody {
+        success: true,
+        data,
+    })
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -363,6 +466,39 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `POST /api/v1/publish` body.
+#[derive(ToSchema)]
+#[allow(dead_code)] // the handler reads the body itself, to answer every mistake in words
+pub struct PublishRequest {
+    /// A `signals:`, `portfolio:` or `orders:` channel.
+    #[schema(example = "orders:user123")]
+    channel: String,
+    /// Passed through to the subscribers as sent.
+    #[schema(value_type = Object)]
+    data: Value,
+}
+
+/// `POST /api/v1/publish` answer.
+#[derive(Serialize, ToSchema)]
+pub struct PublishBody {
+    success: bool,
+    data: Delivered,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Delivered {
+    /// Clients of this relay the message was queued for.
+    delivered: usize,
+}
+
+/// Pushes a message to a private (`portfolio:`, `orders:`) or `signals:` channel.
+#[utoipa::path(post, path = "/api/v1/publish", tag = "publish",
+    request_body = PublishRequest,
+    security(("publish_key" = [])),
+    responses(
+        (status = 200, description = "Delivered to this relay's subscribers", body = PublishBody),
+        (status = 400, description = "Not a JSON object, no data, or a channel that cannot be published to", body = ApiErrorBody),
+        (status = 401, description = "Missing or wrong publish key", body = ApiErrorBody)))]
 async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let key = headers
         .get(header::AUTHORIZATION)
@@ -407,5 +543,129 @@ async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         );
     }
     let delivered = state.hub.publish(&channel, &data);
-    Json(json!({"success": true, "data": {"delivered": delivered}})).into_response()
+    Json(PublishBody {
+        success: true,
+        data: Delivered { delivered },
+    })
+    .into_response()
+}
+
+/// `GET /api/v1/instruments` query.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct InstrumentsQuery {
+    /// `binance`, `coinbase` or `kraken`.
+    exchange: Option<String>,
+}
+
+/// `GET /api/v1/instruments` answer.
+#[derive(Serialize, ToSchema)]
+pub struct InstrumentsBody {
+    success: bool,
+    data: Vec<InstrumentData>,
+}
+
+/// One market of an exchange.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstrumentData {
+    /// The unified symbol, as in channels (`BTCUSD`).
+    #[schema(example = "BTCUSD")]
+    symbol: String,
+    /// The exchange's own spelling (`BTC/USD` on Kraken).
+    #[schema(example = "BTC/USD")]
+    exchange_symbol: String,
+    base: String,
+    quote: String,
+    /// The exchange's status word (`TRADING`, `online`, ...).
+    status: String,
+    /// Whether it can be subscribed now.
+    tradable: bool,
+    /// Decimal places of prices and of quantities, where the exchange states them.
+    price_precision: Option<u32>,
+    quantity_precision: Option<u32>,
+}
+
+/// The symbols of one exchange, from the instrument list the relay loaded, sorted.
+#[utoipa::path(get, path = "/api/v1/instruments", tag = "market data",
+    params(InstrumentsQuery),
+    responses(
+        (status = 200, description = "The exchange's markets", body = InstrumentsBody),
+        (status = 400, description = "No exchange named", body = ApiErrorBody),
+        (status = 404, description = "Not an exchange this relay serves", body = ApiErrorBody),
+        (status = 503, description = "The instrument list is not loaded yet", body = ApiErrorBody)))]
+async fn instruments(
+    State(state): State<AppState>,
+    Query(query): Query<InstrumentsQuery>,
+) -> Response {
+    let Some(name) = query.exchange.filter(|e| !e.is_empty()) else {
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            HttpCode::InvalidParameter.as_str(),
+            "name the exchange: /api/v1/instruments?exchange=binance",
+        );
+    };
+    let id = match name.parse::<ExchangeId>() {
+        Ok(id) if state.config.exchanges.get(id).enabled => id,
+        Ok(id) => {
+            return error_body(
+                StatusCode::NOT_FOUND,
+                ErrorCode::UnknownExchange.as_str(),
+                &format!("{id} is disabled in this relay's configuration"),
+            )
+        }
+        Err(e) => {
+            return error_body(
+                StatusCode::NOT_FOUND,
+                ErrorCode::UnknownExchange.as_str(),
+                &e.to_string(),
+            )
+        }
+    };
+    let Some(set) = state.upstreams.instruments(id) else {
+        return error_body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::UpstreamUnavailable.as_str(),
+            &format!("{id}'s instrument list is not loaded yet; retry shortly"),
+        );
+    };
+    let mut data: Vec<InstrumentData> = set
+        .by_symbol
+        .iter()
+        .map(|(symbol, i)| InstrumentData {
+            symbol: symbol.to_string(),
+            exchange_symbol: i.native.clone(),
+            base: i.base.clone(),
+            quote: i.quote.clone(),
+            status: i.status.clone(),
+            tradable: i.tradable,
+            price_precision: i.price_precision,
+            quantity_precision: i.qty_precision,
+        })
+        .collect();
+    data.sort_by(|a, b| a.symbol.cmp(&b.symbol));
+    Json(InstrumentsBody {
+        success: true,
+        data,
+    })
+    .into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3 document of every REST endpoint", content_type = "application/json")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi_document())
+}
+
+/// The OpenAPI document, with the publish key's security scheme.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+    let mut doc = ApiDoc::openapi();
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "publish_key",
+        SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+    );
+    doc
 }

@@ -6,6 +6,7 @@ pub mod api_error;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod decimal;
 pub mod domain;
 pub mod events;

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    decimal, Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol,
-    ProtocolContext,
+    decimal, step_decimals, Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits,
+    Protocol, ProtocolContext,
 };
 use crate::decimal::Dec;
 use crate::domain::{ExchangeId, Interval, Symbol};
@@ -109,6 +109,23 @@ impl Adapter for Binance {
         struct SymbolInfo {
             symbol: String,
             status: String,
+            #[serde(rename = "baseAsset", default)]
+            base: String,
+            #[serde(rename = "quoteAsset", default)]
+            quote: String,
+            #[serde(default)]
+            filters: Vec<Filter>,
+        }
+        /// `{"filterType":"PRICE_FILTER","tickSize":"0.01000000",...}`,
+        /// `{"filterType":"LOT_SIZE","stepSize":"0.00001000",...}`.
+        #[derive(Deserialize)]
+        struct Filter {
+            #[serde(rename = "filterType")]
+            kind: String,
+            #[serde(rename = "tickSize")]
+            tick_size: Option<String>,
+            #[serde(rename = "stepSize")]
+            step_size: Option<String>,
         }
         let info: Info = serde_json::from_str(body)?;
         let mut set = InstrumentSet::default();
@@ -117,13 +134,26 @@ impl Adapter for Binance {
             // named in a channel, so they are left out.
             if let Ok(symbol) = Symbol::parse(&s.symbol) {
                 let tradable = s.status == "TRADING";
+                let step = |kind: &str, f: fn(&Filter) -> &Option<String>| {
+                    s.filters
+                        .iter()
+                        .find(|x| x.kind == kind)
+                        .and_then(|x| f(x).as_deref())
+                        .and_then(step_decimals)
+                };
+                let price_precision = step("PRICE_FILTER", |f| &f.tick_size);
+                let qty_precision = step("LOT_SIZE", |f| &f.step_size);
                 set.by_symbol.insert(
                     symbol,
                     Instrument {
                         native: s.symbol,
+                        base: s.base,
+                        quote: s.quote,
                         status: s.status,
                         tradable,
-                        ..Instrument::default()
+                        price_precision,
+                        qty_precision,
+                        rest_name: None,
                     },
                 );
             }
@@ -572,5 +602,28 @@ mod tests {
         assert!(btc.tradable);
         assert!(set.by_symbol.len() >= 8);
         assert!(set.by_symbol.values().any(|i| !i.tradable));
+        assert_eq!((btc.base.as_str(), btc.quote.as_str()), ("BTC", "USDT"));
+    }
+
+    #[test]
+    fn instrument_precisions_come_from_the_tick_and_lot_filters() {
+        let body = r#"{"symbols":[{"symbol":"BTCUSDT","status":"TRADING","baseAsset":"BTC","quoteAsset":"USDT",
+            "filters":[{"filterType":"PRICE_FILTER","minPrice":"0.01000000","maxPrice":"1000000.00000000","tickSize":"0.01000000"},
+                       {"filterType":"LOT_SIZE","minQty":"0.00001000","maxQty":"9000.00000000","stepSize":"0.00001000"}]},
+            {"symbol":"DOGEUSDT","status":"TRADING","baseAsset":"DOGE","quoteAsset":"USDT",
+            "filters":[{"filterType":"PRICE_FILTER","tickSize":"0.00001000"},{"filterType":"LOT_SIZE","stepSize":"1.00000000"}]}]}"#;
+        let set = Binance::new().parse_instruments(body).unwrap();
+        let get = |s: &str| set.by_symbol[&Symbol::parse(s).unwrap()].clone();
+        assert_eq!(
+            (get("BTCUSDT").price_precision, get("BTCUSDT").qty_precision),
+            (Some(2), Some(5))
+        );
+        assert_eq!(
+            (
+                get("DOGEUSDT").price_precision,
+                get("DOGEUSDT").qty_precision
+            ),
+            (Some(5), Some(0))
+        );
     }
 }

@@ -27,8 +27,8 @@ use serde_json::value::RawValue;
 use super::book::{BookSide, LocalBook};
 use super::candles::{DerivedCandles, SeedCandle};
 use super::{
-    decimal, rfc3339_ms, Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol,
-    ProtocolContext,
+    decimal, rfc3339_ms, step_decimals, Adapter, DecodeError, Effect, Instrument, InstrumentSet,
+    Limits, Protocol, ProtocolContext,
 };
 use crate::decimal::Dec;
 use crate::domain::{bucket, ExchangeId, Interval, Symbol};
@@ -138,6 +138,9 @@ impl Adapter for Coinbase {
             #[serde(default)]
             trading_disabled: bool,
             product_type: Option<String>,
+            quote_increment: Option<String>,
+            price_increment: Option<String>,
+            base_increment: Option<String>,
         }
         let reply: Reply = serde_json::from_str(body)?;
         let mut set = InstrumentSet::default();
@@ -161,8 +164,16 @@ impl Adapter for Coinbase {
                 Instrument {
                     tradable: status == "online" && !p.trading_disabled,
                     native: p.product_id,
+                    base,
+                    quote,
                     status,
-                    ..Instrument::default()
+                    price_precision: p
+                        .price_increment
+                        .or(p.quote_increment)
+                        .as_deref()
+                        .and_then(step_decimals),
+                    qty_precision: p.base_increment.as_deref().and_then(step_decimals),
+                    rest_name: None,
                 },
             );
         }

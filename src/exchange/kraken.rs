@@ -191,6 +191,8 @@ impl Adapter for Kraken {
                 symbol,
                 Instrument {
                     native: format!("{base}/{quote}"),
+                    base: base.to_string(),
+                    quote: quote.to_string(),
                     tradable: status == "online",
                     status,
                     price_precision: pair.pair_decimals,
@@ -907,6 +909,8 @@ mod tests {
             Symbol::parse("MATICUSD").unwrap(),
             Instrument {
                 native: "MATIC/USD".into(),
+                base: "MATIC".into(),
+                quote: "USD".into(),
                 status: "online".into(),
                 tradable: true,
                 price_precision: Some(4),

@@ -41,6 +41,9 @@ const REST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Instrument {
     /// The exchange's own spelling (`BTCUSDT`, `BTC-USD`, `BTC/USD`).
     pub native: String,
+    /// Base and quote currency, in the relay's spelling (`BTC`, `USD`: Kraken's `XBT` is `BTC`).
+    pub base: String,
+    pub quote: String,
     /// The exchange's status word, for error messages.
     pub status: String,
     pub tradable: bool,
@@ -75,6 +78,15 @@ pub fn rfc3339_ms(s: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(s)
         .ok()
         .map(|t| t.timestamp_millis())
+}
+
+/// The decimal places of a step size (`"0.01000000"` → 2, `"1"` → 0): the precision an
+/// exchange states as a tick or lot.
+pub fn step_decimals(step: &str) -> Option<u32> {
+    step.parse::<Dec>()
+        .ok()
+        .filter(|d| !d.is_zero())
+        .map(Dec::scale)
 }
 
 /// Parses an exchange decimal string (`"0.35280000"`) exactly.
@@ -537,6 +549,11 @@ impl Upstreams {
             .iter()
             .map(|ex| (ex.adapter.id(), ex.health()))
             .collect()
+    }
+
+    /// An enabled exchange's instrument list, once loaded.
+    pub fn instruments(&self, id: ExchangeId) -> Option<Arc<InstrumentSet>> {
+        self.get(id)?.instruments()
     }
 
     /// Enabled exchanges whose instrument list is not loaded yet, for `/ready`.
