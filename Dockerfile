@@ -4,6 +4,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY fixtures ./fixtures
+# The web console, compiled into the binary.
+COPY assets ./assets
 # Declared in Cargo.toml; cargo wants every declared target present, built or not.
 COPY benches ./benches
 COPY config.toml ./
