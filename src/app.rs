@@ -26,6 +26,8 @@ pub struct AppInner {
     /// The exchange side, for health, readiness, stats and shutdown.
     pub upstreams: Arc<Upstreams>,
     pub stats: Arc<Stats>,
+    /// `GET /metrics`: reads the same counters as `stats` at scrape time.
+    pub metrics: crate::metrics::Metrics,
     pub auth: Authenticator,
     pub conns: ConnTracker,
     /// Live client sessions; shutdown waits for them to finish.

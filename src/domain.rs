@@ -441,7 +441,20 @@ impl Channel {
         }
     }
 
-    fn kind(&self) -> &'static str {
+    /// Every channel kind, as written before the first `:`.
+    pub const KINDS: [&'static str; 8] = [
+        "price",
+        "ticker",
+        "klines",
+        "trades",
+        "depth",
+        "signals",
+        "portfolio",
+        "orders",
+    ];
+
+    /// The kind as written before the first `:` (`klines`).
+    pub fn kind(&self) -> &'static str {
         match self {
             Channel::Price(_) => "price",
             Channel::Ticker(_) => "ticker",

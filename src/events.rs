@@ -138,6 +138,16 @@ pub enum Delivery {
 }
 
 impl MarketEvent {
+    /// The exchange's event time, ms.
+    pub fn time_ms(&self) -> i64 {
+        match self {
+            MarketEvent::Ticker(t) => t.time_ms,
+            MarketEvent::Kline(k) => k.time_ms,
+            MarketEvent::Trade(t) => t.time_ms,
+            MarketEvent::Book(b) => b.time_ms,
+        }
+    }
+
     /// Whether this event is the current value of its feed, worth replaying to a new subscriber.
     pub fn is_current_value(&self) -> bool {
         !matches!(self, MarketEvent::Trade(_))

@@ -59,6 +59,7 @@ pub fn routes(allowed_origins: &[String]) -> Vec<(&'static str, MethodRouter<App
         ("/api/v1/ws/stats", readable(get(stats))),
         ("/api/v1/instruments", readable(get(instruments))),
         ("/api/v1/openapi.json", readable(get(openapi))),
+        ("/metrics", get(metrics)),
         ("/api/v1/publish", post(publish)),
     ]
 }
@@ -81,6 +82,7 @@ pub fn routes(allowed_origins: &[String]) -> Vec<(&'static str, MethodRouter<App
         stats,
         instruments,
         openapi,
+        metrics,
         publish
     ),
     tags(
@@ -649,6 +651,18 @@ async fn instruments(
         data,
     })
     .into_response()
+}
+
+/// Prometheus text exposition of the relay's counters, gauges and latency histograms.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")))]
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut resp = state.metrics.render().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
 }
 
 /// This document.

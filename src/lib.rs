@@ -13,6 +13,7 @@ pub mod events;
 pub mod exchange;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;
@@ -120,6 +121,7 @@ pub async fn run(
         ),
         hub: hub.clone(),
         upstreams: upstreams.clone(),
+        metrics: metrics::Metrics::new(stats.clone(), hub.clone(), upstreams.clone()),
         stats,
         auth,
         clients: TaskTracker::new(),

@@ -57,6 +57,7 @@ pub async fn run(
         Some(Err(e)) => {
             // PROTOCOL.md: a bad token at connect gets an error, then close 1008.
             let code = auth_code(&e);
+            state.stats.client_error(code);
             session.send(msg::error(None, code, &e.to_string(), &None));
             client.outbox.close(Close {
                 code: close::POLICY,
@@ -151,6 +152,7 @@ impl Session {
         if self.client.outbox.is_closing() {
             return;
         }
+        self.state.stats.client_error(code);
         if self.errors.check().is_err() {
             tracing::info!(client = %self.client.name, "client spent its error budget; closing with 1008");
             let last_words = msg::error(
@@ -457,6 +459,7 @@ impl Session {
         let dropped = self.drop_private(|_| true, Some(ErrorCode::TokenExpired));
         if dropped == 0 {
             // Not a reply to a request: outside the error budget.
+            self.state.stats.client_error(ErrorCode::TokenExpired);
             self.send(msg::error(
                 None,
                 ErrorCode::TokenExpired,
@@ -478,6 +481,7 @@ impl Session {
                 n += 1;
                 self.send(msg::unsubscribed(&held.name, &None));
                 if let Some(code) = code {
+                    self.state.stats.client_error(code);
                     self.send(msg::error(
                         Some(&held.name),
                         code,

@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::domain::ExchangeId;
-use crate::protocol::now_millis;
+use std::sync::Arc;
+
+use crate::domain::{ExchangeId, EXCHANGES};
+use crate::protocol::{now_millis, ErrorCode};
 
 /// One upstream log line of a kind at most this often; the rest are counted and summarised
 /// (a venue that changes its format must not flood the log with a line per frame).
@@ -32,6 +34,92 @@ pub struct Stats {
     rejected_connections: AtomicU64,
     /// Clients ever connected.
     total_connections: AtomicU64,
+    /// Messages to clients by message type ([`OUT_KINDS`]).
+    out_by_kind: [AtomicU64; OUT_KINDS.len()],
+    /// Error replies to clients by code ([`ErrorCode::ALL`] order).
+    errors_by_code: [AtomicU64; ErrorCode::ALL.len()],
+    /// Exchange event time → frames handed to the sockets, per exchange ([`EXCHANGES`] order).
+    event_latency: [Histogram; EXCHANGES.len()],
+    /// How long one event's fan-out to every subscriber takes.
+    fanout: Histogram,
+}
+
+/// The message types counted on their own in `relay_messages_out_total{kind}`; anything else
+/// (acks, errors, pongs) is `control`.
+pub const OUT_KINDS: [&str; 9] = [
+    "price",
+    "ticker",
+    "kline",
+    "trade",
+    "depth",
+    "signal",
+    "portfolio",
+    "orders",
+    "control",
+];
+
+/// A latency histogram of fixed buckets (seconds), every count an atomic: observing takes no
+/// lock, and a scrape reads the buckets as they are.
+pub struct Histogram {
+    /// Observations at or below each bound of [`Histogram::BOUNDS`] (not cumulative).
+    buckets: [AtomicU64; Histogram::BOUNDS.len()],
+    /// Observations above the last bound.
+    over: AtomicU64,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            over: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A histogram as read: cumulative counts per bound, sum (seconds) and count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    /// Upper bounds in seconds: 0.5 ms to 10 s.
+    pub const BOUNDS: [f64; 14] = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+
+    pub fn observe(&self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        match Self::BOUNDS.iter().position(|b| seconds <= *b) {
+            Some(i) => add(&self.buckets[i], 1),
+            None => add(&self.over, 1),
+        }
+        add(&self.sum_micros, (seconds * 1e6) as u64);
+        add(&self.count, 1);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = 0;
+        let buckets = Self::BOUNDS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(b, n)| {
+                cumulative += get(n);
+                (*b, cumulative)
+            })
+            .collect();
+        HistogramSnapshot {
+            buckets,
+            sum: get(&self.sum_micros) as f64 / 1e6,
+            count: get(&self.count),
+        }
+    }
 }
 
 impl Default for Stats {
@@ -45,6 +133,10 @@ impl Default for Stats {
             rate_limited: AtomicU64::new(0),
             rejected_connections: AtomicU64::new(0),
             total_connections: AtomicU64::new(0),
+            out_by_kind: std::array::from_fn(|_| AtomicU64::new(0)),
+            errors_by_code: std::array::from_fn(|_| AtomicU64::new(0)),
+            event_latency: std::array::from_fn(|_| Histogram::default()),
+            fanout: Histogram::default(),
         }
     }
 }
@@ -95,9 +187,66 @@ impl Stats {
         add(&self.messages_in, 1);
     }
 
-    /// `n` messages went (or were queued) to clients.
+    /// `n` control messages (acks, errors, pongs) went (or were queued) to clients.
     pub fn messages_out(&self, n: u64) {
+        self.messages_out_of("control", n);
+    }
+
+    /// `n` messages of type `kind` went (or were queued) to clients.
+    pub fn messages_out_of(&self, kind: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
         add(&self.messages_out, n);
+        let i = OUT_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(OUT_KINDS.len() - 1);
+        add(&self.out_by_kind[i], n);
+    }
+
+    /// Messages out by [`OUT_KINDS`].
+    pub fn messages_out_by_kind(&self) -> Vec<(&'static str, u64)> {
+        OUT_KINDS
+            .iter()
+            .zip(&self.out_by_kind)
+            .map(|(k, n)| (*k, get(n)))
+            .collect()
+    }
+
+    /// A client was answered with an error.
+    pub fn client_error(&self, code: ErrorCode) {
+        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
+            add(&self.errors_by_code[i], 1);
+        }
+    }
+
+    /// Error replies by code.
+    pub fn client_errors(&self) -> Vec<(&'static str, u64)> {
+        ErrorCode::ALL
+            .iter()
+            .zip(&self.errors_by_code)
+            .map(|(c, n)| (c.as_str(), get(n)))
+            .collect()
+    }
+
+    /// One event of `exchange` reached its subscribers' sockets `seconds` after the exchange's
+    /// event time.
+    pub fn event_delivered(&self, exchange: ExchangeId, seconds: f64) {
+        self.event_latency[exchange.index()].observe(seconds);
+    }
+
+    pub fn event_latency(&self, exchange: ExchangeId) -> HistogramSnapshot {
+        self.event_latency[exchange.index()].snapshot()
+    }
+
+    /// One fan-out (an event, or a burst, to every subscriber of a feed) took `seconds`.
+    pub fn fanned_out(&self, seconds: f64) {
+        self.fanout.observe(seconds);
+    }
+
+    pub fn fanout(&self) -> HistogramSnapshot {
+        self.fanout.snapshot()
     }
 
     /// `n` queued values were replaced by newer ones for clients that fell behind.
@@ -225,6 +374,45 @@ pub struct UpstreamStats {
     /// The instrument list could not be fetched (the last attempt failed).
     pub rest_trouble: Trouble,
     decode_log: Throttled,
+    /// Frames received from the exchange.
+    messages: AtomicU64,
+    /// REST answers by status class ([`REST_CLASSES`]); shared with fetch tasks.
+    pub rest: Arc<RestCounters>,
+    /// From losing a connection (or a failed attempt) to the next one open.
+    reconnect: Histogram,
+}
+
+/// Status classes of REST answers: the rate-limit codes on their own (they matter to
+/// operators), the others by class; `error` when no answer came.
+pub const REST_CLASSES: [&str; 6] = ["2xx", "4xx", "418", "429", "5xx", "error"];
+
+/// REST answers of one exchange, by [`REST_CLASSES`].
+#[derive(Default)]
+pub struct RestCounters([AtomicU64; REST_CLASSES.len()]);
+
+impl RestCounters {
+    /// An answer with `status`, or none (`None`: timeout, connection refused, ...).
+    pub fn record(&self, status: Option<u16>) {
+        let class = match status {
+            None => "error",
+            Some(418) => "418",
+            Some(429) => "429",
+            Some(s) if (200..300).contains(&s) => "2xx",
+            Some(s) if (400..500).contains(&s) => "4xx",
+            Some(_) => "5xx",
+        };
+        if let Some(i) = REST_CLASSES.iter().position(|c| *c == class) {
+            add(&self.0[i], 1);
+        }
+    }
+
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        REST_CLASSES
+            .iter()
+            .zip(&self.0)
+            .map(|(c, n)| (*c, get(n)))
+            .collect()
+    }
 }
 
 /// What an exchange's counters say now.
@@ -236,6 +424,7 @@ pub struct UpstreamCounters {
     pub rejected_requests: u64,
     pub resyncs: u64,
     pub last_message_at: Option<i64>,
+    pub messages: u64,
 }
 
 impl UpstreamStats {
@@ -251,7 +440,18 @@ impl UpstreamStats {
             ws_trouble: Trouble::default(),
             rest_trouble: Trouble::default(),
             decode_log: Throttled::default(),
+            messages: AtomicU64::new(0),
+            rest: Arc::new(RestCounters::default()),
+            reconnect: Histogram::default(),
         }
+    }
+
+    pub fn exchange(&self) -> ExchangeId {
+        self.exchange
+    }
+
+    pub fn reconnect_durations(&self) -> HistogramSnapshot {
+        self.reconnect.snapshot()
     }
 
     pub fn counters(&self) -> UpstreamCounters {
@@ -262,6 +462,7 @@ impl UpstreamStats {
             rejected_requests: get(&self.rejected_requests),
             resyncs: get(&self.resyncs),
             last_message_at: self.last_message_at.get(),
+            messages: get(&self.messages),
         }
     }
 
@@ -283,6 +484,10 @@ impl UpstreamStats {
     }
 
     pub fn connected(&self, conn: u64, streams: usize) {
+        if let Some((since, _)) = self.ws_trouble.get() {
+            self.reconnect
+                .observe((now_millis() - since).max(0) as f64 / 1000.0);
+        }
         self.ws_trouble.clear();
         tracing::info!(exchange = %self.exchange, conn, streams, "upstream connected");
     }
@@ -301,6 +506,7 @@ impl UpstreamStats {
 
     /// A frame arrived.
     pub fn frame_received(&self, now_ms: i64) {
+        add(&self.messages, 1);
         self.last_message_at.set(now_ms);
     }
 
@@ -367,6 +573,51 @@ mod tests {
         }
         assert_eq!(s.counters().decode_errors, 1000);
         assert_eq!(s.decode_log.suppressed.load(Ordering::Relaxed), 999);
+    }
+
+    #[test]
+    fn the_histogram_counts_each_observation_once_in_its_bucket() {
+        let h = Histogram::default();
+        for s in [0.0001, 0.0007, 0.003, 0.003, 20.0, -1.0] {
+            h.observe(s);
+        }
+        let snap = h.snapshot();
+        assert_eq!(snap.count, 6);
+        let at = |bound: f64| {
+            snap.buckets
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map(|(_, n)| *n)
+        };
+        assert_eq!(
+            at(0.0005),
+            Some(2),
+            "0.0001 and the negative one (clamped to 0)"
+        );
+        assert_eq!(at(0.001), Some(3));
+        assert_eq!(at(0.005), Some(5));
+        assert_eq!(at(10.0), Some(5), "20 s is above every bound");
+        assert!((snap.sum - 20.0068).abs() < 1e-3, "{}", snap.sum);
+    }
+
+    #[test]
+    fn rest_answers_are_counted_by_class() {
+        let r = RestCounters::default();
+        for s in [
+            Some(200),
+            Some(204),
+            Some(429),
+            Some(418),
+            Some(404),
+            Some(503),
+            None,
+        ] {
+            r.record(s);
+        }
+        let counts: std::collections::BTreeMap<_, _> = r.counts().into_iter().collect();
+        assert_eq!(counts["2xx"], 2);
+        assert_eq!((counts["429"], counts["418"], counts["4xx"]), (1, 1, 1));
+        assert_eq!((counts["5xx"], counts["error"]), (1, 1));
     }
 
     #[test]

@@ -335,9 +335,10 @@ impl Live<'_> {
             }
             Effect::Fetch { tag, url } => {
                 let http = self.ex.http.clone();
+                let rest = self.ex.stats.rest.clone();
                 let reply = self.fetches.clone();
                 tokio::spawn(async move {
-                    let body = super::fetch_text(&http, &url)
+                    let body = super::fetch_text(&http, &url, &rest)
                         .await
                         .map_err(|e| e.to_string());
                     // The socket may be gone by now, and its protocol state with it.

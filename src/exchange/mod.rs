@@ -258,6 +258,9 @@ pub struct UpstreamSnapshot {
     /// The exchange's names of the streams requested on open connections, sorted.
     pub streams: Vec<String>,
     pub counters: crate::stats::UpstreamCounters,
+    /// REST answers by status class.
+    pub rest: Vec<(&'static str, u64)>,
+    pub reconnect: crate::stats::HistogramSnapshot,
 }
 
 /// What `/health` says of one exchange's upstream side.
@@ -577,6 +580,8 @@ impl Upstreams {
                     connections: up,
                     streams,
                     counters: ex.stats.counters(),
+                    rest: ex.stats.rest.counts(),
+                    reconnect: ex.stats.reconnect_durations(),
                 }
             })
             .collect()
@@ -735,7 +740,7 @@ async fn load_instruments(
     let url = ex.adapter.instruments_url(&ex.config.rest_url);
     let mut backoff = connection::Backoff::new(Duration::from_millis(500), INSTRUMENT_RETRY_MAX);
     loop {
-        let wait = match fetch_text(&http, &url).await {
+        let wait = match fetch_text(&http, &url, &ex.stats.rest).await {
             Ok(body) => match ex.adapter.parse_instruments(&body) {
                 Ok(set) => {
                     ex.stats.instruments_loaded(set.by_symbol.len());
@@ -865,10 +870,22 @@ pub enum FetchError {
     RetryAfter(Duration),
 }
 
-/// GETs `url` as text, honouring 429/418 `Retry-After`.
-pub async fn fetch_text(http: &reqwest::Client, url: &str) -> Result<String, FetchError> {
-    let resp = http.get(url).send().await?;
+/// GETs `url` as text, honouring 429/418 `Retry-After`; every answer (or its absence) is
+/// counted in `rest`.
+pub async fn fetch_text(
+    http: &reqwest::Client,
+    url: &str,
+    rest: &crate::stats::RestCounters,
+) -> Result<String, FetchError> {
+    let resp = match http.get(url).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            rest.record(None);
+            return Err(e.into());
+        }
+    };
     let status = resp.status();
+    rest.record(Some(status.as_u16()));
     if status.as_u16() == 429 || status.as_u16() == 418 {
         let secs = resp
             .headers()

@@ -320,7 +320,7 @@ impl Hub {
                     let tally = client
                         .outbox
                         .push_data(&name, &[(Wire::text(frame.as_str()), delivery)]);
-                    self.count_tally(client, &name, tally);
+                    self.count_tally(client, &held.channel, &name, tally);
                 }
             }
             client.subs().push(held.clone());
@@ -415,11 +415,12 @@ impl Hub {
     }
 
     /// Counts what one push to `client` on `channel` did.
-    fn count_tally(&self, client: &Client, channel: &str, tally: Tally) {
-        self.stats.messages_out(tally.queued);
+    fn count_tally(&self, client: &Client, channel: &Channel, name: &str, tally: Tally) {
+        self.stats
+            .messages_out_of(channel.message_type(), tally.queued);
         self.stats.conflated(tally.conflated);
         if tally.overflowed {
-            self.stats.slow_consumer(&client.name, channel);
+            self.stats.slow_consumer(&client.name, name);
         }
     }
 
@@ -454,8 +455,9 @@ impl Hub {
             true
         });
         let now = now_iso();
-        // Counted once per dispatch, not per client: the loop below is the hot path.
-        let mut total = Tally::default();
+        // Counted once per channel, not per client: the loop below is the hot path.
+        let started = std::time::Instant::now();
+        let mut conflated = 0;
         let mut frames = Vec::with_capacity(events.len());
         for feed in &st.channels {
             frames.clear();
@@ -466,21 +468,29 @@ impl Hub {
             if frames.is_empty() {
                 continue;
             }
+            let mut queued = 0;
             for client in &feed.subscribers {
                 let tally = client.outbox.push_data(&feed.name, &frames);
-                total.queued += tally.queued;
-                total.conflated += tally.conflated;
+                queued += tally.queued;
+                conflated += tally.conflated;
                 if tally.overflowed {
                     self.stats.slow_consumer(&client.name, &feed.name);
                 }
             }
+            self.stats
+                .messages_out_of(feed.channel.message_type(), queued);
         }
+        let now_ms = crate::protocol::now_millis();
+        for event in &events {
+            self.stats
+                .event_delivered(key.exchange, (now_ms - event.time_ms()) as f64 / 1000.0);
+        }
+        self.stats.fanned_out(started.elapsed().as_secs_f64());
         if let Some(last) = events.into_iter().rev().find(MarketEvent::is_current_value) {
             st.last = Some(last);
         }
         drop(st);
-        self.stats.messages_out(total.queued);
-        self.stats.conflated(total.conflated);
+        self.stats.conflated(conflated);
     }
 
     /// Delivers a published message to the subscribers of `channel`; returns how many got it.
@@ -496,7 +506,7 @@ impl Hub {
             for client in &feed.subscribers {
                 let tally = client.outbox.push_data(&feed.name, &frames);
                 delivered += tally.queued as usize;
-                self.count_tally(client, &feed.name, tally);
+                self.count_tally(client, &feed.channel, &feed.name, tally);
             }
         }
         delivered
@@ -559,6 +569,7 @@ impl Hub {
         for ch in std::mem::take(&mut st.channels) {
             for client in ch.subscribers {
                 client.subs().retain(|h| h.channel != ch.channel);
+                self.stats.client_error(code);
                 self.send(&client, msg::error(Some(&ch.name), code, message, &None));
                 self.send(&client, msg::unsubscribed(&ch.name, &None));
             }
@@ -574,11 +585,13 @@ impl Hub {
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
         let mut snap = HubSnapshot::default();
+        let mut kinds: HashMap<&'static str, usize> = HashMap::new();
         for (key, topic) in topics {
             let st = topic.lock();
             for feed in &st.channels {
                 snap.active_channels.push(feed.name.to_string());
                 snap.total_subscriptions += feed.subscribers.len();
+                *kinds.entry(feed.channel.kind()).or_insert(0) += feed.subscribers.len();
                 if matches!(feed.channel, Channel::Signals(_)) {
                     snap.signal_channels += 1;
                 }
@@ -594,6 +607,10 @@ impl Hub {
         }
         snap.active_channels.sort();
         snap.connected_clients = self.connected_clients();
+        snap.subscriptions_by_kind = Channel::KINDS
+            .iter()
+            .map(|k| (*k, kinds.get(k).copied().unwrap_or(0)))
+            .collect();
         snap
     }
 }
@@ -627,6 +644,8 @@ pub struct HubSnapshot {
     pub signal_channels: usize,
     /// Ticker values held for instant replay.
     pub price_cache: usize,
+    /// Subscriptions by channel kind (`price`, `klines`, ...), every kind listed.
+    pub subscriptions_by_kind: Vec<(&'static str, usize)>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,396 @@
+//! `GET /metrics`: the Prometheus exposition of the same counters `/api/v1/ws/stats` reads.
+//! prometheus-client encodes the text; the values come from a [`Collector`] that reads the
+//! relay's own atomics and snapshots at scrape time, so the data path keeps bumping plain
+//! relaxed atomics and a scrape takes no lock the fan-out takes (the hub's snapshot locks
+//! each topic briefly, as `/api/v1/ws/stats` does).
+//!
+//! Names follow Prometheus conventions: a `relay_` prefix, base units in the name, `_total`
+//! on counters (added by the encoder), labels for the exchange, kind and code.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::exchange::Upstreams;
+use crate::hub::Hub;
+use crate::stats::{HistogramSnapshot, Stats};
+
+/// What a scrape reads.
+struct Sources {
+    stats: Arc<Stats>,
+    hub: Arc<Hub>,
+    upstreams: Arc<Upstreams>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("relay metrics")
+    }
+}
+
+/// The registry `/metrics` encodes.
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new(stats: Arc<Stats>, hub: Arc<Hub>, upstreams: Arc<Upstreams>) -> Metrics {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Sources {
+            stats,
+            hub,
+            upstreams,
+        }));
+        Metrics { registry }
+    }
+
+    /// The text exposition (OpenMetrics, which Prometheus reads).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn gauge(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    series: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, v) in series {
+        if labels.is_empty() {
+            ConstGauge::new(*v).encode(m.encode_family(&Vec::<(String, String)>::new())?)?;
+        } else {
+            ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn counter(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn histogram(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, HistogramSnapshot)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+    for (labels, h) in series {
+        // The encoder sums the buckets itself: hand it each bucket's own count.
+        let mut below = 0;
+        let mut buckets: Vec<(f64, u64)> = h
+            .buckets
+            .iter()
+            .map(|(bound, cumulative)| {
+                let own = cumulative.saturating_sub(below);
+                below = *cumulative;
+                (*bound, own)
+            })
+            .collect();
+        buckets.push((f64::INFINITY, h.count.saturating_sub(below)));
+        m.encode_family(labels)?
+            .encode_histogram::<Vec<(String, String)>>(h.sum, h.count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+fn none() -> Labels {
+    Vec::new()
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.stats.counters();
+        let hub = self.hub.snapshot();
+        let upstreams = self.upstreams.snapshot();
+        let health = self.upstreams.health();
+
+        gauge(
+            &mut e,
+            "relay_connected_clients",
+            "WebSocket clients connected now",
+            None,
+            &[(none(), hub.connected_clients as i64)],
+        )?;
+        let subs: Vec<(Labels, i64)> = hub
+            .subscriptions_by_kind
+            .iter()
+            .map(|(kind, n)| (vec![("kind", kind.to_string())], *n as i64))
+            .collect();
+        gauge(
+            &mut e,
+            "relay_subscriptions",
+            "Subscriptions held by clients, by channel kind",
+            None,
+            &subs,
+        )?;
+        gauge(
+            &mut e,
+            "relay_channels",
+            "Channels with at least one subscriber",
+            None,
+            &[(none(), hub.active_channels.len() as i64)],
+        )?;
+        gauge(
+            &mut e,
+            "relay_uptime",
+            "Time since the relay started",
+            Some(&Unit::Seconds),
+            &[(none(), c.uptime_seconds as i64)],
+        )?;
+
+        let mut msgs_in: Vec<(Labels, u64)> = upstreams
+            .iter()
+            .map(|u| {
+                (
+                    vec![("source", u.exchange.to_string())],
+                    u.counters.messages,
+                )
+            })
+            .collect();
+        let from_exchanges: u64 = upstreams.iter().map(|u| u.counters.messages).sum();
+        msgs_in.push((
+            vec![("source", "clients".to_string())],
+            c.messages_in.saturating_sub(from_exchanges),
+        ));
+        counter(
+            &mut e,
+            "relay_messages_in",
+            "WebSocket messages received, by source (an exchange, or clients)",
+            &msgs_in,
+        )?;
+        let out: Vec<(Labels, u64)> = self
+            .stats
+            .messages_out_by_kind()
+            .into_iter()
+            .map(|(kind, n)| (vec![("kind", kind.to_string())], n))
+            .collect();
+        counter(
+            &mut e,
+            "relay_messages_out",
+            "Messages written or queued to clients, by message type",
+            &out,
+        )?;
+        counter(
+            &mut e,
+            "relay_conflated_messages",
+            "Queued values replaced by newer ones for clients that fell behind",
+            &[(none(), c.conflated)],
+        )?;
+        counter(
+            &mut e,
+            "relay_slow_consumer_disconnects",
+            "Clients closed with 1013 for not keeping up",
+            &[(none(), c.slow_consumer_disconnects)],
+        )?;
+        counter(
+            &mut e,
+            "relay_rate_limited_requests",
+            "Client requests refused with RATE_LIMITED",
+            &[(none(), c.rate_limited)],
+        )?;
+        counter(
+            &mut e,
+            "relay_rejected_connections",
+            "WebSocket upgrades refused (caps, origin)",
+            &[(none(), c.rejected_connections)],
+        )?;
+        counter(
+            &mut e,
+            "relay_connections",
+            "WebSocket clients ever connected",
+            &[(none(), c.total_connections)],
+        )?;
+        let errors: Vec<(Labels, u64)> = self
+            .stats
+            .client_errors()
+            .into_iter()
+            .map(|(code, n)| (vec![("code", code.to_string())], n))
+            .collect();
+        counter(
+            &mut e,
+            "relay_client_errors",
+            "Error replies to clients, by error code",
+            &errors,
+        )?;
+
+        let by_exchange =
+            |f: &dyn Fn(&crate::exchange::UpstreamSnapshot) -> u64| -> Vec<(Labels, u64)> {
+                upstreams
+                    .iter()
+                    .map(|u| (vec![("exchange", u.exchange.to_string())], f(u)))
+                    .collect()
+            };
+        let connected: Vec<(Labels, i64)> = health
+            .iter()
+            .map(|(id, h)| {
+                (
+                    vec![("exchange", id.to_string())],
+                    i64::from(h.state == "connected"),
+                )
+            })
+            .collect();
+        gauge(
+            &mut e,
+            "relay_upstream_connected",
+            "1 when every wanted connection to the exchange is open",
+            None,
+            &connected,
+        )?;
+        let unreachable: Vec<(Labels, i64)> = health
+            .iter()
+            .map(|(id, h)| {
+                (
+                    vec![("exchange", id.to_string())],
+                    i64::from(h.state == "unreachable"),
+                )
+            })
+            .collect();
+        gauge(
+            &mut e,
+            "relay_upstream_unreachable",
+            "1 while the exchange cannot be reached",
+            None,
+            &unreachable,
+        )?;
+        let conns: Vec<(Labels, i64)> = upstreams
+            .iter()
+            .map(|u| {
+                (
+                    vec![("exchange", u.exchange.to_string())],
+                    u.connections as i64,
+                )
+            })
+            .collect();
+        gauge(
+            &mut e,
+            "relay_upstream_connections",
+            "Upstream connections open",
+            None,
+            &conns,
+        )?;
+        let streams: Vec<(Labels, i64)> = upstreams
+            .iter()
+            .map(|u| {
+                (
+                    vec![("exchange", u.exchange.to_string())],
+                    u.streams.len() as i64,
+                )
+            })
+            .collect();
+        gauge(
+            &mut e,
+            "relay_upstream_streams",
+            "Exchange streams requested on open connections",
+            None,
+            &streams,
+        )?;
+        counter(
+            &mut e,
+            "relay_upstream_reconnects",
+            "Upstream connections opened again after one was lost or renewed",
+            &by_exchange(&|u| u.counters.reconnects),
+        )?;
+        counter(
+            &mut e,
+            "relay_upstream_connect_failures",
+            "Upstream connect attempts that failed",
+            &by_exchange(&|u| u.counters.connect_failures),
+        )?;
+        counter(
+            &mut e,
+            "relay_upstream_decode_errors",
+            "Exchange frames that could not be decoded",
+            &by_exchange(&|u| u.counters.decode_errors),
+        )?;
+        counter(
+            &mut e,
+            "relay_upstream_rejected_requests",
+            "Requests the exchange refused",
+            &by_exchange(&|u| u.counters.rejected_requests),
+        )?;
+        counter(
+            &mut e,
+            "relay_upstream_book_resyncs",
+            "Order books rebuilt from a fresh snapshot",
+            &by_exchange(&|u| u.counters.resyncs),
+        )?;
+        let rest: Vec<(Labels, u64)> = upstreams
+            .iter()
+            .flat_map(|u| {
+                u.rest.iter().map(move |(status, n)| {
+                    (
+                        vec![
+                            ("exchange", u.exchange.to_string()),
+                            ("status", status.to_string()),
+                        ],
+                        *n,
+                    )
+                })
+            })
+            .collect();
+        counter(&mut e, "relay_upstream_rest_requests", "REST requests to the exchange, by answer (429 and 418: rate limited; error: no answer)", &rest)?;
+
+        let latency: Vec<(Labels, HistogramSnapshot)> = upstreams
+            .iter()
+            .map(|u| {
+                (
+                    vec![("exchange", u.exchange.to_string())],
+                    self.stats.event_latency(u.exchange),
+                )
+            })
+            .collect();
+        histogram(
+            &mut e,
+            "relay_exchange_to_client",
+            "Exchange event time to the frame handed to the clients' sockets",
+            &latency,
+        )?;
+        histogram(
+            &mut e,
+            "relay_fanout_duration",
+            "One fan-out: an event (or a burst) to every subscriber of a feed",
+            &[(none(), self.stats.fanout())],
+        )?;
+        let reconnect: Vec<(Labels, HistogramSnapshot)> = upstreams
+            .iter()
+            .map(|u| {
+                (
+                    vec![("exchange", u.exchange.to_string())],
+                    u.reconnect.clone(),
+                )
+            })
+            .collect();
+        histogram(
+            &mut e,
+            "relay_upstream_reconnect_duration",
+            "From losing an upstream connection to the next one open",
+            &reconnect,
+        )?;
+        Ok(())
+    }
+}
