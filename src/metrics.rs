@@ -125,21 +125,24 @@ fn none() -> Labels {
 impl Collector for Sources {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.stats.counters();
-        let hub = self.hub.snapshot();
         let upstreams = self.upstreams.snapshot();
         let health = self.upstreams.health();
 
+        // Read from counters the hub keeps as subscriptions change, not from its topics: a
+        // scrape takes no lock the fan-out takes.
+        let clients = self.hub.connected_clients() as i64;
         gauge(
             &mut e,
             "relay_connected_clients",
             "WebSocket clients connected now",
             None,
-            &[(none(), hub.connected_clients as i64)],
+            &[(none(), clients)],
         )?;
-        let subs: Vec<(Labels, i64)> = hub
-            .subscriptions_by_kind
-            .iter()
-            .map(|(kind, n)| (vec![("kind", kind.to_string())], *n as i64))
+        let subs: Vec<(Labels, i64)> = self
+            .stats
+            .subscriptions()
+            .into_iter()
+            .map(|(kind, n)| (vec![("kind", kind.to_string())], n))
             .collect();
         gauge(
             &mut e,
@@ -148,12 +151,13 @@ impl Collector for Sources {
             None,
             &subs,
         )?;
+        let channels = self.stats.channels();
         gauge(
             &mut e,
             "relay_channels",
             "Channels with at least one subscriber",
             None,
-            &[(none(), hub.active_channels.len() as i64)],
+            &[(none(), channels)],
         )?;
         gauge(
             &mut e,

@@ -42,6 +42,11 @@ pub struct Stats {
     event_latency: [Histogram; EXCHANGES.len()],
     /// How long one event's fan-out to every subscriber takes.
     fanout: Histogram,
+    /// Subscriptions held now, by channel kind (`Channel::KINDS` order): kept here by the hub
+    /// as they change, so that a scrape reads them without the topics' locks.
+    subscriptions: [AtomicI64; crate::domain::Channel::KINDS.len()],
+    /// Channels with at least one subscriber.
+    channels: AtomicI64,
 }
 
 /// The message types counted on their own in `relay_messages_out_total{kind}`; anything else
@@ -137,6 +142,8 @@ impl Default for Stats {
             errors_by_code: std::array::from_fn(|_| AtomicU64::new(0)),
             event_latency: std::array::from_fn(|_| Histogram::default()),
             fanout: Histogram::default(),
+            subscriptions: std::array::from_fn(|_| AtomicI64::new(0)),
+            channels: AtomicI64::new(0),
         }
     }
 }
@@ -212,6 +219,39 @@ impl Stats {
             .zip(&self.out_by_kind)
             .map(|(k, n)| (*k, get(n)))
             .collect()
+    }
+
+    /// `n` subscriptions of `kind` were made (or, negative, dropped).
+    pub fn subscribed(&self, kind: &str, n: i64) {
+        if let Some(i) = crate::domain::Channel::KINDS
+            .iter()
+            .position(|k| *k == kind)
+        {
+            self.subscriptions[i].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Subscriptions held now by kind.
+    pub fn subscriptions(&self) -> Vec<(&'static str, i64)> {
+        crate::domain::Channel::KINDS
+            .iter()
+            .zip(&self.subscriptions)
+            .map(|(k, n)| (*k, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// A channel got its first subscriber.
+    pub fn channel_opened(&self) {
+        self.channels.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A channel lost its last subscriber.
+    pub fn channel_closed(&self) {
+        self.channels.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn channels(&self) -> i64 {
+        self.channels.load(Ordering::Relaxed)
     }
 
     /// A client was answered with an error.

@@ -121,6 +121,19 @@ async fn metrics_parse_and_move_as_clients_subscribe_and_data_flows() {
         later[r#"relay_client_errors_total{code="UNKNOWN_SYMBOL"}"#],
         1.0
     );
+    assert_eq!(later["relay_channels"], 2.0);
+
+    // The gauges come back down when the client leaves.
+    drop(c);
+    until("the gauges back at zero", || async {
+        let (now, _) = scrape(&relay).await;
+        (now["relay_connected_clients"] == 0.0
+            && now[r#"relay_subscriptions{kind="trades"}"#] == 0.0
+            && now[r#"relay_subscriptions{kind="price"}"#] == 0.0
+            && now["relay_channels"] == 0.0)
+            .then_some(())
+    })
+    .await;
 }
 
 #[test]

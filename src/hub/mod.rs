@@ -302,6 +302,7 @@ impl Hub {
             {
                 Some(i) => &mut st.channels[i],
                 None => {
+                    self.stats.channel_opened();
                     st.channels.push(ChannelFeed {
                         channel: held.channel.clone(),
                         name: held.name.clone(),
@@ -312,6 +313,7 @@ impl Hub {
                 }
             };
             feed.subscribers.push(client.clone());
+            self.stats.subscribed(held.channel.kind(), 1);
             let name = feed.name.clone();
             self.send(client, msg::subscribed(&name, id));
             if let (TopicKey::Feed(key), Some(last)) = (&held.topic, &st.last) {
@@ -357,9 +359,11 @@ impl Hub {
             let feed = &mut st.channels[i];
             if let Some(j) = feed.subscribers.iter().position(|c| c.id == client.id) {
                 feed.subscribers.swap_remove(j);
+                self.stats.subscribed(held.channel.kind(), -1);
             }
             if feed.subscribers.is_empty() {
                 st.channels.swap_remove(i);
+                self.stats.channel_closed();
             }
         }
         st.refs = st.refs.saturating_sub(1);
@@ -567,6 +571,9 @@ impl Hub {
     /// Tells every subscriber of a topic why it is dropped, and drops them.
     fn drop_subscribers(&self, st: &mut TopicState, code: ErrorCode, message: &str) {
         for ch in std::mem::take(&mut st.channels) {
+            self.stats.channel_closed();
+            self.stats
+                .subscribed(ch.channel.kind(), -(ch.subscribers.len() as i64));
             for client in ch.subscribers {
                 client.subs().retain(|h| h.channel != ch.channel);
                 self.stats.client_error(code);
@@ -585,13 +592,11 @@ impl Hub {
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
         let mut snap = HubSnapshot::default();
-        let mut kinds: HashMap<&'static str, usize> = HashMap::new();
         for (key, topic) in topics {
             let st = topic.lock();
             for feed in &st.channels {
                 snap.active_channels.push(feed.name.to_string());
                 snap.total_subscriptions += feed.subscribers.len();
-                *kinds.entry(feed.channel.kind()).or_insert(0) += feed.subscribers.len();
                 if matches!(feed.channel, Channel::Signals(_)) {
                     snap.signal_channels += 1;
                 }
@@ -607,10 +612,6 @@ impl Hub {
         }
         snap.active_channels.sort();
         snap.connected_clients = self.connected_clients();
-        snap.subscriptions_by_kind = Channel::KINDS
-            .iter()
-            .map(|k| (*k, kinds.get(k).copied().unwrap_or(0)))
-            .collect();
         snap
     }
 }
@@ -644,8 +645,6 @@ pub struct HubSnapshot {
     pub signal_channels: usize,
     /// Ticker values held for instant replay.
     pub price_cache: usize,
-    /// Subscriptions by channel kind (`price`, `klines`, ...), every kind listed.
-    pub subscriptions_by_kind: Vec<(&'static str, usize)>,
 }
 
 #[cfg(test)]
