@@ -12,8 +12,10 @@ use tokio::net::TcpListener;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Configuration file; without it ./config.toml is read if present.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Listen address, overriding server.listen (e.g. 127.0.0.1:3000).
     #[arg(long, value_name = "ADDR")]
@@ -27,10 +29,21 @@ struct Args {
     log_json: bool,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Validates the configuration (every key, environment overrides, the key files it
+    /// names) and exits 0, or 1 with one line per problem: for deploy pipelines.
+    CheckConfig,
+}
+
 fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Some(Command::CheckConfig) = args.command {
+        return check_config(&args);
+    }
     // The error alone, as a sentence (a bad config is one line per key): no backtrace, which
     // anyhow would add under RUST_BACKTRACE, and no `Debug` form.
-    match start() {
+    match start(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("exchange-relay: {e:#}");
@@ -39,7 +52,36 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn start() -> anyhow::Result<()> {
+/// `check-config`: what starting would find wrong with the configuration, without binding
+/// a port or reaching an exchange.
+fn check_config(args: &Args) -> std::process::ExitCode {
+    let (path, required) = config_path(args);
+    let problems = match Config::load(&path, required, std::env::vars()) {
+        Err(e) => e.problems,
+        Ok(config) => match exchange_relay::auth::Authenticator::from_config(&config.auth) {
+            Err(e) => vec![e],
+            Ok(_) => Vec::new(),
+        },
+    };
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        return std::process::ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        println!("{}: {p}", path.display());
+    }
+    std::process::ExitCode::FAILURE
+}
+
+/// The configuration file to read, and whether it must exist (named on the command line).
+fn config_path(args: &Args) -> (PathBuf, bool) {
+    match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("config.toml"), false),
+    }
+}
+
+fn start(args: Args) -> anyhow::Result<()> {
     // One CPU (a container limit, or pinned with taskset): tokio's multi-thread scheduler then
     // only adds work stealing and queue overflow to every wake; the current-thread scheduler
     // runs the same tasks in order. Measured by `loadgen`, see README § Performance.
@@ -53,11 +95,10 @@ fn start() -> anyhow::Result<()> {
             .enable_all()
             .build()?
     };
-    runtime.block_on(relay_main())
+    runtime.block_on(relay_main(args))
 }
 
-async fn relay_main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn relay_main(args: Args) -> anyhow::Result<()> {
     let filter = exchange_relay::log_filter(std::env::var("RUST_LOG").ok().as_deref());
     // Colour only for a person at a terminal: `docker logs`, files and pipes get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -70,10 +111,7 @@ async fn relay_main() -> anyhow::Result<()> {
         builder.init();
     }
 
-    let (path, required) = match &args.config {
-        Some(p) => (p.clone(), true),
-        None => (PathBuf::from("config.toml"), false),
-    };
+    let (path, required) = config_path(&args);
     let mut config = Config::load(&path, required, std::env::vars())?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;

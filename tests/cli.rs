@@ -142,3 +142,52 @@ fn the_docker_build_context_leaves_out_build_output_and_keeps_what_the_dockerfil
         }
     }
 }
+
+#[test]
+fn check_config_says_ok_or_lists_every_problem_and_the_key_files() {
+    let dir = std::env::temp_dir().join(format!("relay-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |config: &str| {
+        let path = dir.join("c.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_exchange-relay"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+    let (ok, out) = run(&shipped);
+    assert!(ok, "{out}");
+    assert!(out.trim_end().ends_with(": ok"), "{out}");
+
+    let (ok, out) = run("[server]\nmax_connections = \"lots\"\nlisten = \"nowhere\"\n");
+    assert!(!ok);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.contains("server.max_connections: invalid type"),
+        "{out}"
+    );
+    assert!(out.contains("server.listen: 'nowhere'"), "{out}");
+
+    // The key files it names are read and parsed too.
+    let (ok, out) = run("[auth]\njwt_public_key_file = \"/nonexistent/key.pem\"\n");
+    assert!(!ok);
+    assert!(
+        out.contains("auth.jwt_public_key_file: cannot read /nonexistent/key.pem"),
+        "{out}"
+    );
+    let not_a_key = dir.join("not-a-key.pem");
+    std::fs::write(&not_a_key, "hello").unwrap();
+    let (ok, out) = run(&format!(
+        "[auth]\njwt_public_key_file = \"{}\"\n",
+        not_a_key.display()
+    ));
+    assert!(!ok);
+    assert!(out.contains("is not an RSA or EC public key"), "{out}");
+}
