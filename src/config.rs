@@ -173,6 +173,9 @@ impl StreamsConfig {
 pub struct ExchangesConfig {
     /// The exchange meant by a channel without `@exchange`.
     pub default: ExchangeId,
+    /// Extra CA certificates (PEM) trusted for the exchanges' `wss://` and `https://`, beside
+    /// the public roots: for TLS-inspecting gateways. `SSL_CERT_FILE` is honoured too.
+    pub ca_file: Option<PathBuf>,
     /// One per exchange, in [`ExchangeId::ALL`] order.
     venues: Vec<ExchangeConfig>,
 }
@@ -227,6 +230,7 @@ impl ExchangeConfig {
 #[serde(default)]
 struct RawExchanges {
     default: Option<ExchangeId>,
+    ca_file: Option<PathBuf>,
     #[serde(flatten)]
     venues: BTreeMap<ExchangeId, RawExchange>,
 }
@@ -258,6 +262,7 @@ impl From<RawExchanges> for ExchangesConfig {
     fn from(mut raw: RawExchanges) -> Self {
         ExchangesConfig {
             default: raw.default.unwrap_or(ExchangeId::Binance),
+            ca_file: raw.ca_file,
             venues: ExchangeId::ALL
                 .into_iter()
                 .map(|id| raw.venues.remove(&id).unwrap_or_default().resolve(id))
@@ -505,7 +510,7 @@ fn check_keys(
                                 bad.push(key.clone());
                             }
                         }
-                    } else if key == "default" {
+                    } else if key == "default" || key == "ca_file" {
                         if !check_one::<RawExchanges>(&path, key, value, raw_env, problems) {
                             bad.push(key.clone());
                         }
@@ -513,7 +518,7 @@ fn check_keys(
                         let names: Vec<&str> =
                             ExchangeId::ALL.iter().map(|id| id.as_str()).collect();
                         problems.push(format!(
-                            "{path}: unknown key; expected default or an exchange ({})",
+                            "{path}: unknown key; expected default, ca_file or an exchange ({})",
                             names.join(", ")
                         ));
                         bad.push(key.clone());

@@ -109,7 +109,8 @@ pub async fn run(
     let stats = Arc::new(stats::Stats::default());
     // The exchange side feeds the hub through the hub's boundary (hub::feed): the hub holds
     // the source, the source a weak handle on the hub.
-    let upstreams = Arc::new(Upstreams::new(&config, stats.clone(), token.clone()));
+    let upstreams =
+        Arc::new(Upstreams::new(&config, stats.clone(), token.clone()).map_err(RunError::Config)?);
     let hub = Hub::new(&config, stats.clone(), token.clone(), upstreams.clone());
     let sink: std::sync::Weak<dyn FeedSink> = Arc::downgrade(&hub) as std::sync::Weak<dyn FeedSink>;
     upstreams.start(sink);

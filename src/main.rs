@@ -58,10 +58,20 @@ fn check_config(args: &Args) -> std::process::ExitCode {
     let (path, required) = config_path(args);
     let problems = match Config::load(&path, required, std::env::vars()) {
         Err(e) => e.problems,
-        Ok(config) => match exchange_relay::auth::Authenticator::from_config(&config.auth) {
-            Err(e) => vec![e],
-            Ok(_) => Vec::new(),
-        },
+        Ok(config) => {
+            let mut p = Vec::new();
+            if let Err(e) = exchange_relay::auth::Authenticator::from_config(&config.auth) {
+                p.push(e);
+            }
+            let ca = config.exchanges.ca_file.as_deref();
+            if let Err(e) = exchange_relay::exchange::tls::Trust::load(
+                ca,
+                exchange_relay::exchange::tls::ssl_cert_file(),
+            ) {
+                p.push(e);
+            }
+            p
+        }
     };
     if problems.is_empty() {
         println!("{}: ok", path.display());

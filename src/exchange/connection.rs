@@ -233,16 +233,29 @@ async fn connect(ex: &Exchange, names: &[String], shutdown: &CancellationToken) 
     let config = WebSocketConfig::default().max_message_size(Some(MAX_UPSTREAM_MESSAGE));
     let attempt = timeout(
         CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true),
+        tokio_tungstenite::connect_async_tls_with_config(
+            url.as_str(),
+            Some(config),
+            true,
+            Some(tokio_tungstenite::Connector::Rustls(ex.tls.clone())),
+        ),
     );
+    // A failure names the host, so that a TLS refusal says which endpoint (and why).
+    let host = url::Url::parse(&url)
+        .ok()
+        .and_then(|u| {
+            u.host_str()
+                .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(0)))
+        })
+        .unwrap_or_default();
     let result = tokio::select! {
         _ = shutdown.cancelled() => return Connect::Shutdown,
         r = attempt => r,
     };
     match result {
         Ok(Ok((ws, _))) => Connect::Open(Box::new(ws), in_url),
-        Ok(Err(e)) => Connect::Failed(e.to_string(), classify(&e)),
-        Err(_) => Connect::Failed("timed out".to_string(), Failure::Retryable),
+        Ok(Err(e)) => Connect::Failed(format!("{host}: {e}"), classify(&e)),
+        Err(_) => Connect::Failed(format!("{host}: timed out"), Failure::Retryable),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod candles;
 pub mod coinbase;
 pub mod connection;
 pub mod kraken;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -335,6 +336,8 @@ pub struct Exchange {
     pub http: reqwest::Client,
     /// Connection attempts, shared by all of this exchange's connections.
     pub attempts: Mutex<AttemptBudget>,
+    /// Whom `wss://` trusts (see [`tls`]).
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 /// An exchange's connections and which one carries each wanted stream.
@@ -502,12 +505,21 @@ fn adapter_for(id: ExchangeId) -> Option<Box<dyn Adapter>> {
 }
 
 impl Upstreams {
-    pub fn new(config: &Config, stats: Arc<Stats>, shutdown: CancellationToken) -> Upstreams {
-        let http = reqwest::Client::builder()
+    /// The exchange side of `config`; fails only when the TLS trust it names cannot be read.
+    pub fn new(
+        config: &Config,
+        stats: Arc<Stats>,
+        shutdown: CancellationToken,
+    ) -> Result<Upstreams, String> {
+        let trust = tls::Trust::load(config.exchanges.ca_file.as_deref(), tls::ssl_cert_file())?;
+        let builder = reqwest::Client::builder()
             .timeout(REST_TIMEOUT)
-            .user_agent(concat!("exchange-relay/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("exchange-relay/", env!("CARGO_PKG_VERSION")));
+        let http = trust
+            .apply(builder)
             .build()
-            .unwrap_or_default();
+            .map_err(|e| format!("the REST client could not be built: {e}"))?;
+        let websocket_tls = trust.websocket.clone();
         let exchanges = ExchangeId::ALL
             .into_iter()
             .filter(|id| config.exchanges.get(*id).enabled)
@@ -522,17 +534,18 @@ impl Upstreams {
                     conns: Mutex::new(Pool::default()),
                     stats: UpstreamStats::new(id),
                     http: http.clone(),
+                    tls: websocket_tls.clone(),
                 }))
             })
             .collect();
-        Upstreams {
+        Ok(Upstreams {
             exchanges,
             sink: OnceLock::new(),
             stats,
             http,
             shutdown,
             tasks: TaskTracker::new(),
-        }
+        })
     }
 
     fn sink(&self) -> Weak<dyn FeedSink> {
@@ -861,13 +874,30 @@ mod tests {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("{0}")]
+    /// With its causes: reqwest's own text names the URL, its sources say why (a TLS
+    /// certificate refused, a connection refused).
+    #[error("{}", with_causes(.0))]
     Http(#[from] reqwest::Error),
     #[error("HTTP {0}")]
     Status(reqwest::StatusCode),
     /// 429/418: the exchange said when to come back.
     #[error("rate limited; retry after {0:?}")]
     RetryAfter(Duration),
+}
+
+/// An error and its chain of causes, on one line.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// GETs `url` as text, honouring 429/418 `Retry-After`; every answer (or its absence) is
