@@ -6,70 +6,8 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::rustls;
-
-/// A CA, and a TLS endpoint for `localhost` signed by it that forwards to `backend`.
-struct TlsFront {
-    addr: std::net::SocketAddr,
-    ca_pem: String,
-}
-
-async fn tls_front(backend: std::net::SocketAddr) -> TlsFront {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![leaf.der().clone(), ca.der().clone()], key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                // A client that refuses our certificate ends here: nothing to forward.
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut plain) = TcpStream::connect(backend).await else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-            });
-        }
-    });
-    TlsFront {
-        addr,
-        ca_pem: ca.pem(),
-    }
-}
-
-fn sim_addr(sim: &exchange_relay::sim::SimBinance) -> std::net::SocketAddr {
-    url::Url::parse(&sim.rest_url())
-        .unwrap()
-        .socket_addrs(|| None)
-        .unwrap()[0]
-}
+use tokio::net::TcpListener;
 
 #[tokio::test]
 async fn wss_and_https_through_a_trusted_ca_serve_data() {

@@ -230,32 +230,65 @@ enum Connect {
 
 async fn connect(ex: &Exchange, names: &[String], shutdown: &CancellationToken) -> Connect {
     let (url, in_url) = ex.adapter.connect_url(&ex.config.ws_url, names);
-    let config = WebSocketConfig::default().max_message_size(Some(MAX_UPSTREAM_MESSAGE));
-    let attempt = timeout(
-        CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_tls_with_config(
-            url.as_str(),
-            Some(config),
-            true,
-            Some(tokio_tungstenite::Connector::Rustls(ex.tls.clone())),
-        ),
-    );
+    let parsed = url::Url::parse(&url).ok();
     // A failure names the host, so that a TLS refusal says which endpoint (and why).
-    let host = url::Url::parse(&url)
-        .ok()
+    let host = parsed
+        .as_ref()
         .and_then(|u| {
             u.host_str()
                 .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(0)))
         })
         .unwrap_or_default();
+    let attempt = timeout(CONNECT_TIMEOUT, open(ex, &url, parsed.as_ref()));
     let result = tokio::select! {
         _ = shutdown.cancelled() => return Connect::Shutdown,
         r = attempt => r,
     };
     match result {
-        Ok(Ok((ws, _))) => Connect::Open(Box::new(ws), in_url),
+        Ok(Ok(ws)) => Connect::Open(Box::new(ws), in_url),
         Ok(Err(e)) => Connect::Failed(format!("{host}: {e}"), classify(&e)),
         Err(_) => Connect::Failed(format!("{host}: timed out"), Failure::Retryable),
+    }
+}
+
+/// The WebSocket handshake, directly or through the proxy the environment names.
+async fn open(
+    ex: &Exchange,
+    url: &str,
+    parsed: Option<&url::Url>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let config = WebSocketConfig::default().max_message_size(Some(MAX_UPSTREAM_MESSAGE));
+    let connector = Some(tokio_tungstenite::Connector::Rustls(ex.tls.clone()));
+    let via = parsed.and_then(|u| {
+        Some((
+            ex.proxy.for_url(u)?,
+            u.host_str()?,
+            u.port_or_known_default()?,
+        ))
+    });
+    match via {
+        None => {
+            let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+                url,
+                Some(config),
+                true,
+                connector,
+            )
+            .await?;
+            Ok(ws)
+        }
+        Some((proxy, host, port)) => {
+            let stream = super::proxy::tunnel(proxy, host, port).await?;
+            let _ = stream.set_nodelay(true);
+            let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
+                url,
+                stream,
+                Some(config),
+                connector,
+            )
+            .await?;
+            Ok(ws)
+        }
     }
 }
 

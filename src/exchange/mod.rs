@@ -11,6 +11,7 @@ pub mod candles;
 pub mod coinbase;
 pub mod connection;
 pub mod kraken;
+pub mod proxy;
 pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -338,6 +339,8 @@ pub struct Exchange {
     pub attempts: Mutex<AttemptBudget>,
     /// Whom `wss://` trusts (see [`tls`]).
     pub tls: Arc<rustls::ClientConfig>,
+    /// The proxy the environment names for the WebSocket connections (see [`proxy`]).
+    pub proxy: Arc<proxy::ProxyEnv>,
 }
 
 /// An exchange's connections and which one carries each wanted stream.
@@ -520,6 +523,7 @@ impl Upstreams {
             .build()
             .map_err(|e| format!("the REST client could not be built: {e}"))?;
         let websocket_tls = trust.websocket.clone();
+        let proxy = Arc::new(proxy::ProxyEnv::from_env());
         let exchanges = ExchangeId::ALL
             .into_iter()
             .filter(|id| config.exchanges.get(*id).enabled)
@@ -535,6 +539,7 @@ impl Upstreams {
                     stats: UpstreamStats::new(id),
                     http: http.clone(),
                     tls: websocket_tls.clone(),
+                    proxy: proxy.clone(),
                 }))
             })
             .collect();
