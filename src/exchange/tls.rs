@@ -75,3 +75,44 @@ pub fn ssl_cert_file() -> Option<PathBuf> {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem() -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem()
+    }
+
+    #[test]
+    fn ssl_cert_file_and_ca_file_add_to_the_public_roots() {
+        let dir = std::env::temp_dir().join(format!("relay-trust-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.pem"), dir.join("b.pem"));
+        std::fs::write(&a, ca_pem()).unwrap();
+        std::fs::write(&b, ca_pem() + &ca_pem()).unwrap();
+        let trust = Trust::load(Some(&a), Some(b.clone())).unwrap();
+        assert_eq!(trust.extra_pem.len(), 2);
+        assert!(Trust::load(None, None).unwrap().extra_pem.is_empty());
+
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = Trust::load(None, Some(empty)).err().unwrap();
+        assert!(
+            err.starts_with("SSL_CERT_FILE:") && err.contains("holds no certificate"),
+            "{err}"
+        );
+        let err = Trust::load(Some(Path::new("/nonexistent.pem")), None)
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("exchanges.ca_file: cannot read /nonexistent.pem"),
+            "{err}"
+        );
+    }
+}
