@@ -86,9 +86,7 @@ async fn health_says_idle_once_the_last_client_has_gone() {
 #[tokio::test]
 async fn health_says_unreachable_since_when_and_why_without_subscribers() {
     // Nothing listens on the exchange's address: the instrument list cannot be fetched.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let dead_addr = dead_addr().await;
     let sim = start_sim().await;
     let mut cfg = config_for(&sim);
     cfg.exchanges.get_mut(ExchangeId::Binance).rest_url = format!("http://{dead_addr}");

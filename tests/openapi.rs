@@ -117,9 +117,7 @@ async fn instruments_lists_each_exchanges_markets_with_their_spellings() {
 
 #[tokio::test]
 async fn instruments_of_a_disabled_or_unloaded_exchange_say_why() {
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let dead_addr = dead_addr().await;
     let sim = start_sim().await;
     let mut cfg = config_for(&sim);
     cfg.exchanges.get_mut(ExchangeId::Binance).rest_url = format!("http://{dead_addr}");

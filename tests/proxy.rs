@@ -65,15 +65,8 @@ async fn websocket_and_rest_go_through_the_https_proxy() {
     std::env::set_var("HTTPS_PROXY", format!("http://{proxy}"));
     std::env::remove_var("NO_PROXY");
     std::env::remove_var("no_proxy");
-    let dir = std::env::temp_dir().join(format!("relay-proxy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, &front.ca_pem).unwrap();
-    let mut cfg = config_for(&sim);
+    let cfg = config_through_tls(&sim, &front, "proxy");
     let port = front.addr.port();
-    cfg.exchanges.get_mut(ExchangeId::Binance).ws_url = format!("wss://localhost:{port}");
-    cfg.exchanges.get_mut(ExchangeId::Binance).rest_url = format!("https://localhost:{port}");
-    cfg.exchanges.ca_file = Some(ca_file);
     let relay = start_relay(cfg).await;
     let want = format!("localhost:{port}");
     let tunnels = || seen.lock().unwrap().iter().filter(|t| **t == want).count();

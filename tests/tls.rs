@@ -13,15 +13,7 @@ use tokio::net::TcpListener;
 async fn wss_and_https_through_a_trusted_ca_serve_data() {
     let sim = start_sim().await;
     let front = tls_front(sim_addr(&sim)).await;
-    let dir = std::env::temp_dir().join(format!("relay-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, &front.ca_pem).unwrap();
-    let mut cfg = config_for(&sim);
-    let port = front.addr.port();
-    cfg.exchanges.get_mut(ExchangeId::Binance).ws_url = format!("wss://localhost:{port}");
-    cfg.exchanges.get_mut(ExchangeId::Binance).rest_url = format!("https://localhost:{port}");
-    cfg.exchanges.ca_file = Some(ca_file);
+    let cfg = config_through_tls(&sim, &front, "tls");
     // Ready means the instrument list came over https://.
     let relay = start_relay(cfg).await;
     let mut c = Client::connect(&relay).await;

@@ -524,3 +524,25 @@ pub fn sim_addr(sim: &SimBinance) -> SocketAddr {
         .socket_addrs(|| None)
         .unwrap()[0]
 }
+
+/// An address on loopback that nothing listens on (an unreachable exchange).
+pub async fn dead_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A config whose Binance is reached over `wss://` and `https://` through `front`, trusting
+/// its CA through `exchanges.ca_file`.
+pub fn config_through_tls(sim: &SimBinance, front: &TlsFront, name: &str) -> Config {
+    let dir = std::env::temp_dir().join(format!("relay-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &front.ca_pem).unwrap();
+    let mut cfg = config_for(sim);
+    let port = front.addr.port();
+    let binance = cfg.exchanges.get_mut(ExchangeId::Binance);
+    binance.ws_url = format!("wss://localhost:{port}");
+    binance.rest_url = format!("https://localhost:{port}");
+    cfg.exchanges.ca_file = Some(ca_file);
+    cfg
+}
