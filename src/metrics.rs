@@ -249,69 +249,51 @@ impl Collector for Sources {
                     .map(|u| (vec![("exchange", u.exchange.to_string())], f(u)))
                     .collect()
             };
-        let connected: Vec<(Labels, i64)> = health
-            .iter()
-            .map(|(id, h)| {
-                (
-                    vec![("exchange", id.to_string())],
-                    i64::from(h.state == "connected"),
-                )
-            })
-            .collect();
+        let by_state = |state: &str| -> Vec<(Labels, i64)> {
+            health
+                .iter()
+                .map(|(id, h)| {
+                    (
+                        vec![("exchange", id.to_string())],
+                        i64::from(h.state == state),
+                    )
+                })
+                .collect()
+        };
+        let gauge_by_exchange =
+            |f: &dyn Fn(&crate::exchange::UpstreamSnapshot) -> usize| -> Vec<(Labels, i64)> {
+                upstreams
+                    .iter()
+                    .map(|u| (vec![("exchange", u.exchange.to_string())], f(u) as i64))
+                    .collect()
+            };
         gauge(
             &mut e,
             "relay_upstream_connected",
             "1 when every wanted connection to the exchange is open",
             None,
-            &connected,
+            &by_state("connected"),
         )?;
-        let unreachable: Vec<(Labels, i64)> = health
-            .iter()
-            .map(|(id, h)| {
-                (
-                    vec![("exchange", id.to_string())],
-                    i64::from(h.state == "unreachable"),
-                )
-            })
-            .collect();
         gauge(
             &mut e,
             "relay_upstream_unreachable",
             "1 while the exchange cannot be reached",
             None,
-            &unreachable,
+            &by_state("unreachable"),
         )?;
-        let conns: Vec<(Labels, i64)> = upstreams
-            .iter()
-            .map(|u| {
-                (
-                    vec![("exchange", u.exchange.to_string())],
-                    u.connections as i64,
-                )
-            })
-            .collect();
         gauge(
             &mut e,
             "relay_upstream_connections",
             "Upstream connections open",
             None,
-            &conns,
+            &gauge_by_exchange(&|u| u.connections),
         )?;
-        let streams: Vec<(Labels, i64)> = upstreams
-            .iter()
-            .map(|u| {
-                (
-                    vec![("exchange", u.exchange.to_string())],
-                    u.streams.len() as i64,
-                )
-            })
-            .collect();
         gauge(
             &mut e,
             "relay_upstream_streams",
             "Exchange streams requested on open connections",
             None,
-            &streams,
+            &gauge_by_exchange(&|u| u.streams.len()),
         )?;
         counter(
             &mut e,
