@@ -69,30 +69,6 @@ impl Dec {
             .map(Dec)
     }
 
-    /// `self / other` rounded half away from zero to `places` decimals (at most 18); `None`
-    /// for a zero divisor or overflow. For derived ratios only (a percentage), never for an
-    /// amount the exchange states.
-    pub fn checked_div_round(self, other: Dec, places: u32) -> Option<Dec> {
-        if other.0 == 0 {
-            return None;
-        }
-        let places = places.min(SCALE);
-        // q = self/other in units of 10^-places, computed as self·10^places / other.
-        let num = self.0.checked_mul(10i128.pow(places))?;
-        let (q, r) = (num / other.0, num % other.0);
-        let round_up = r.unsigned_abs().checked_mul(2)? >= other.0.unsigned_abs();
-        let q = if round_up {
-            if (num < 0) != (other.0 < 0) {
-                q - 1
-            } else {
-                q + 1
-            }
-        } else {
-            q
-        };
-        q.checked_mul(10i128.pow(SCALE - places)).map(Dec)
-    }
-
     /// Digits of `self` written with exactly `precision` fractional digits, without the point
     /// and without leading zeros: Kraken's checksum form (`0.00100000` at 8 → `100000`).
     pub fn checksum_digits(self, precision: u32) -> String {
@@ -174,14 +150,6 @@ impl fmt::Display for Dec {
         }
         let frac = (abs % ONE as u128) / 10u128.pow(SCALE - scale);
         write!(f, "{sign}{int}.{frac:0width$}", width = scale as usize)
-    }
-}
-
-impl std::ops::Neg for Dec {
-    type Output = Dec;
-
-    fn neg(self) -> Dec {
-        Dec(-self.0)
     }
 }
 
@@ -280,10 +248,6 @@ mod tests {
             d("1.2345678912345678")
         );
         assert!(d("1e20").checked_mul(d("1e20")).is_none());
-        assert_eq!(d("1").checked_div_round(d("3"), 4).unwrap(), d("0.3333"));
-        assert_eq!(d("2").checked_div_round(d("3"), 2).unwrap(), d("0.67"));
-        assert_eq!(d("-2").checked_div_round(d("3"), 2).unwrap(), d("-0.67"));
-        assert!(d("1").checked_div_round(Dec::ZERO, 2).is_none());
     }
 
     #[test]

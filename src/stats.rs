@@ -486,10 +486,6 @@ impl UpstreamStats {
         }
     }
 
-    pub fn exchange(&self) -> ExchangeId {
-        self.exchange
-    }
-
     pub fn reconnect_durations(&self) -> HistogramSnapshot {
         self.reconnect.snapshot()
     }

@@ -330,11 +330,6 @@ impl DerivedCandles {
         }
     }
 
-    /// Whether `tag` is one of this set's seed requests.
-    pub fn is_seed(&self, tag: u64) -> bool {
-        self.seeds.contains_key(&tag)
-    }
-
     /// The (parsed) answer to a seed request: the builder starts from it, or from its trades
     /// alone when the seed could not be had.
     pub fn on_seed(
