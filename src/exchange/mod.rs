@@ -498,12 +498,13 @@ pub struct Upstreams {
     pub tasks: TaskTracker,
 }
 
-/// The adapter for an exchange, where this build has one.
-fn adapter_for(id: ExchangeId) -> Option<Box<dyn Adapter>> {
+/// The adapter of each exchange: the one place adapters are registered (the match is
+/// exhaustive, so a new `ExchangeId` cannot miss its adapter).
+fn adapter_for(id: ExchangeId) -> Box<dyn Adapter> {
     match id {
-        ExchangeId::Binance => Some(Box::new(binance::Binance::new())),
-        ExchangeId::Kraken => Some(Box::new(kraken::Kraken::new())),
-        ExchangeId::Coinbase => Some(Box::new(coinbase::Coinbase::new())),
+        ExchangeId::Binance => Box::new(binance::Binance::new()),
+        ExchangeId::Kraken => Box::new(kraken::Kraken::new()),
+        ExchangeId::Coinbase => Box::new(coinbase::Coinbase::new()),
     }
 }
 
@@ -527,10 +528,10 @@ impl Upstreams {
         let exchanges = ExchangeId::ALL
             .into_iter()
             .filter(|id| config.exchanges.get(*id).enabled)
-            .filter_map(|id| {
-                let adapter = adapter_for(id)?;
+            .map(|id| {
+                let adapter = adapter_for(id);
                 let budget = AttemptBudget::new(adapter.limits().connect_budget);
-                Some(Arc::new(Exchange {
+                Arc::new(Exchange {
                     attempts: Mutex::new(budget),
                     adapter,
                     config: config.exchanges.get(id).clone(),
@@ -540,7 +541,7 @@ impl Upstreams {
                     http: http.clone(),
                     tls: websocket_tls.clone(),
                     proxy: proxy.clone(),
-                }))
+                })
             })
             .collect();
         Ok(Upstreams {
@@ -626,11 +627,7 @@ impl FeedSource for Upstreams {
         let Some(ex) = self.get(key.exchange) else {
             return Check::Refused(
                 ErrorCode::UnknownExchange,
-                if adapter_for(key.exchange).is_none() {
-                    format!("{} is not served by this relay yet", key.exchange)
-                } else {
-                    format!("{} is disabled in this relay's configuration", key.exchange)
-                },
+                format!("{} is disabled in this relay's configuration", key.exchange),
             );
         };
         if let Err(why) = ex.adapter.supports(key.feed) {
