@@ -35,16 +35,16 @@ pub struct Stats {
     /// Clients ever connected.
     total_connections: AtomicU64,
     /// Messages to clients by message type ([`OUT_KINDS`]).
-    out_by_kind: [AtomicU64; OUT_KINDS.len()],
-    /// Error replies to clients by code ([`ErrorCode::ALL`] order).
-    errors_by_code: [AtomicU64; ErrorCode::ALL.len()],
+    out_by_kind: Labelled<{ OUT_KINDS.len() }>,
+    /// Error replies to clients by code.
+    errors_by_code: Labelled<{ ErrorCode::ALL.len() }>,
     /// Exchange event time → frames handed to the sockets, per exchange ([`EXCHANGES`] order).
     event_latency: [Histogram; EXCHANGES.len()],
     /// How long one event's fan-out to every subscriber takes.
     fanout: Histogram,
     /// Subscriptions held now, by channel kind (`Channel::KINDS` order): kept here by the hub
     /// as they change, so that a scrape reads them without the topics' locks.
-    subscriptions: [AtomicI64; crate::domain::Channel::KINDS.len()],
+    subscriptions: Labelled<{ crate::domain::Channel::KINDS.len() }>,
     /// Channels with at least one subscriber.
     channels: AtomicI64,
 }
@@ -138,13 +138,53 @@ impl Default for Stats {
             rate_limited: AtomicU64::new(0),
             rejected_connections: AtomicU64::new(0),
             total_connections: AtomicU64::new(0),
-            out_by_kind: std::array::from_fn(|_| AtomicU64::new(0)),
-            errors_by_code: std::array::from_fn(|_| AtomicU64::new(0)),
+            out_by_kind: Labelled::new(OUT_KINDS),
+            errors_by_code: Labelled::new(ErrorCode::ALL.map(ErrorCode::as_str)),
             event_latency: std::array::from_fn(|_| Histogram::default()),
             fanout: Histogram::default(),
-            subscriptions: std::array::from_fn(|_| AtomicI64::new(0)),
+            subscriptions: Labelled::new(crate::domain::Channel::KINDS),
             channels: AtomicI64::new(0),
         }
+    }
+}
+
+/// Counters (or, moved both ways, gauges) under a fixed list of labels, one atomic each: the
+/// per-kind, per-code and per-status counts of the metrics.
+pub struct Labelled<const N: usize> {
+    labels: [&'static str; N],
+    values: [AtomicI64; N],
+}
+
+impl<const N: usize> Labelled<N> {
+    pub fn new(labels: [&'static str; N]) -> Self {
+        Labelled {
+            labels,
+            values: std::array::from_fn(|_| AtomicI64::new(0)),
+        }
+    }
+
+    /// Adds `n` (negative to take away) under `label`; an unknown label counts nowhere.
+    pub fn add(&self, label: &str, n: i64) {
+        if let Some(i) = self.labels.iter().position(|l| *l == label) {
+            self.values[i].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Every label with its value, in the list's order.
+    pub fn values(&self) -> Vec<(&'static str, i64)> {
+        self.labels
+            .iter()
+            .zip(&self.values)
+            .map(|(l, v)| (*l, v.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The same, as counters (which only ever grow).
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        self.values()
+            .into_iter()
+            .map(|(l, v)| (l, u64::try_from(v).unwrap_or(0)))
+            .collect()
     }
 }
 
@@ -205,39 +245,27 @@ impl Stats {
             return;
         }
         add(&self.messages_out, n);
-        let i = OUT_KINDS
-            .iter()
-            .position(|k| *k == kind)
-            .unwrap_or(OUT_KINDS.len() - 1);
-        add(&self.out_by_kind[i], n);
+        let kind = if OUT_KINDS.contains(&kind) {
+            kind
+        } else {
+            "control"
+        };
+        self.out_by_kind.add(kind, n as i64);
     }
 
     /// Messages out by [`OUT_KINDS`].
     pub fn messages_out_by_kind(&self) -> Vec<(&'static str, u64)> {
-        OUT_KINDS
-            .iter()
-            .zip(&self.out_by_kind)
-            .map(|(k, n)| (*k, get(n)))
-            .collect()
+        self.out_by_kind.counts()
     }
 
     /// `n` subscriptions of `kind` were made (or, negative, dropped).
     pub fn subscribed(&self, kind: &str, n: i64) {
-        if let Some(i) = crate::domain::Channel::KINDS
-            .iter()
-            .position(|k| *k == kind)
-        {
-            self.subscriptions[i].fetch_add(n, Ordering::Relaxed);
-        }
+        self.subscriptions.add(kind, n);
     }
 
     /// Subscriptions held now by kind.
     pub fn subscriptions(&self) -> Vec<(&'static str, i64)> {
-        crate::domain::Channel::KINDS
-            .iter()
-            .zip(&self.subscriptions)
-            .map(|(k, n)| (*k, n.load(Ordering::Relaxed)))
-            .collect()
+        self.subscriptions.values()
     }
 
     /// A channel got its first subscriber.
@@ -256,18 +284,12 @@ impl Stats {
 
     /// A client was answered with an error.
     pub fn client_error(&self, code: ErrorCode) {
-        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
-            add(&self.errors_by_code[i], 1);
-        }
+        self.errors_by_code.add(code.as_str(), 1);
     }
 
     /// Error replies by code.
     pub fn client_errors(&self) -> Vec<(&'static str, u64)> {
-        ErrorCode::ALL
-            .iter()
-            .zip(&self.errors_by_code)
-            .map(|(c, n)| (c.as_str(), get(n)))
-            .collect()
+        self.errors_by_code.counts()
     }
 
     /// One event of `exchange` reached its subscribers' sockets `seconds` after the exchange's
@@ -427,8 +449,13 @@ pub struct UpstreamStats {
 pub const REST_CLASSES: [&str; 6] = ["2xx", "4xx", "418", "429", "5xx", "error"];
 
 /// REST answers of one exchange, by [`REST_CLASSES`].
-#[derive(Default)]
-pub struct RestCounters([AtomicU64; REST_CLASSES.len()]);
+pub struct RestCounters(Labelled<{ REST_CLASSES.len() }>);
+
+impl Default for RestCounters {
+    fn default() -> Self {
+        RestCounters(Labelled::new(REST_CLASSES))
+    }
+}
 
 impl RestCounters {
     /// An answer with `status`, or none (`None`: timeout, connection refused, ...).
@@ -441,17 +468,11 @@ impl RestCounters {
             Some(s) if (400..500).contains(&s) => "4xx",
             Some(_) => "5xx",
         };
-        if let Some(i) = REST_CLASSES.iter().position(|c| *c == class) {
-            add(&self.0[i], 1);
-        }
+        self.0.add(class, 1);
     }
 
     pub fn counts(&self) -> Vec<(&'static str, u64)> {
-        REST_CLASSES
-            .iter()
-            .zip(&self.0)
-            .map(|(c, n)| (*c, get(n)))
-            .collect()
+        self.0.counts()
     }
 }
 

@@ -614,7 +614,7 @@ async fn serve(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let flow = loop {
+    loop {
         let can_send = dirty || !live.outgoing.is_empty();
         let flow = tokio::select! {
             biased;
@@ -666,10 +666,9 @@ async fn serve(
             }
         };
         if let ControlFlow::Break(o) = flow {
-            break o;
+            return o;
         }
-    };
-    flow
+    }
 }
 
 /// Moves the socket one batch closer to `desired`: subscribes missing streams first (clients
