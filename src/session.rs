@@ -142,7 +142,7 @@ impl Session {
 
     fn send(&self, frame: Frame) {
         if self.client.outbox.push_control(frame) == crate::ws::Pushed::Queued {
-            self.state.stats.messages_out(1);
+            self.state.stats.control_out(1);
         }
     }
 

@@ -235,7 +235,7 @@ impl Stats {
     }
 
     /// `n` control messages (acks, errors, pongs) went (or were queued) to clients.
-    pub fn messages_out(&self, n: u64) {
+    pub fn control_out(&self, n: u64) {
         self.messages_out_of("control", n);
     }
 

@@ -430,7 +430,7 @@ impl Hub {
 
     fn count_push(&self, client: &Client, pushed: Pushed) {
         match pushed {
-            Pushed::Queued => self.stats.messages_out(1),
+            Pushed::Queued => self.stats.control_out(1),
             Pushed::Conflated => self.stats.conflated(1),
             Pushed::Overflowed => self.stats.slow_consumer(&client.name, "control"),
             Pushed::Closed => {}
