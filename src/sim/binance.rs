@@ -95,7 +95,11 @@ impl SimBinance {
             .enumerate()
             .map(|(i, mut spec)| {
                 spec.trades_per_sec *= opts.rate_scale;
-                Market::new(spec, opts.seed.wrapping_add(i as u64))
+                Market::new(spec, opts.seed.wrapping_add(i as u64)).warmed(
+                    crate::protocol::now_millis(),
+                    super::market::WARM_UP_MS,
+                    opts.time_scale,
+                )
             })
             .collect();
         let inner = Arc::new(Inner {
@@ -124,6 +128,8 @@ impl SimBinance {
             .route("/api/v3/ticker/24hr", get(ticker_24hr))
             .route("/api/v3/depth", get(depth))
             .route("/api/v3/klines", get(klines))
+            .route("/api/v3/trades", get(recent_trades))
+            .route("/api/v3/historicalTrades", get(historical_trades))
             .with_state(inner.clone());
         super::util::serve(
             listener,
@@ -209,6 +215,13 @@ impl SimBinance {
     }
 
     /// While stalled, open connections go silent: no data, no pings.
+    /// Forgets every trade made so far: a backfill can no longer reach them.
+    pub fn forget_trades(&self) {
+        for m in lock(&self.inner.markets).iter_mut() {
+            m.forget_tape();
+        }
+    }
+
     pub fn set_stalled(&self, stalled: bool) {
         self.inner.stalled.store(stalled, Ordering::SeqCst);
     }
@@ -598,6 +611,53 @@ struct SymbolQuery {
     symbol: Option<String>,
     limit: Option<usize>,
     interval: Option<String>,
+    #[serde(rename = "fromId")]
+    from_id: Option<u64>,
+    #[serde(rename = "endTime")]
+    end_time: Option<i64>,
+}
+
+fn trade_rows(trades: &[super::market::SimTrade]) -> Value {
+    Value::Array(
+        trades
+            .iter()
+            .map(|t| {
+                json!({"id": t.id, "price": d8(t.price), "qty": d8(t.qty), "quoteQty": d8(t.price * t.qty),
+                    "time": t.time_ms, "isBuyerMaker": t.taker_sold, "isBestMatch": true})
+            })
+            .collect(),
+    )
+}
+
+/// `GET /api/v3/trades`: the newest `limit` (default 500, at most 1000), oldest first.
+async fn recent_trades(State(inner): State<Arc<Inner>>, Query(q): Query<SymbolQuery>) -> Response {
+    if !inner.available.load(Ordering::SeqCst) {
+        return unavailable();
+    }
+    let limit = q.limit.unwrap_or(500).clamp(1, 1000);
+    match with_market(&inner, &q.symbol, |m| m.latest_trades(limit)) {
+        Some(t) => Json(trade_rows(&t)).into_response(),
+        None => bad_symbol(),
+    }
+}
+
+/// `GET /api/v3/historicalTrades`: from `fromId` on (default: the newest `limit`), ascending.
+async fn historical_trades(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<SymbolQuery>,
+) -> Response {
+    if !inner.available.load(Ordering::SeqCst) {
+        return unavailable();
+    }
+    let limit = q.limit.unwrap_or(500).clamp(1, 1000);
+    let trades = with_market(&inner, &q.symbol, |m| match q.from_id {
+        Some(from) => m.trades_from_id(from, limit),
+        None => m.latest_trades(limit),
+    });
+    match trades {
+        Some(t) => Json(trade_rows(&t)).into_response(),
+        None => bad_symbol(),
+    }
 }
 
 fn bad_symbol() -> Response {
@@ -712,6 +772,9 @@ async fn klines(State(inner): State<Arc<Inner>>, Query(q): Query<SymbolQuery>) -
             .unwrap_or_default();
         if let Some(c) = m.forming.get(&interval) {
             rows.push(row(c));
+        }
+        if let Some(end) = q.end_time {
+            rows.retain(|r| r[0].as_i64().is_some_and(|t| t <= end));
         }
         let skip = rows.len().saturating_sub(limit);
         rows.split_off(skip)

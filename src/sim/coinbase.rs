@@ -129,7 +129,11 @@ impl SimCoinbase {
                     spec.trades_per_sec *= opts.rate_scale;
                     markets.insert(
                         product.id.clone(),
-                        Market::new(spec, opts.seed.wrapping_add(200 + i as u64)),
+                        Market::new(spec, opts.seed.wrapping_add(200 + i as u64)).warmed(
+                            crate::protocol::now_millis(),
+                            super::market::WARM_UP_MS,
+                            opts.time_scale,
+                        ),
                     );
                 }
             }
@@ -155,6 +159,10 @@ impl SimCoinbase {
         let app = Router::new()
             .route("/", get(ws))
             .route("/api/v3/brokerage/market/products", get(products_handler))
+            .route(
+                "/api/v3/brokerage/market/products/{id}/ticker",
+                get(ticker_handler),
+            )
             .route(
                 "/api/v3/brokerage/market/products/{id}/candles",
                 get(candles_handler),
@@ -201,6 +209,13 @@ impl SimCoinbase {
     /// Every connection's next message skips a sequence number, as if one had been lost.
     pub fn skip_sequence(&self) {
         let _ = self.inner.control.send(Control::SkipSequence);
+    }
+
+    /// Forgets every trade made so far: a backfill can no longer reach them.
+    pub fn forget_trades(&self) {
+        for m in lock(&self.inner.markets).values_mut() {
+            m.forget_tape();
+        }
     }
 
     pub fn set_available(&self, available: bool) {
@@ -613,6 +628,60 @@ struct CandleQuery {
     start: Option<i64>,
     end: Option<i64>,
     granularity: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct TickerQuery {
+    limit: Option<usize>,
+    start: Option<String>,
+    end: Option<String>,
+}
+
+/// `GET /market/products/{id}/ticker`: the newest `limit` trades (at most 1000) inside
+/// `[start, end]` (UNIX seconds), newest first, `side` the maker's; and the best bid and ask.
+async fn ticker_handler(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+    Query(q): Query<TickerQuery>,
+) -> Response {
+    if !inner.available.load(Ordering::SeqCst) {
+        return unavailable();
+    }
+    let Some(limit) = q.limit else {
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            Json(json!({"error": "INVALID_ARGUMENT", "message": "limit is required"})),
+        )
+            .into_response();
+    };
+    let Some(p) = inner.products.iter().find(|p| p.id == id) else {
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            Json(json!({"error": "NOT_FOUND", "message": "product not found"})),
+        )
+            .into_response();
+    };
+    let secs = |v: &Option<String>| v.as_deref().and_then(|s| s.parse::<i64>().ok());
+    let (start, end) = (secs(&q.start), secs(&q.end));
+    let markets = lock(&inner.markets);
+    let Some(m) = markets.get(&p.data_id) else {
+        return Json(json!({"trades": [], "best_bid": "", "best_ask": ""})).into_response();
+    };
+    let trades: Vec<Value> = m
+        .tape
+        .iter()
+        .rev()
+        .filter(|t| start.is_none_or(|s| t.time_ms >= s * 1000))
+        .filter(|t| end.is_none_or(|e| t.time_ms < e * 1000))
+        .take(limit.clamp(1, 1000))
+        .map(|t| json!({"trade_id": t.id.to_string(), "product_id": p.id, "price": fmt(t.price, p.price_dp),
+            "size": fmt(t.qty, p.size_dp), "time": rfc3339(t.time_ms), "side": if t.taker_sold { "BUY" } else { "SELL" },
+            "bid": "", "ask": ""}))
+        .collect();
+    let (bid, _) = m.best_bid();
+    let (ask, _) = m.best_ask();
+    Json(json!({"trades": trades, "best_bid": fmt(bid, p.price_dp), "best_ask": fmt(ask, p.price_dp)}))
+        .into_response()
 }
 
 async fn candles_handler(

@@ -193,7 +193,11 @@ impl SimKraken {
                     spec.trades_per_sec *= opts.rate_scale;
                     markets.insert(
                         pair.ws.clone(),
-                        Market::new(spec, opts.seed.wrapping_add(100 + i as u64)),
+                        Market::new(spec, opts.seed.wrapping_add(100 + i as u64)).warmed(
+                            crate::protocol::now_millis(),
+                            super::market::WARM_UP_MS,
+                            opts.time_scale,
+                        ),
                     );
                 }
                 pairs.push(pair);
@@ -221,6 +225,7 @@ impl SimKraken {
             .route("/", get(ws))
             .route("/0/public/AssetPairs", get(asset_pairs_handler))
             .route("/0/public/OHLC", get(ohlc_handler))
+            .route("/0/public/Trades", get(trades_handler))
             .with_state(inner.clone());
         super::util::serve(
             listener,
@@ -254,6 +259,13 @@ impl SimKraken {
 
     pub fn kill_connections(&self) {
         let _ = self.inner.control.send(Control::Kill);
+    }
+
+    /// Forgets every trade made so far: a backfill can no longer reach them.
+    pub fn forget_trades(&self) {
+        for m in lock(&self.inner.markets).values_mut() {
+            m.forget_tape();
+        }
     }
 
     pub fn set_available(&self, available: bool) {
@@ -602,6 +614,75 @@ struct OhlcQuery {
     pair: Option<String>,
     interval: Option<u64>,
     since: Option<i64>,
+}
+
+#[derive(serde::Deserialize)]
+struct TradesQuery {
+    pair: Option<String>,
+    /// A timestamp, in seconds or nanoseconds (`last` of a previous answer).
+    since: Option<String>,
+    count: Option<usize>,
+}
+
+/// `GET /0/public/Trades`: up to `count` (1000) trades from `since` on, oldest first
+/// (without `since`, the most recent), and `last` (ns, a string) to continue from.
+async fn trades_handler(State(inner): State<Arc<Inner>>, Query(q): Query<TradesQuery>) -> Response {
+    if !inner.available.load(Ordering::SeqCst) {
+        return unavailable();
+    }
+    let err = |e: &str| Json(json!({"error": [e]})).into_response();
+    let Some(pair) = q
+        .pair
+        .as_deref()
+        .and_then(|name| inner.pairs.iter().find(|p| p.key == name || p.ws == name))
+    else {
+        return err("EQuery:Unknown asset pair");
+    };
+    let count = q.count.unwrap_or(1000).clamp(1, 1000);
+    let since_ns: Option<i128> = match q.since.as_deref().map(str::parse::<i128>) {
+        None => None,
+        // Seconds and nanoseconds are both accepted, as on Kraken.
+        Some(Ok(v)) if v < 100_000_000_000 => Some(v * 1_000_000_000),
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => return err("EGeneral:Invalid arguments"),
+    };
+    let markets = lock(&inner.markets);
+    let Some(m) = markets.get(&pair.ws) else {
+        return err("EQuery:Unknown asset pair");
+    };
+    let ns = |t: &super::market::SimTrade| i128::from(t.time_ms) * 1_000_000;
+    let trades: Vec<&super::market::SimTrade> = match since_ns {
+        Some(since) => m
+            .tape
+            .iter()
+            .filter(|t| ns(t) >= since)
+            .take(count)
+            .collect(),
+        None => {
+            let skip = m.tape.len().saturating_sub(count);
+            m.tape.iter().skip(skip).collect()
+        }
+    };
+    let last = trades
+        .last()
+        .map(|t| (ns(t) + 1).to_string())
+        .or_else(|| since_ns.map(|s| s.to_string()))
+        .unwrap_or_else(|| "0".to_string());
+    let rows: Vec<Value> = trades
+        .iter()
+        .map(|t| {
+            json!([
+                format!("{:.*}", pair.price_dp, t.price),
+                format!("{:.*}", pair.qty_dp, t.qty),
+                t.time_ms as f64 / 1000.0,
+                if t.taker_sold { "s" } else { "b" },
+                "l",
+                "",
+                t.id
+            ])
+        })
+        .collect();
+    Json(json!({"error": [], "result": {pair.key.clone(): rows, "last": last}})).into_response()
 }
 
 async fn ohlc_handler(State(inner): State<Arc<Inner>>, Query(q): Query<OhlcQuery>) -> Response {

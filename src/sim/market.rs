@@ -90,6 +90,14 @@ pub struct Market {
     pub forming: BTreeMap<Interval, Candle>,
     /// Recently finalised candles per interval (newest last), for REST history.
     pub history: BTreeMap<Interval, VecDeque<Candle>>,
+    /// The most recent trades, oldest first, for the REST trade endpoints (history and
+    /// backfill); what is older is gone, as beyond a real exchange's reach.
+    pub tape: VecDeque<SimTrade>,
+    /// How many trades the tape keeps.
+    pub tape_len: usize,
+    /// How much faster than wall time the market's clock runs: trade rates are per wall
+    /// second, whatever the clock.
+    pub time_scale: f64,
     /// Top 20 levels each side, best first: `(price, qty)`.
     pub bids: Vec<(f64, f64)>,
     pub asks: Vec<(f64, f64)>,
@@ -111,6 +119,10 @@ fn quote_usd(quote: &str) -> f64 {
 
 /// Finalised candles kept per interval.
 const HISTORY: usize = 500;
+/// Trades kept for the REST trade endpoints, unless a test asks for fewer.
+const TAPE: usize = 50_000;
+/// How long every simulated market has traded when its simulator starts.
+pub const WARM_UP_MS: i64 = 10 * 60_000;
 /// Levels per side: Kraken is subscribed at depth 25.
 pub const BOOK_LEVELS: usize = 25;
 
@@ -136,6 +148,9 @@ impl Market {
             },
             forming: BTreeMap::new(),
             history: BTreeMap::new(),
+            tape: VecDeque::new(),
+            tape_len: TAPE,
+            time_scale: 1.0,
             bids: Vec::new(),
             asks: Vec::new(),
             symbol,
@@ -195,12 +210,33 @@ impl Market {
         self.asks = asks;
     }
 
+    /// A market that has been trading for `span_ms` before `now_ms`: a tape and candles to
+    /// serve over REST from the start, as a real exchange has.
+    pub fn warmed(mut self, now_ms: i64, span_ms: i64, time_scale: f64) -> Market {
+        self.time_scale = time_scale;
+        let step = 1_000;
+        let mut t = now_ms - span_ms;
+        self.last_step_ms = Some(t - step);
+        while t < now_ms {
+            self.step(t, step as f64 / 1000.0);
+            t += step;
+        }
+        self.step(now_ms, (now_ms - (t - step)) as f64 / 1000.0);
+        self
+    }
+
     /// Advances the market by `dt_s` seconds ending at `now_ms`: returns the trades made, and
     /// the candles that closed (each exactly once), oldest first.
     pub fn step(&mut self, now_ms: i64, dt_s: f64) -> (Vec<SimTrade>, Vec<Candle>) {
         let mut closed = Vec::new();
         // Trades are spread over (previous step, now], never back into a closed bucket.
         let from_ms = self.last_step_ms.unwrap_or(now_ms - 1).min(now_ms - 1);
+        // The span actually covered, not the caller's idea of it: a simulator whose task was
+        // held up still trades through every second (a quiet second would lose its candles).
+        let dt_s = match self.last_step_ms {
+            Some(_) => (now_ms - from_ms) as f64 / 1000.0 / self.time_scale.max(f64::MIN_POSITIVE),
+            None => dt_s,
+        };
         self.last_step_ms = Some(now_ms);
         self.carry += self.spec.trades_per_sec * dt_s * self.rng.random_range(0.5..1.5);
         let n = self.carry.floor() as usize;
@@ -233,6 +269,10 @@ impl Market {
             };
             self.next_id += 1;
             self.apply(&t, &mut closed);
+            self.tape.push_back(t.clone());
+            while self.tape.len() > self.tape_len {
+                self.tape.pop_front();
+            }
             trades.push(t);
         }
         if n > 0 {
@@ -297,6 +337,28 @@ impl Market {
             c.trades += 1;
             c.last_id = t.id;
         }
+    }
+
+    /// The newest `limit` trades, oldest first.
+    pub fn latest_trades(&self, limit: usize) -> Vec<SimTrade> {
+        let skip = self.tape.len().saturating_sub(limit);
+        self.tape.iter().skip(skip).cloned().collect()
+    }
+
+    /// Up to `limit` trades from id `from` on, oldest first (from the oldest kept when `from`
+    /// is older than the tape).
+    pub fn trades_from_id(&self, from: u64, limit: usize) -> Vec<SimTrade> {
+        self.tape
+            .iter()
+            .filter(|t| t.id >= from)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets every trade made so far: what a REST backfill can no longer reach.
+    pub fn forget_tape(&mut self) {
+        self.tape.clear();
     }
 
     pub fn best_bid(&self) -> (f64, f64) {
