@@ -14,7 +14,7 @@ use exchange_relay::config::Config;
 use exchange_relay::domain::{Channel, ExchangeId, Symbol};
 use exchange_relay::events::{render, Feed, FeedKey, MarketEvent, Side, Trade, TradeId};
 use exchange_relay::exchange::binance;
-use exchange_relay::hub::{Check, FeedSink, FeedSource, Held, Hub};
+use exchange_relay::hub::{Check, FeedSink, FeedSource, Held, Hub, Join};
 use exchange_relay::stats::Stats;
 
 const TRADE: &str = r#"{"stream":"btcusdt@trade","data":{"e":"trade","E":1672515782136,"s":"BTCUSDT","t":12345,"p":"97523.45000000","q":"0.50000000","T":1672515782136,"m":true,"M":true}}"#;
@@ -64,6 +64,7 @@ fn serialise(c: &mut Criterion) {
                 &channel,
                 "trades:BTCUSDT",
                 std::hint::black_box(&event),
+                1,
                 "2024-12-06T12:00:00.000Z",
             )
         })
@@ -105,8 +106,9 @@ fn fanout(c: &mut Criterion) {
                 name: Arc::from("trades:BTCUSDT"),
                 topic: hub.topic_for(&channel),
                 channel: channel.clone(),
+                throttle: None,
             };
-            hub.attach(&client, held, &None);
+            hub.attach(&client, held, Join::default(), &None);
             client.outbox.take_queued();
             client
         })

@@ -19,6 +19,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub streams: StreamsConfig,
     pub exchanges: ExchangesConfig,
+    pub recovery: RecoveryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +166,25 @@ impl Default for StreamsConfig {
 impl StreamsConfig {
     pub fn close_delay(&self) -> Duration {
         Duration::from_millis(self.close_delay_ms)
+    }
+}
+
+/// What each channel keeps for clients that resume with `since` (PROTOCOL.md § Recovery).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Messages kept per channel (trades, final klines, published messages, gap notices).
+    pub window_messages: usize,
+    /// And at most this old.
+    pub window_secs: u64,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            window_messages: 1_000,
+            window_secs: 300,
+        }
     }
 }
 
@@ -496,6 +516,7 @@ fn check_keys(
             "server" => check_each::<ServerConfig>(section, keys, raw_env, problems),
             "auth" => check_each::<AuthConfig>(section, keys, raw_env, problems),
             "streams" => check_each::<StreamsConfig>(section, keys, raw_env, problems),
+            "recovery" => check_each::<RecoveryConfig>(section, keys, raw_env, problems),
             "exchanges" => {
                 let mut bad = Vec::new();
                 for (key, value) in keys.iter_mut() {
@@ -530,7 +551,7 @@ fn check_keys(
             }
             other => {
                 problems.push(format!(
-                    "[{other}]: unknown section; expected server, auth, streams or exchanges"
+                    "[{other}]: unknown section; expected server, auth, streams, exchanges or recovery"
                 ));
                 bad_sections.push(section.clone());
             }

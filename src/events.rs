@@ -234,29 +234,35 @@ struct DataMessage<'a, T> {
     #[serde(rename = "type")]
     kind: &'a str,
     channel: &'a str,
+    seq: u64,
     data: T,
     timestamp: &'a str,
 }
 
-/// Renders `event` for one channel of `key`, serialised once for every subscriber of that
-/// channel. `None` when the event does not feed this channel kind (a ticker for a depth
-/// channel cannot happen through the manager, but the renderer does not trust that).
-pub fn render(
-    key: &FeedKey,
+/// One data object of PROTOCOL.md § Data shapes.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Data<'a> {
+    Price(PriceData<'a>),
+    Ticker(TickerData<'a>),
+    Kline(KlineData<'a>),
+    Trade(TradeData<'a>),
+    Depth(DepthData<'a>),
+}
+
+/// The data object `event` makes on `channel` of `key`, and how it is delivered. `None` when
+/// the event does not feed this channel kind (a ticker for a depth channel cannot happen
+/// through the manager, but the renderer does not trust that).
+fn data<'a>(
+    key: &'a FeedKey,
     channel: &Channel,
-    channel_name: &str,
-    event: &MarketEvent,
-    now: &str,
-) -> Option<(Frame, Delivery)> {
+    event: &'a MarketEvent,
+) -> Option<(Data<'a>, Delivery)> {
     let exchange = key.exchange.as_str();
     let symbol = key.symbol.as_str();
-    let kind = channel.message_type();
-    let json = match (channel, event) {
-        (Channel::Price(_), MarketEvent::Ticker(t)) => to_json(
-            kind,
-            channel_name,
-            now,
-            PriceData {
+    Some(match (channel, event) {
+        (Channel::Price(_), MarketEvent::Ticker(t)) => (
+            Data::Price(PriceData {
                 exchange,
                 symbol,
                 price: t.price,
@@ -266,13 +272,11 @@ pub fn render(
                 low24h: t.low,
                 volume24h: t.volume,
                 timestamp: t.time_ms,
-            },
+            }),
+            Delivery::Conflate,
         ),
-        (Channel::Ticker(_), MarketEvent::Ticker(t)) => to_json(
-            kind,
-            channel_name,
-            now,
-            TickerData {
+        (Channel::Ticker(_), MarketEvent::Ticker(t)) => (
+            Data::Ticker(TickerData {
                 exchange,
                 symbol,
                 price: t.price,
@@ -289,84 +293,89 @@ pub fn render(
                 open: t.open,
                 previous_close: t.previous_close,
                 timestamp: iso_millis(t.time_ms),
-            },
+            }),
+            Delivery::Conflate,
         ),
-        (Channel::Klines(_, iv), MarketEvent::Kline(k)) if *iv == k.interval => {
-            let json = to_json(
-                kind,
-                channel_name,
-                now,
-                KlineData {
-                    exchange,
-                    symbol,
-                    interval: k.interval.as_str(),
-                    time: k.open_time,
-                    close_time: k.close_time,
-                    open: k.open,
-                    high: k.high,
-                    low: k.low,
-                    close: k.close,
-                    volume: k.volume,
-                    quote_volume: k.quote_volume,
-                    trades: k.trades,
-                    is_final: k.is_final,
-                    timestamp: iso_millis(k.time_ms),
-                },
-            );
-            let delivery = if k.is_final {
+        (Channel::Klines(_, iv), MarketEvent::Kline(k)) if *iv == k.interval => (
+            Data::Kline(KlineData {
+                exchange,
+                symbol,
+                interval: k.interval.as_str(),
+                time: k.open_time,
+                close_time: k.close_time,
+                open: k.open,
+                high: k.high,
+                low: k.low,
+                close: k.close,
+                volume: k.volume,
+                quote_volume: k.quote_volume,
+                trades: k.trades,
+                is_final: k.is_final,
+                timestamp: iso_millis(k.time_ms),
+            }),
+            if k.is_final {
                 Delivery::Reliable
             } else {
                 Delivery::Conflate
-            };
-            return Some((json, delivery));
-        }
-        (Channel::Trades(_), MarketEvent::Trade(t)) => {
-            let json = to_json(
-                kind,
-                channel_name,
-                now,
-                TradeData {
-                    exchange,
-                    symbol,
-                    trade_id: &t.trade_id,
-                    price: t.price,
-                    quantity: t.quantity,
-                    side: t.side,
-                    timestamp: iso_millis(t.time_ms),
-                },
-            );
-            return Some((json, Delivery::Reliable));
-        }
+            },
+        ),
+        (Channel::Trades(_), MarketEvent::Trade(t)) => (
+            Data::Trade(TradeData {
+                exchange,
+                symbol,
+                trade_id: &t.trade_id,
+                price: t.price,
+                quantity: t.quantity,
+                side: t.side,
+                timestamp: iso_millis(t.time_ms),
+            }),
+            Delivery::Reliable,
+        ),
         (Channel::Depth(_, levels), MarketEvent::Book(b)) => {
             let n = levels.map_or(10, |l| l.count());
-            to_json(
-                kind,
-                channel_name,
-                now,
-                DepthData {
+            (
+                Data::Depth(DepthData {
                     exchange,
                     symbol,
                     bids: &b.bids[..b.bids.len().min(n)],
                     asks: &b.asks[..b.asks.len().min(n)],
                     timestamp: iso_millis(b.time_ms),
-                },
+                }),
+                Delivery::Conflate,
             )
         }
         _ => return None,
-    };
-    Some((json, Delivery::Conflate))
+    })
 }
 
-fn to_json<T: Serialize>(kind: &str, channel: &str, now: &str, data: T) -> Frame {
+/// Renders `event` as message `seq` of one channel of `key`, serialised once for every
+/// subscriber of that channel; `None` when the event does not feed this channel kind.
+pub fn render(
+    key: &FeedKey,
+    channel: &Channel,
+    channel_name: &str,
+    event: &MarketEvent,
+    seq: u64,
+    now: &str,
+) -> Option<(Frame, Delivery)> {
+    let (data, delivery) = data(key, channel, event)?;
     let msg = DataMessage {
-        kind,
-        channel,
+        kind: channel.message_type(),
+        channel: channel_name,
+        seq,
         data,
         timestamp: now,
     };
     // Serialising plain structs of numbers and strings cannot fail; an empty object keeps the
     // type honest should it ever.
-    Frame::from(serde_json::to_string(&msg).unwrap_or_else(|_| String::from("{}")))
+    let json = serde_json::to_string(&msg).unwrap_or_else(|_| String::from("{}"));
+    Some((Frame::from(json), delivery))
+}
+
+/// The data object alone, serialised: an item of a `history` message or a REST answer.
+pub fn render_data(key: &FeedKey, channel: &Channel, event: &MarketEvent) -> Option<String> {
+    let (data, _) = data(key, channel, event)?;
+    serde_json::to_string(&data).ok()
 }
 
 #[cfg(test)]
@@ -411,7 +420,7 @@ mod tests {
         ] {
             let ch = Channel::Depth(market(), levels);
             let (frame, delivery) =
-                render(&key(Feed::Book), &ch, &ch.to_string(), &book, "now").unwrap();
+                render(&key(Feed::Book), &ch, &ch.to_string(), &book, 1, "now").unwrap();
             let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
             assert_eq!(v["data"]["bids"].as_array().unwrap().len(), n);
             assert_eq!(v["data"]["asks"].as_array().unwrap().len(), n);
@@ -442,6 +451,7 @@ mod tests {
             &ch,
             "c",
             &MarketEvent::Kline(k.clone()),
+            1,
             "t",
         )
         .unwrap();
@@ -452,12 +462,14 @@ mod tests {
             &ch,
             "c",
             &MarketEvent::Kline(k),
+            2,
             "t",
         )
         .unwrap();
         assert_eq!(d, Delivery::Reliable);
         let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
         assert_eq!(v["type"], "kline");
+        assert_eq!(v["seq"], 2);
         assert_eq!(v["data"]["isFinal"], true);
         assert_eq!(v["data"]["closeTime"], 119_999);
         assert_eq!(v["data"]["exchange"], "binance");

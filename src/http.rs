@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -58,6 +59,8 @@ pub fn routes(allowed_origins: &[String]) -> Vec<(&'static str, MethodRouter<App
         ("/ready", readable(get(ready))),
         ("/api/v1/ws/stats", readable(get(stats))),
         ("/api/v1/instruments", readable(get(instruments))),
+        ("/api/v1/klines", readable(get(klines))),
+        ("/api/v1/trades", readable(get(trades))),
         ("/api/v1/openapi.json", readable(get(openapi))),
         ("/metrics", get(metrics)),
         ("/api/v1/publish", post(publish)),
@@ -81,6 +84,8 @@ pub fn routes(allowed_origins: &[String]) -> Vec<(&'static str, MethodRouter<App
         ready,
         stats,
         instruments,
+        klines,
+        trades,
         openapi,
         metrics,
         publish
@@ -124,7 +129,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
         StatusCode::NOT_FOUND,
         HttpCode::NotFound.as_str(),
         &format!(
-            "no endpoint at {}; the relay serves / (console), /ws (WebSocket), /health, /ready, /api/v1/ws/stats, /api/v1/instruments, /api/v1/openapi.json and POST /api/v1/publish",
+            "no endpoint at {}; the relay serves / (console), /ws (WebSocket), /health, /ready, /api/v1/ws/stats, /api/v1/instruments, /api/v1/klines, /api/v1/trades, /api/v1/openapi.json and POST /api/v1/publish",
             uri.path()
         ),
     )
@@ -383,6 +388,22 @@ pub struct StatsData {
     rate_limited_requests: u64,
     rejected_connections: u64,
     total_connections: u64,
+    recovery: RecoveryStatsData,
+}
+
+/// What the recovery windows hold, and how resumes and histories went.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryStatsData {
+    window_bytes: i64,
+    window_messages: i64,
+    recovered: u64,
+    not_recovered: u64,
+    histories_served: u64,
+    histories_unavailable: u64,
+    /// Gap notices by reason.
+    #[schema(value_type = Object)]
+    gaps: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -452,6 +473,29 @@ async fn stats(State(state): State<AppState>) -> Json<StatsBody> {
         rate_limited_requests: counters.rate_limited,
         rejected_connections: counters.rejected_connections,
         total_connections: counters.total_connections,
+        recovery: {
+            let count = |rows: Vec<(&'static str, u64)>, label: &str| {
+                rows.into_iter()
+                    .find(|(l, _)| *l == label)
+                    .map_or(0, |(_, n)| n)
+            };
+            let recoveries = state.stats.recoveries();
+            let histories = state.stats.histories();
+            RecoveryStatsData {
+                window_bytes: state.hub.windows.bytes.load(Ordering::Relaxed),
+                window_messages: state.hub.windows.messages.load(Ordering::Relaxed),
+                recovered: count(recoveries.clone(), "recovered"),
+                not_recovered: count(recoveries, "not_recovered"),
+                histories_served: count(histories.clone(), "served"),
+                histories_unavailable: count(histories, "unavailable"),
+                gaps: state
+                    .stats
+                    .gaps()
+                    .into_iter()
+                    .map(|(l, n)| (l.to_string(), n))
+                    .collect(),
+            }
+        },
     };
     Json(StatsBody {
         success: true,
@@ -647,6 +691,151 @@ async fn instruments(
         data,
     })
     .into_response()
+}
+
+/// `GET /api/v1/klines` query.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct KlinesQuery {
+    /// A klines channel, e.g. `klines:BTCUSDT:1m` or `klines:ETHUSD@coinbase:5m`.
+    channel: Option<String>,
+    /// 1–1000, default 500.
+    limit: Option<String>,
+    /// The open time (ms) of the newest candle wanted; default now (the forming candle included).
+    end_time: Option<String>,
+}
+
+/// `GET /api/v1/trades` query.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TradesQuery {
+    /// A trades channel, e.g. `trades:BTCUSDT`.
+    channel: Option<String>,
+    /// 1–1000, default 100.
+    limit: Option<String>,
+}
+
+/// A history answer: the channel's data objects, oldest first.
+#[derive(Serialize, ToSchema)]
+pub struct HistoryBody {
+    success: bool,
+    /// The same objects as the channel's `kline` or `trade` data.
+    #[schema(value_type = Vec<Object>)]
+    data: Vec<Box<serde_json::value::RawValue>>,
+}
+
+/// Candles of a klines channel, oldest first: the same objects as its `kline` data.
+#[utoipa::path(get, path = "/api/v1/klines", tag = "market data",
+    params(KlinesQuery),
+    responses(
+        (status = 200, description = "The candles", body = HistoryBody),
+        (status = 400, description = "A bad parameter (INVALID_CHANNEL, INVALID_OPTION)", body = ApiErrorBody),
+        (status = 404, description = "An unknown market (UNKNOWN_SYMBOL, UNKNOWN_EXCHANGE, UNSUPPORTED)", body = ApiErrorBody),
+        (status = 502, description = "The exchange did not give the history (HISTORY_UNAVAILABLE)", body = ApiErrorBody),
+        (status = 503, description = "The exchange is unreachable (UPSTREAM_UNAVAILABLE)", body = ApiErrorBody)))]
+async fn klines(State(state): State<AppState>, Query(q): Query<KlinesQuery>) -> Response {
+    let end_ms = match q.end_time.as_deref().map(str::parse::<i64>) {
+        None => None,
+        Some(Ok(ms)) if ms >= 0 => Some(ms),
+        Some(_) => {
+            return error_body(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidOption.as_str(),
+                "endTime must be the open time of a candle in ms since the epoch, e.g. endTime=1701806340000",
+            )
+        }
+    };
+    history_answer(&state, "klines", q.channel, q.limit, 500, end_ms).await
+}
+
+/// The most recent trades of a trades channel, oldest first: the same objects as its `trade` data.
+#[utoipa::path(get, path = "/api/v1/trades", tag = "market data",
+    params(TradesQuery),
+    responses(
+        (status = 200, description = "The trades", body = HistoryBody),
+        (status = 400, description = "A bad parameter (INVALID_CHANNEL, INVALID_OPTION)", body = ApiErrorBody),
+        (status = 404, description = "An unknown market (UNKNOWN_SYMBOL, UNKNOWN_EXCHANGE, UNSUPPORTED)", body = ApiErrorBody),
+        (status = 502, description = "The exchange did not give the history (HISTORY_UNAVAILABLE)", body = ApiErrorBody),
+        (status = 503, description = "The exchange is unreachable (UPSTREAM_UNAVAILABLE)", body = ApiErrorBody)))]
+async fn trades(State(state): State<AppState>, Query(q): Query<TradesQuery>) -> Response {
+    history_answer(&state, "trades", q.channel, q.limit, 100, None).await
+}
+
+async fn history_answer(
+    state: &AppState,
+    kind: &str,
+    channel: Option<String>,
+    limit: Option<String>,
+    default_limit: usize,
+    end_ms: Option<i64>,
+) -> Response {
+    let bad = |code: ErrorCode, message: &str| {
+        error_body(StatusCode::BAD_REQUEST, code.as_str(), message)
+    };
+    let example = if kind == "klines" {
+        "channel=klines:BTCUSDT:1m"
+    } else {
+        "channel=trades:BTCUSDT"
+    };
+    let Some(name) = channel.filter(|c| !c.is_empty()) else {
+        return bad(
+            ErrorCode::InvalidChannel,
+            &format!("name the channel: /api/v1/{kind}?{example}"),
+        );
+    };
+    let channel: Channel = match name.parse() {
+        Ok(c) => c,
+        Err(crate::domain::ChannelError::UnknownExchange(e)) => {
+            return error_body(
+                StatusCode::NOT_FOUND,
+                ErrorCode::UnknownExchange.as_str(),
+                &crate::domain::ChannelError::UnknownExchange(e).to_string(),
+            )
+        }
+        Err(e) => return bad(ErrorCode::InvalidChannel, &e.to_string()),
+    };
+    if channel.kind() != kind {
+        return bad(
+            ErrorCode::InvalidChannel,
+            &format!("/api/v1/{kind} takes a {kind} channel ({example}), not {name}"),
+        );
+    }
+    let limit = match limit.as_deref().map(str::parse::<usize>) {
+        None => default_limit,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => {
+            return bad(
+                ErrorCode::InvalidOption,
+                "limit must be an integer from 1 to 1000",
+            )
+        }
+    };
+    let request = crate::hub::HistoryRequest { limit, end_ms };
+    match state.hub.history(&channel, request).await {
+        Ok(items) => {
+            let data = items
+                .into_iter()
+                .filter_map(|i| serde_json::value::RawValue::from_string(i).ok())
+                .collect();
+            Json(HistoryBody {
+                success: true,
+                data,
+            })
+            .into_response()
+        }
+        Err((code, message)) => {
+            let status = match code {
+                ErrorCode::UnknownSymbol | ErrorCode::UnknownExchange | ErrorCode::Unsupported => {
+                    StatusCode::NOT_FOUND
+                }
+                ErrorCode::UpstreamUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::HistoryUnavailable => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            error_body(status, code.as_str(), &message)
+        }
+    }
 }
 
 /// Prometheus text exposition of the relay's counters, gauges and latency histograms.

@@ -159,6 +159,51 @@ impl Collector for Sources {
             None,
             &[(none(), channels)],
         )?;
+        let windows = &self.hub.windows;
+        gauge(
+            &mut e,
+            "relay_recovery_window",
+            "Memory held by every channel's recovery window (messages kept for since)",
+            Some(&Unit::Bytes),
+            &[(
+                none(),
+                windows.bytes.load(std::sync::atomic::Ordering::Relaxed),
+            )],
+        )?;
+        gauge(
+            &mut e,
+            "relay_recovery_window_messages",
+            "Messages held by every channel's recovery window",
+            None,
+            &[(
+                none(),
+                windows.messages.load(std::sync::atomic::Ordering::Relaxed),
+            )],
+        )?;
+        let labelled =
+            |rows: Vec<(&'static str, u64)>, label: &'static str| -> Vec<(Labels, u64)> {
+                rows.into_iter()
+                    .map(|(l, n)| (vec![(label, l.to_string())], n))
+                    .collect()
+            };
+        counter(
+            &mut e,
+            "relay_gaps",
+            "Gap notices sent to clients, by reason (a channel's own notice once per channel)",
+            &labelled(self.stats.gaps(), "reason"),
+        )?;
+        counter(
+            &mut e,
+            "relay_recoveries",
+            "Subscribes with since, by outcome",
+            &labelled(self.stats.recoveries(), "outcome"),
+        )?;
+        counter(
+            &mut e,
+            "relay_histories",
+            "Histories asked for on subscribe, by outcome",
+            &labelled(self.stats.histories(), "outcome"),
+        )?;
         gauge(
             &mut e,
             "relay_uptime",

@@ -44,10 +44,12 @@ pub enum ErrorCode {
     RateLimited,
     UpstreamUnavailable,
     SlowConsumer,
+    InvalidOption,
+    HistoryUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidJson,
         ErrorCode::UnknownType,
         ErrorCode::InvalidChannel,
@@ -63,6 +65,8 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::SlowConsumer,
+        ErrorCode::InvalidOption,
+        ErrorCode::HistoryUnavailable,
     ];
 
     /// The code as sent (the match is exhaustive: a new code cannot miss its spelling).
@@ -83,6 +87,8 @@ impl ErrorCode {
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             ErrorCode::SlowConsumer => "SLOW_CONSUMER",
+            ErrorCode::InvalidOption => "INVALID_OPTION",
+            ErrorCode::HistoryUnavailable => "HISTORY_UNAVAILABLE",
         }
     }
 }
@@ -92,7 +98,7 @@ pub const REQUEST_TYPES: [&str; 5] = ["subscribe", "unsubscribe", "ping", "auth"
 
 /// The `type` of every server message that is not channel data (data messages take their
 /// channel's type, [`Channel::message_type`]).
-pub const CONTROL_TYPES: [&str; 7] = [
+pub const CONTROL_TYPES: [&str; 9] = [
     "connected",
     "subscribed",
     "unsubscribed",
@@ -100,15 +106,58 @@ pub const CONTROL_TYPES: [&str; 7] = [
     "authenticated",
     "subscriptions",
     "error",
+    "history",
+    "gap",
 ];
 
 /// A request id: echoed on every direct reply. Kept as raw JSON so `1` and `"1"` come back as sent.
 pub type RequestId = Option<Value>;
 
+/// `since` of a subscription: where the client's copy of the channel ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+/// The options of one `channels` entry (PROTOCOL.md § Subscription options), as sent; whether
+/// they apply to the channel's kind is the subscriber's check, once the channel is parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubOptions {
+    pub history: Option<u64>,
+    pub throttle_ms: Option<u64>,
+    pub since: Option<Since>,
+}
+
+/// One entry of a subscribe request's `channels`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubEntry {
+    pub name: String,
+    /// Written as an object (options replace those of a held subscription).
+    pub object: bool,
+    /// The options, or why they are invalid (`INVALID_OPTION` for this channel only).
+    pub options: Result<SubOptions, String>,
+}
+
+impl SubEntry {
+    pub fn plain(name: &str) -> SubEntry {
+        SubEntry {
+            name: name.to_string(),
+            object: false,
+            options: Ok(SubOptions::default()),
+        }
+    }
+}
+
+/// The options a `channels` object may carry, besides `channel`.
+pub const OPTION_NAMES: [&str; 3] = ["history", "throttleMs", "since"];
+pub const HISTORY_RANGE: (u64, u64) = (1, 1000);
+pub const THROTTLE_RANGE: (u64, u64) = (100, 60_000);
+
 /// A parsed client request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    Subscribe(Vec<String>),
+    Subscribe(Vec<SubEntry>),
     Unsubscribe(Vec<String>),
     Ping,
     Auth(String),
@@ -175,7 +224,7 @@ pub fn parse_request(text: &str) -> Result<(RequestId, Request), RequestError> {
     };
     let request = match kind {
         "subscribe" | "unsubscribe" => {
-            let channels = channel_list(&obj).map_err(|m| RequestError {
+            let channels = channel_list(&obj, kind == "subscribe").map_err(|m| RequestError {
                 id: id.clone(),
                 code: ErrorCode::InvalidChannel,
                 message: format!("{kind} {m}"),
@@ -183,7 +232,7 @@ pub fn parse_request(text: &str) -> Result<(RequestId, Request), RequestError> {
             if kind == "subscribe" {
                 Request::Subscribe(channels)
             } else {
-                Request::Unsubscribe(channels)
+                Request::Unsubscribe(channels.into_iter().map(|e| e.name).collect())
             }
         }
         "ping" => Request::Ping,
@@ -230,20 +279,79 @@ fn not_json_hint(text: &str, e: &serde_json::Error) -> String {
     format!("message is not valid JSON ({e}); send an object like {{\"type\":\"ping\"}}")
 }
 
-/// `"channels": [...]`, or a single `"channel": "..."` for hand-typed requests.
-fn channel_list(obj: &serde_json::Map<String, Value>) -> Result<Vec<String>, String> {
-    let as_name = |v: &Value| match v {
-        Value::String(s) => Ok(s.clone()),
+/// `"channels": [...]`, or a single `"channel": "..."` for hand-typed requests. Each entry is
+/// a name or (subscribe only) an object `{"channel": name, options...}`.
+fn channel_list(
+    obj: &serde_json::Map<String, Value>,
+    objects: bool,
+) -> Result<Vec<SubEntry>, String> {
+    let entry = |v: &Value| {
+        match v {
+        Value::String(s) => Ok(SubEntry::plain(s)),
+        Value::Object(o) if objects => match o.get("channel") {
+            Some(Value::String(name)) => Ok(SubEntry {
+                name: name.clone(),
+                object: true,
+                options: parse_options(o),
+            }),
+            _ => Err("entries that are objects need \"channel\": a channel name, e.g. {\"channel\":\"klines:BTCUSDT:1m\",\"history\":500}".to_string()),
+        },
         other => Err(format!("channel names must be strings, got {other}")),
+    }
     };
     match (obj.get("channels"), obj.get("channel")) {
-        (Some(Value::Array(items)), _) if !items.is_empty() => items.iter().map(as_name).collect(),
-        (Some(Value::String(s)), _) | (None, Some(Value::String(s))) => Ok(vec![s.clone()]),
+        (Some(Value::Array(items)), _) if !items.is_empty() => items.iter().map(entry).collect(),
+        (Some(Value::String(s)), _) | (None, Some(Value::String(s))) => {
+            Ok(vec![SubEntry::plain(s)])
+        }
         _ => Err(
             "needs \"channels\": a non-empty array of channel names, e.g. [\"price:BTCUSDT\"]"
                 .into(),
         ),
     }
+}
+
+/// The options of one `channels` object; the error names the option and what it allows.
+fn parse_options(o: &serde_json::Map<String, Value>) -> Result<SubOptions, String> {
+    let mut opts = SubOptions::default();
+    let int = |name: &str, v: &Value, (lo, hi): (u64, u64)| match v.as_u64() {
+        Some(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "option {name} must be an integer from {lo} to {hi}, got {v}"
+        )),
+    };
+    for (k, v) in o {
+        match k.as_str() {
+            "channel" => {}
+            "history" => opts.history = Some(int(k, v, HISTORY_RANGE)?),
+            "throttleMs" => opts.throttle_ms = Some(int(k, v, THROTTLE_RANGE)?),
+            "since" => {
+                let bad = || {
+                    format!("option since must be {{\"epoch\":\"...\",\"seq\":N}} as taken from an earlier message on the channel, got {v}")
+                };
+                let s = v.as_object().ok_or_else(bad)?;
+                let epoch = s.get("epoch").and_then(Value::as_str).ok_or_else(bad)?;
+                let seq = s.get("seq").and_then(Value::as_u64).ok_or_else(bad)?;
+                if s.len() != 2 || epoch.is_empty() {
+                    return Err(bad());
+                }
+                opts.since = Some(Since {
+                    epoch: epoch.to_string(),
+                    seq,
+                });
+            }
+            other => {
+                return Err(format!(
+                    "unknown option {other}; the options are {}",
+                    OPTION_NAMES.join(", ")
+                ))
+            }
+        }
+    }
+    if opts.since.is_some() && opts.history.is_some() {
+        return Err("options since and history cannot be combined: since resumes where you left off, history starts afresh".into());
+    }
+    Ok(opts)
 }
 
 /// Formats ms since the epoch as ISO-8601 UTC with milliseconds (`2024-12-06T12:00:00.000Z`).
@@ -273,9 +381,21 @@ struct Envelope<'a, D: Serialize> {
     channels: Option<&'a [String]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<D>,
+    #[serde(flatten)]
+    position: Option<Position<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a Value>,
     timestamp: String,
+}
+
+/// Where a channel's sequence stands: `epoch` names the sequence, `seq` is a message number in
+/// it (PROTOCOL.md § Sequence numbers and recovery).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Position<'a> {
+    pub epoch: &'a str,
+    pub seq: u64,
 }
 
 fn envelope<D: Serialize>(
@@ -285,11 +405,25 @@ fn envelope<D: Serialize>(
     data: Option<D>,
     id: &RequestId,
 ) -> Frame {
+    positioned(kind, channel, channels, data, None, None, id)
+}
+
+fn positioned<D: Serialize>(
+    kind: &str,
+    channel: Option<&str>,
+    channels: Option<&[String]>,
+    data: Option<D>,
+    position: Option<Position<'_>>,
+    recovered: Option<bool>,
+    id: &RequestId,
+) -> Frame {
     let msg = Envelope {
         kind,
         channel,
         channels,
         data,
+        position,
+        recovered,
         id: id.as_ref(),
         timestamp: now_iso(),
     };
@@ -312,6 +446,56 @@ struct AuthenticatedData<'a> {
     expires_at: Option<i64>,
 }
 
+/// Why a `gap` was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapReason {
+    /// The exchange produced data while the relay could not read it, and it could not be filled.
+    UpstreamOutage,
+    /// The relay's book was found inconsistent and rebuilt from a fresh snapshot.
+    BookResync,
+    /// `since` asked for messages the recovery window no longer holds.
+    RecoveryWindow,
+    /// `since` named another sequence than the channel's current one.
+    EpochChanged,
+}
+
+impl GapReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::UpstreamOutage => "upstream_outage",
+            GapReason::BookResync => "book_resync",
+            GapReason::RecoveryWindow => "recovery_window",
+            GapReason::EpochChanged => "epoch_changed",
+        }
+    }
+
+    pub const ALL: [GapReason; 4] = [
+        GapReason::UpstreamOutage,
+        GapReason::BookResync,
+        GapReason::RecoveryWindow,
+        GapReason::EpochChanged,
+    ];
+}
+
+#[derive(Serialize)]
+struct GapData {
+    reason: GapReason,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// A published message: `seq` beside `channel`, as on every data message.
+#[derive(Serialize)]
+struct Published<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    channel: &'a str,
+    seq: u64,
+    data: &'a Value,
+    timestamp: String,
+}
+
 #[derive(Serialize)]
 struct ErrorData<'a> {
     code: ErrorCode,
@@ -332,8 +516,71 @@ pub mod msg {
         envelope("connected", None, None, Some(data), &None)
     }
 
-    pub fn subscribed(channel: &str, id: &RequestId) -> Frame {
-        envelope::<()>("subscribed", Some(channel), None, None, id)
+    /// The ack of a subscription: where the channel's sequence stands and, when the client
+    /// asked to resume (`since`), whether it did.
+    pub fn subscribed(
+        channel: &str,
+        position: Position<'_>,
+        recovered: Option<bool>,
+        id: &RequestId,
+    ) -> Frame {
+        positioned::<()>(
+            "subscribed",
+            Some(channel),
+            None,
+            None,
+            Some(position),
+            recovered,
+            id,
+        )
+    }
+
+    /// A gap notice: `reason`, and the first and last moment data may be missing (`null`
+    /// where the relay cannot know).
+    pub fn gap(
+        channel: &str,
+        reason: GapReason,
+        from_ms: Option<i64>,
+        to_ms: Option<i64>,
+        position: Position<'_>,
+    ) -> Frame {
+        let data = GapData {
+            reason,
+            from: from_ms.map(iso_millis),
+            to: to_ms.map(iso_millis),
+        };
+        positioned(
+            "gap",
+            Some(channel),
+            None,
+            Some(data),
+            Some(position),
+            None,
+            &None,
+        )
+    }
+
+    /// A `history` message: `items` are the channel's data objects, serialised, oldest first.
+    pub fn history(channel: &str, items: &[String], position: Position<'_>) -> Frame {
+        let mut data = String::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 2);
+        data.push('[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                data.push(',');
+            }
+            data.push_str(item);
+        }
+        data.push(']');
+        let raw = serde_json::value::RawValue::from_string(data).ok();
+        positioned(
+            "history",
+            Some(channel),
+            None,
+            raw,
+            Some(position),
+            None,
+            &None,
+        )
     }
 
     pub fn unsubscribed(channel: &str, id: &RequestId) -> Frame {
@@ -367,14 +614,15 @@ pub mod msg {
     }
 
     /// A message published by a backend service: `data` is passed through as sent.
-    pub fn published(channel: &Channel, channel_name: &str, data: &Value) -> Frame {
-        envelope(
-            channel.message_type(),
-            Some(channel_name),
-            None,
-            Some(data),
-            &None,
-        )
+    pub fn published(channel: &Channel, channel_name: &str, data: &Value, seq: u64) -> Frame {
+        let msg = Published {
+            kind: channel.message_type(),
+            channel: channel_name,
+            seq,
+            data,
+            timestamp: now_iso(),
+        };
+        Frame::from(serde_json::to_string(&msg).unwrap_or_else(|_| String::from("{}")))
     }
 }
 
@@ -393,14 +641,26 @@ mod tests {
     #[test]
     fn every_control_message_is_listed() {
         let id = Some(json!(1));
+        let at = Position {
+            epoch: "e1",
+            seq: 3,
+        };
         let frames = [
             msg::connected("c-1", None, 50),
-            msg::subscribed("price:BTCUSDT", &id),
+            msg::subscribed("price:BTCUSDT", at, None, &id),
             msg::unsubscribed("price:BTCUSDT", &id),
             msg::pong(&id),
             msg::authenticated("u", Some(1), &id),
             msg::subscriptions(&[], &id),
             msg::error(None, ErrorCode::InvalidJson, "x", &id),
+            msg::history("trades:BTCUSDT", &["{}".to_string()], at),
+            msg::gap(
+                "trades:BTCUSDT",
+                GapReason::BookResync,
+                Some(1),
+                Some(2),
+                at,
+            ),
         ];
         let types: Vec<String> = frames
             .iter()
@@ -428,7 +688,7 @@ mod tests {
             parse_request(r#"{"type":"subscribe","channels":["price:BTCUSDT"],"id":1}"#),
             Ok((
                 Some(json!(1)),
-                Request::Subscribe(vec!["price:BTCUSDT".into()])
+                Request::Subscribe(vec![SubEntry::plain("price:BTCUSDT")])
             ))
         );
         assert_eq!(
@@ -484,9 +744,17 @@ mod tests {
 
     #[test]
     fn server_messages_match_the_contract() {
-        let v: Value =
-            serde_json::from_str(msg::subscribed("price:BTCUSDT", &Some(json!(1))).as_str())
-                .unwrap();
+        let at = Position {
+            epoch: "e1",
+            seq: 0,
+        };
+        let v: Value = serde_json::from_str(
+            msg::subscribed("price:BTCUSDT", at, Some(true), &Some(json!(1))).as_str(),
+        )
+        .unwrap();
+        assert_eq!(v["epoch"], "e1");
+        assert_eq!(v["seq"], 0);
+        assert_eq!(v["recovered"], true);
         assert_eq!(v["type"], "subscribed");
         assert_eq!(v["channel"], "price:BTCUSDT");
         assert_eq!(v["id"], 1);

@@ -19,9 +19,10 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::app::{AppState, ConnGuard};
 use crate::auth::{AuthError, Identity};
 use crate::domain::Channel;
-use crate::hub::{Attached, Client, Close, Held, TopicKey};
+use crate::hub::{Attached, Client, Close, Held, Join, TopicKey};
 use crate::protocol::{
     close, msg, now_millis, parse_request, ErrorCode, Frame, Request, RequestError, RequestId,
+    SubEntry, SubOptions,
 };
 use crate::ws::{self, Incoming, Wire};
 
@@ -326,9 +327,9 @@ impl Session {
             Err(e) => return self.error(None, e.code, &e.message, &e.id),
         };
         match request {
-            Request::Subscribe(names) => {
-                for name in names {
-                    self.subscribe(&name, &id);
+            Request::Subscribe(entries) => {
+                for entry in entries {
+                    self.subscribe(&entry, &id);
                 }
             }
             Request::Unsubscribe(names) => {
@@ -350,7 +351,8 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, name: &str, id: &RequestId) {
+    fn subscribe(&mut self, entry: &SubEntry, id: &RequestId) {
+        let name = entry.name.as_str();
         let channel: Channel = match name.parse() {
             Ok(c) => c,
             Err(e) => {
@@ -360,6 +362,14 @@ impl Session {
                 };
                 return self.error(Some(name), code, &e.to_string(), id);
             }
+        };
+        let options = match entry
+            .options
+            .clone()
+            .and_then(|o| options_apply(&channel, o))
+        {
+            Ok(o) => o,
+            Err(message) => return self.error(Some(name), ErrorCode::InvalidOption, &message, id),
         };
         let max = self.state.config.server.max_subscriptions_per_client;
         if !self.client.holds(&channel) && self.client.subscription_count() >= max {
@@ -394,12 +404,18 @@ impl Session {
             name: Arc::from(channel.to_string()),
             topic: self.state.hub.topic_for(&channel),
             channel,
+            throttle: options.throttle_ms.map(Duration::from_millis),
+        };
+        let join = Join {
+            history: options.history.map(|n| n as usize),
+            since: options.since,
+            replace: entry.object,
         };
         let exchange = match &held.topic {
             TopicKey::Feed(key) => key.exchange.to_string(),
             TopicKey::Published(_) => "the exchange".to_string(),
         };
-        match self.state.hub.attach(&self.client, held, id) {
+        match self.state.hub.attach(&self.client, held, join, id) {
             Attached::Live => {}
             Attached::Unavailable => {
                 self.error(
@@ -493,6 +509,28 @@ impl Session {
         }
         n
     }
+}
+
+/// Checks that each option given applies to the channel's kind (PROTOCOL.md § Subscription
+/// options); the error names the option and where it applies.
+fn options_apply(channel: &Channel, options: SubOptions) -> Result<SubOptions, String> {
+    let kind = channel.kind();
+    if options.history.is_some() && !matches!(channel, Channel::Klines(..) | Channel::Trades(_)) {
+        return Err(format!(
+            "option history applies to klines and trades channels, not {kind}"
+        ));
+    }
+    if options.throttle_ms.is_some()
+        && !matches!(
+            channel,
+            Channel::Price(_) | Channel::Ticker(_) | Channel::Depth(..) | Channel::Klines(..)
+        )
+    {
+        return Err(format!(
+            "option throttleMs applies to price, ticker, depth and klines channels, not {kind}: every {kind} message counts"
+        ));
+    }
+    Ok(options)
 }
 
 /// Sends the last words and the close frame, then completes the closing handshake: reads (and

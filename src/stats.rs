@@ -12,7 +12,7 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use crate::domain::{ExchangeId, EXCHANGES};
-use crate::protocol::{now_millis, ErrorCode};
+use crate::protocol::{now_millis, ErrorCode, GapReason};
 
 /// One upstream log line of a kind at most this often; the rest are counted and summarised
 /// (a venue that changes its format must not flood the log with a line per frame).
@@ -47,6 +47,12 @@ pub struct Stats {
     subscriptions: Labelled<{ crate::domain::Channel::KINDS.len() }>,
     /// Channels with at least one subscriber.
     channels: AtomicI64,
+    /// Gap notices sent, by reason (a channel's own notice counts once per channel).
+    gaps: Labelled<{ GapReason::ALL.len() }>,
+    /// Subscribes with `since`, by outcome.
+    recoveries: Labelled<2>,
+    /// Histories asked for, by outcome.
+    histories: Labelled<2>,
 }
 
 /// The message types counted on their own in `relay_messages_out_total{kind}`; anything else
@@ -144,6 +150,9 @@ impl Default for Stats {
             fanout: Histogram::default(),
             subscriptions: Labelled::new(crate::domain::Channel::KINDS),
             channels: AtomicI64::new(0),
+            gaps: Labelled::new(GapReason::ALL.map(GapReason::as_str)),
+            recoveries: Labelled::new(["recovered", "not_recovered"]),
+            histories: Labelled::new(["served", "unavailable"]),
         }
     }
 }
@@ -280,6 +289,41 @@ impl Stats {
 
     pub fn channels(&self) -> i64 {
         self.channels.load(Ordering::Relaxed)
+    }
+
+    /// A gap notice was sent.
+    pub fn gap(&self, reason: GapReason) {
+        self.gaps.add(reason.as_str(), 1);
+    }
+
+    pub fn gaps(&self) -> Vec<(&'static str, u64)> {
+        self.gaps.counts()
+    }
+
+    /// A subscribe with `since` resumed (`true`) or could not.
+    pub fn recovery(&self, recovered: bool) {
+        self.recoveries.add(
+            if recovered {
+                "recovered"
+            } else {
+                "not_recovered"
+            },
+            1,
+        );
+    }
+
+    pub fn recoveries(&self) -> Vec<(&'static str, u64)> {
+        self.recoveries.counts()
+    }
+
+    /// A history was served (`true`) or could not be had.
+    pub fn history(&self, served: bool) {
+        self.histories
+            .add(if served { "served" } else { "unavailable" }, 1);
+    }
+
+    pub fn histories(&self) -> Vec<(&'static str, u64)> {
+        self.histories.counts()
     }
 
     /// A client was answered with an error.

@@ -12,6 +12,7 @@ pub mod coinbase;
 pub mod connection;
 pub mod kraken;
 pub mod proxy;
+pub mod rest;
 pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,7 +28,7 @@ use crate::config::{Config, ExchangeConfig};
 use crate::decimal::Dec;
 use crate::domain::{ExchangeId, Symbol};
 use crate::events::{Feed, FeedKey, MarketEvent};
-use crate::hub::{Check, FeedSink, FeedSource};
+use crate::hub::{Check, FeedSink, FeedSource, HistoryFuture, HistoryRequest};
 use crate::protocol::ErrorCode;
 use crate::stats::{Stats, UpstreamStats};
 
@@ -341,6 +342,8 @@ pub struct Exchange {
     pub tls: Arc<rustls::ClientConfig>,
     /// The proxy the environment names for the WebSocket connections (see [`proxy`]).
     pub proxy: Arc<proxy::ProxyEnv>,
+    /// History and backfill requests, paced under the exchange's REST limits (see [`rest`]).
+    pub rest_pace: governor::DefaultDirectRateLimiter,
 }
 
 /// An exchange's connections and which one carries each wanted stream.
@@ -496,6 +499,29 @@ pub struct Upstreams {
     shutdown: CancellationToken,
     /// Instrument loaders and connection tasks; shutdown waits for them.
     pub tasks: TaskTracker,
+    /// Histories fetched in the last moments, shared by every client asking the same (1,000
+    /// charts opening at once cost the exchange one request).
+    histories: HistoryCache,
+}
+
+type HistoryCache = moka::future::Cache<(FeedKey, usize, Option<i64>), Arc<Vec<MarketEvent>>>;
+
+/// How long a fetched history is shared: long enough for a burst of subscribers, short enough
+/// that the relay's own live data covers what changed since.
+const HISTORY_TTL: Duration = Duration::from_secs(2);
+
+/// Each exchange's public REST pace for histories and backfills (EXCHANGES.md §9.1): Binance
+/// 6,000 weight a minute (trades weigh 25), Coinbase 10 requests a second, Kraken about one.
+fn rest_pace(id: ExchangeId) -> governor::DefaultDirectRateLimiter {
+    use std::num::NonZeroU32;
+    let (per_second, burst) = match id {
+        ExchangeId::Binance => (3, 6),
+        ExchangeId::Coinbase => (8, 10),
+        ExchangeId::Kraken => (1, 3),
+    };
+    let quota = governor::Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+    governor::RateLimiter::direct(quota)
 }
 
 /// The adapter of each exchange: the one place adapters are registered (the match is
@@ -541,6 +567,7 @@ impl Upstreams {
                     http: http.clone(),
                     tls: websocket_tls.clone(),
                     proxy: proxy.clone(),
+                    rest_pace: rest_pace(id),
                 })
             })
             .collect();
@@ -551,6 +578,10 @@ impl Upstreams {
             http,
             shutdown,
             tasks: TaskTracker::new(),
+            histories: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(HISTORY_TTL)
+                .build(),
         })
     }
 
@@ -704,6 +735,49 @@ impl FeedSource for Upstreams {
         };
         ex.pool().remove(key);
     }
+
+    /// Candles or trades from the exchange's REST API, shared by identical requests.
+    fn history(&self, key: &FeedKey, request: HistoryRequest) -> HistoryFuture {
+        let ex = self.get(key.exchange).cloned();
+        let cache = self.histories.clone();
+        let key = key.clone();
+        Box::pin(async move {
+            let ex = ex.ok_or("the exchange is disabled")?;
+            let inst = ex
+                .instruments()
+                .and_then(|set| set.by_symbol.get(&key.symbol).cloned())
+                .ok_or("the exchange's instrument list is not loaded")?;
+            // A few sizes, so that small and large requests share without over-fetching.
+            let size = [100, 300, 1000]
+                .into_iter()
+                .find(|s| *s >= request.limit)
+                .unwrap_or(1000);
+            let fetch = async {
+                let events: Vec<MarketEvent> = match key.feed {
+                    Feed::Klines(iv) => rest::klines(&ex, &inst, iv, size, request.end_ms)
+                        .await?
+                        .into_iter()
+                        .map(MarketEvent::Kline)
+                        .collect(),
+                    Feed::Trades => rest::recent_trades(&ex, &inst, size)
+                        .await?
+                        .into_iter()
+                        .map(MarketEvent::Trade)
+                        .collect(),
+                    Feed::Ticker | Feed::Book => {
+                        return Err("only klines and trades have a history".to_string())
+                    }
+                };
+                Ok::<_, String>(Arc::new(events))
+            };
+            let events = cache
+                .try_get_with((key.clone(), size, request.end_ms), fetch)
+                .await
+                .map_err(|e| e.to_string())?;
+            let skip = events.len().saturating_sub(request.limit);
+            Ok(events[skip..].to_vec())
+        })
+    }
 }
 
 /// The sink before [`Upstreams::start`]: nothing to tell.
@@ -714,6 +788,7 @@ impl FeedSink for NoSink {
     fn invalidated(&self, _: &FeedKey) {}
     fn refused(&self, _: &FeedKey, _: ErrorCode, _: &str) {}
     fn instruments_loaded(&self, _: ExchangeId) {}
+    fn gap(&self, _: &FeedKey, _: crate::protocol::GapReason, _: i64, _: i64) {}
 }
 
 /// Quote currencies a symbol is most often mistaken between (a Binance `USDT` market asked of

@@ -3,9 +3,23 @@
 //! Each side holds the other only through these traits: the exchange connections are one
 //! source, a cluster's Redis feed can be another, and the hub's own tests use a fake.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use crate::domain::ExchangeId;
 use crate::events::{FeedKey, MarketEvent};
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, GapReason};
+
+/// What a history is asked for: the newest `limit` candles or trades of a feed, candles up to
+/// the one opening at `end_ms` when given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HistoryRequest {
+    pub limit: usize,
+    pub end_ms: Option<i64>,
+}
+
+/// Candles or trades, oldest first, or why they could not be had.
+pub type HistoryFuture = Pin<Box<dyn Future<Output = Result<Vec<MarketEvent>, String>> + Send>>;
 
 /// Whether a market can be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +41,10 @@ pub trait FeedSource: Send + Sync + 'static {
     fn unwant(&self, key: &FeedKey);
     /// Whether data can be expected from `exchange` now.
     fn reachable(&self, exchange: ExchangeId) -> bool;
+    /// The recent candles or trades of a klines or trades feed (the exchange's REST API).
+    fn history(&self, _key: &FeedKey, _request: HistoryRequest) -> HistoryFuture {
+        Box::pin(async { Err("this source keeps no history".to_string()) })
+    }
 }
 
 /// What a source tells the hub. Called from the source's tasks; none of these may block.
@@ -40,4 +58,7 @@ pub trait FeedSink: Send + Sync + 'static {
     fn refused(&self, key: &FeedKey, code: ErrorCode, message: &str);
     /// An exchange's instrument list was (re)loaded: pending subscriptions can be resolved.
     fn instruments_loaded(&self, exchange: ExchangeId);
+    /// Data of `key` the exchange produced between `from_ms` and `to_ms` could not be had:
+    /// every channel of the feed says so, in sequence.
+    fn gap(&self, key: &FeedKey, reason: GapReason, from_ms: i64, to_ms: i64);
 }

@@ -14,27 +14,42 @@
 //! [`Outbox`]), holding the topic's lock so a subscription, its ack and its first value are never
 //! overtaken by an event. A write never waits, so the lock is held for one non-blocking `send`
 //! per subscriber.
+//!
+//! Sequence numbers, recovery windows, throttling and histories are per channel
+//! ([`channel::ChannelFeed`]): every message is numbered and rendered once, and a throttled,
+//! resuming or history-waiting subscriber is handed the same shared frames as everyone else.
 
+pub mod channel;
 pub mod feed;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::domain::{Channel, ExchangeId};
-use crate::events::{render, Delivery, FeedKey, MarketEvent};
-use crate::protocol::{msg, now_iso, ErrorCode, RequestId};
+use crate::events::{render, render_data, Delivery, Feed, FeedKey, Kline, MarketEvent, Trade};
+use crate::protocol::{msg, now_iso, now_millis, ErrorCode, GapReason, RequestId, Since};
 use crate::stats::Stats;
 pub use crate::ws::Close;
 use crate::ws::{Outbox, Pushed, Tally, Wire};
-pub use feed::{Check, FeedSink, FeedSource};
+use channel::{Awaiting, ChannelFeed, Pending, Window, WindowLimits, WindowMeter};
+pub use feed::{Check, FeedSink, FeedSource, HistoryFuture, HistoryRequest};
+
+/// Trades a trades topic remembers, to join a history to the live stream.
+const RECENT_TRADES: usize = 1_000;
+/// Final candles a klines topic remembers, for the same.
+const RECENT_FINALS: usize = 64;
+/// How long a history waits for a new feed's first message before it is fetched anyway (the
+/// fetch must not end before the live stream starts, or trades between the two would be lost).
+const LIVE_WAIT: Duration = Duration::from_secs(5);
 
 /// What a subscription is fed from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -50,6 +65,19 @@ pub struct Held {
     /// The channel name as the client wrote it, shared by every message on it.
     pub name: Arc<str>,
     pub topic: TopicKey,
+    /// `throttleMs`: at most one message per interval, the newest.
+    pub throttle: Option<Duration>,
+}
+
+/// What a subscribe asks for once, beyond joining the channel.
+#[derive(Debug, Clone, Default)]
+pub struct Join {
+    /// `history`: send the last N candles or trades first.
+    pub history: Option<usize>,
+    /// `since`: resume after this message.
+    pub since: Option<Since>,
+    /// The entry was an object: for a held channel, its options replace the old ones.
+    pub replace: bool,
 }
 
 /// A connected client as the hub sees it.
@@ -113,12 +141,6 @@ pub enum Attached {
     Refused(ErrorCode, String),
 }
 
-struct ChannelFeed {
-    channel: Channel,
-    name: Arc<str>,
-    subscribers: Vec<Arc<Client>>,
-}
-
 #[derive(Default)]
 struct TopicState {
     channels: Vec<ChannelFeed>,
@@ -135,6 +157,17 @@ struct TopicState {
     /// Open time of the newest final kline, so each candle is final exactly once and never
     /// reopened by a late update.
     last_final_kline: Option<i64>,
+    /// Some event arrived since the stream was asked for.
+    live: bool,
+    /// The newest trades (trades feeds) and final candles (klines feeds), oldest first.
+    recent_trades: VecDeque<Trade>,
+    recent_finals: VecDeque<Kline>,
+}
+
+impl TopicState {
+    fn channel_index(&self, channel: &Channel) -> Option<usize> {
+        self.channels.iter().position(|f| &f.channel == channel)
+    }
 }
 
 struct Topic {
@@ -160,6 +193,9 @@ pub struct Hub {
     close_delay: Duration,
     queue_capacity: usize,
     max_subscriptions: usize,
+    window: WindowLimits,
+    pub windows: Arc<WindowMeter>,
+    next_ticket: AtomicU64,
     /// Delayed releases; shutdown waits for none of them but they end with it.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -183,6 +219,12 @@ impl Hub {
             close_delay: config.streams.close_delay(),
             queue_capacity: config.server.client_queue_capacity,
             max_subscriptions: config.server.max_subscriptions_per_client,
+            window: WindowLimits {
+                messages: config.recovery.window_messages,
+                max_age: Duration::from_secs(config.recovery.window_secs),
+            },
+            windows: Arc::new(WindowMeter::default()),
+            next_ticket: AtomicU64::new(1),
             tasks: TaskTracker::new(),
             shutdown,
         })
@@ -263,17 +305,26 @@ impl Hub {
     }
 
     /// Subscribes `client` to `held`: validates the market, joins the topic, queues the
-    /// `subscribed` ack followed by the current value, and asks the exchange for the stream when
-    /// this is the topic's first subscription. A duplicate is acknowledged again, changing nothing.
-    pub fn attach(&self, client: &Arc<Client>, held: Held, id: &RequestId) -> Attached {
+    /// `subscribed` ack followed by what the subscription asked for (the current value, a
+    /// resume from `since`, or a history), and asks the exchange for the stream when this is
+    /// the topic's first subscription. A duplicate plain subscribe is acknowledged again,
+    /// changing nothing; an object replaces the options of a held subscription.
+    pub fn attach(&self, client: &Arc<Client>, held: Held, join: Join, id: &RequestId) -> Attached {
         loop {
             let topic = self.topic_or_insert(&held.topic);
             let mut st = topic.lock();
             if st.removed {
                 continue;
             }
-            if client.holds(&held.channel) {
-                self.send(client, msg::subscribed(&held.name, id));
+            let holds = client.holds(&held.channel);
+            if holds && !join.replace {
+                if let Some(i) = st.channel_index(&held.channel) {
+                    let feed = &st.channels[i];
+                    self.send(
+                        client,
+                        msg::subscribed(&feed.name, feed.position(), None, id),
+                    );
+                }
                 return Attached::Live;
             }
             // Validated under the topic lock: an instrument list arriving now either is seen here
@@ -295,37 +346,83 @@ impl Hub {
                 }
             };
 
-            let feed = match st
-                .channels
-                .iter_mut()
-                .position(|f| f.channel == held.channel)
-            {
-                Some(i) => &mut st.channels[i],
+            let now = Instant::now();
+            let idx = match st.channel_index(&held.channel) {
+                Some(i) => i,
                 None => {
-                    self.stats.channel_opened();
-                    st.channels.push(ChannelFeed {
-                        channel: held.channel.clone(),
-                        name: held.name.clone(),
-                        subscribers: Vec::new(),
-                    });
-                    let last = st.channels.len() - 1;
-                    &mut st.channels[last]
+                    let mut feed = ChannelFeed::new(
+                        held.channel.clone(),
+                        held.name.clone(),
+                        Window::new(self.window, self.windows.clone()),
+                        now_millis(),
+                    );
+                    if st.last.is_some() {
+                        // The current value is this channel's first message.
+                        feed.seq = 1;
+                        feed.current_seq = 1;
+                    }
+                    st.channels.push(feed);
+                    st.channels.len() - 1
                 }
             };
-            feed.subscribers.push(client.clone());
-            self.stats.subscribed(held.channel.kind(), 1);
-            let name = feed.name.clone();
-            self.send(client, msg::subscribed(&name, id));
-            if let (TopicKey::Feed(key), Some(last)) = (&held.topic, &st.last) {
-                if let Some((frame, delivery)) = render(key, &held.channel, &name, last, &now_iso())
-                {
-                    let tally = client
-                        .outbox
-                        .push_data(&name, &[(Wire::text(frame.as_str()), delivery)]);
-                    self.count_tally(client, &held.channel, &name, tally);
+            let key = match &held.topic {
+                TopicKey::Feed(key) => Some(key.clone()),
+                TopicKey::Published(_) => None,
+            };
+            let TopicState { channels, last, .. } = &mut *st;
+            let feed = &mut channels[idx];
+            if holds {
+                feed.remove(client.id);
+            } else {
+                if feed.members() == 0 {
+                    self.stats.channel_opened();
+                }
+                self.stats.subscribed(held.channel.kind(), 1);
+            }
+            feed.idle_since = None;
+            let current = key
+                .as_ref()
+                .and_then(|k| current_frame(k, feed, last.as_ref()));
+            match (&join.since, join.history, &key) {
+                (Some(since), _, _) => {
+                    let frames = self.resume(client, feed, since, current, id, now);
+                    let tally = client.outbox.push_data(&feed.name, &frames);
+                    self.count_tally(client, &held.channel, &feed.name, tally);
+                    feed.join(client.clone(), held.throttle, now);
+                }
+                (None, Some(limit), Some(key)) => {
+                    self.send(
+                        client,
+                        msg::subscribed(&feed.name, feed.position(), None, id),
+                    );
+                    let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+                    feed.awaiting.push(Awaiting {
+                        client: client.clone(),
+                        ticket,
+                        throttle: held.throttle,
+                    });
+                    self.spawn_history(key.clone(), held.channel.clone(), client.id, ticket, limit);
+                }
+                _ => {
+                    self.send(
+                        client,
+                        msg::subscribed(&feed.name, feed.position(), None, id),
+                    );
+                    if let Some(frame) = current {
+                        let tally = client.outbox.push_data(&feed.name, &[frame]);
+                        self.count_tally(client, &held.channel, &feed.name, tally);
+                    }
+                    feed.join(client.clone(), held.throttle, now);
                 }
             }
-            client.subs().push(held.clone());
+            {
+                let mut subs = client.subs();
+                subs.retain(|h| h.channel != held.channel);
+                subs.push(held.clone());
+            }
+            if holds {
+                return Attached::Live;
+            }
             st.refs += 1;
             if st.refs == 1 {
                 st.generation += 1;
@@ -333,6 +430,7 @@ impl Hub {
             if let (TopicKey::Feed(key), Attached::Live) = (&held.topic, &outcome) {
                 if !st.wanted {
                     st.wanted = true;
+                    st.live = false;
                     self.source.want(key);
                 }
                 if !self.source.reachable(key.exchange) {
@@ -341,6 +439,201 @@ impl Hub {
             }
             return outcome;
         }
+    }
+
+    /// Answers a subscribe with `since`: the ack says whether the client resumes where it left
+    /// off; what follows is what it missed that the channel still holds (PROTOCOL.md §
+    /// Recovery). Returns the frames to send after the ack, in order.
+    fn resume(
+        &self,
+        client: &Client,
+        feed: &mut ChannelFeed,
+        since: &Since,
+        current: Option<(Wire, Delivery)>,
+        id: &RequestId,
+        now: Instant,
+    ) -> Vec<(Wire, Delivery)> {
+        let keeps = keeps_messages(&feed.channel);
+        let same_epoch = since.epoch == *feed.epoch && since.seq <= feed.seq;
+        feed.window.expire(now);
+        let recovered = same_epoch && (!keeps || feed.window.holds_after(since.seq));
+        self.stats.recovery(recovered);
+        self.send(
+            client,
+            msg::subscribed(&feed.name, feed.position(), Some(recovered), id),
+        );
+        if !recovered {
+            let (reason, from, to) = if same_epoch {
+                (GapReason::RecoveryWindow, None, feed.window.evicted_at_ms())
+            } else {
+                (GapReason::EpochChanged, None, Some(feed.started_ms))
+            };
+            self.stats.gap(reason);
+            self.send(
+                client,
+                msg::gap(&feed.name, reason, from, to, feed.position()),
+            );
+        }
+        let after = if same_epoch { since.seq } else { 0 };
+        let mut frames = if keeps {
+            feed.window.after(after)
+        } else {
+            Vec::new()
+        };
+        // State channels and klines end with the current value: a forming kline the client
+        // has not seen, or the newest price, ticker or book.
+        if let Some(frame) = current {
+            let seen = matches!(feed.channel, Channel::Klines(..)) && feed.current_seq <= after;
+            if !seen && frame.1 == Delivery::Conflate {
+                frames.push(frame);
+            }
+        }
+        frames
+    }
+
+    /// Fetches a history for a subscriber that asked for one, then hands it the history and
+    /// moves it to the live stream, all under the topic's lock so nothing is missed or sent
+    /// twice between the two.
+    fn spawn_history(
+        &self,
+        key: FeedKey,
+        channel: Channel,
+        client_id: u64,
+        ticket: u64,
+        limit: usize,
+    ) {
+        let Some(hub) = self.me.upgrade() else {
+            return;
+        };
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = hub.deliver_history(key, channel, client_id, ticket, limit) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+
+    async fn deliver_history(
+        &self,
+        key: FeedKey,
+        channel: Channel,
+        client_id: u64,
+        ticket: u64,
+        limit: usize,
+    ) {
+        let topic_key = TopicKey::Feed(key.clone());
+        // A new feed: let its stream start first, so the history reaches past its first message.
+        let started = Instant::now();
+        while started.elapsed() < LIVE_WAIT {
+            match self.topic(&topic_key) {
+                Some(t) if !t.lock().live => {}
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let request = HistoryRequest {
+            limit,
+            end_ms: None,
+        };
+        let rows = self.source.history(&key, request).await;
+        let Some(topic) = self.topic(&topic_key) else {
+            return;
+        };
+        let mut st = topic.lock();
+        let Some(idx) = st.channel_index(&channel) else {
+            return;
+        };
+        let Some(pos) = st.channels[idx]
+            .awaiting
+            .iter()
+            .position(|a| a.client.id == client_id && a.ticket == ticket)
+        else {
+            return; // unsubscribed, or asked again, meanwhile
+        };
+        let waiting = st.channels[idx].awaiting.swap_remove(pos);
+        let client = waiting.client;
+        let frames = match rows {
+            Ok(rows) => {
+                self.stats.history(true);
+                let events = merge_history(&st, &channel, rows, limit);
+                let items: Vec<String> = events
+                    .iter()
+                    .filter_map(|e| render_data(&key, &channel, e))
+                    .collect();
+                let feed = &st.channels[idx];
+                let frame = msg::history(&feed.name, &items, feed.position());
+                vec![(Wire::text(frame.as_str()), Delivery::Reliable)]
+            }
+            Err(e) => {
+                self.stats.history(false);
+                tracing::info!(feed = ?key, error = %e, "history unavailable");
+                let feed = &st.channels[idx];
+                self.stats.client_error(ErrorCode::HistoryUnavailable);
+                self.send(
+                    &client,
+                    msg::error(
+                        Some(&feed.name),
+                        ErrorCode::HistoryUnavailable,
+                        &format!("the history of {} could not be had from {} ({e}); the subscription stands and live data flows", feed.name, key.exchange),
+                        &None,
+                    ),
+                );
+                current_frame(&key, feed, st.last.as_ref())
+                    .into_iter()
+                    .collect()
+            }
+        };
+        let feed = &mut st.channels[idx];
+        let tally = client.outbox.push_data(&feed.name, &frames);
+        self.count_tally(&client, &channel, &feed.name, tally);
+        feed.join(client, waiting.throttle, Instant::now());
+    }
+
+    /// Candles or trades for the REST history endpoints: the exchange's, joined to what the
+    /// relay holds live when the channel is in use (so REST and WebSocket agree).
+    pub async fn history(
+        &self,
+        channel: &Channel,
+        request: HistoryRequest,
+    ) -> Result<Vec<String>, (ErrorCode, String)> {
+        let TopicKey::Feed(key) = self.topic_for(channel) else {
+            return Err((
+                ErrorCode::InvalidChannel,
+                "history is kept for klines and trades channels".into(),
+            ));
+        };
+        match self.source.check(&key) {
+            Check::Known => {}
+            Check::Pending => {
+                return Err((
+                    ErrorCode::UpstreamUnavailable,
+                    format!(
+                        "{} is unreachable right now; try again shortly",
+                        key.exchange
+                    ),
+                ))
+            }
+            Check::Refused(code, message) => return Err((code, message)),
+        }
+        let rows = self.source.history(&key, request).await.map_err(|e| {
+            (
+                ErrorCode::HistoryUnavailable,
+                format!("the history could not be had from {} ({e})", key.exchange),
+            )
+        })?;
+        let events = match (request.end_ms, self.topic(&TopicKey::Feed(key.clone()))) {
+            (None, Some(topic)) => merge_history(&topic.lock(), channel, rows, request.limit),
+            (_, _) => {
+                let mut rows = rows;
+                let skip = rows.len().saturating_sub(request.limit);
+                rows.split_off(skip)
+            }
+        };
+        Ok(events
+            .iter()
+            .filter_map(|e| render_data(&key, channel, e))
+            .collect())
     }
 
     /// Unsubscribes `client` from `held`; returns whether it was subscribed.
@@ -355,15 +648,14 @@ impl Hub {
         if client.subs().len() == before {
             return false;
         }
-        if let Some(i) = st.channels.iter().position(|f| f.channel == held.channel) {
+        if let Some(i) = st.channel_index(&held.channel) {
             let feed = &mut st.channels[i];
-            if let Some(j) = feed.subscribers.iter().position(|c| c.id == client.id) {
-                feed.subscribers.swap_remove(j);
+            if feed.remove(client.id) {
                 self.stats.subscribed(held.channel.kind(), -1);
-            }
-            if feed.subscribers.is_empty() {
-                st.channels.swap_remove(i);
-                self.stats.channel_closed();
+                if feed.members() == 0 {
+                    feed.idle_since = Some(Instant::now());
+                    self.stats.channel_closed();
+                }
             }
         }
         st.refs = st.refs.saturating_sub(1);
@@ -385,10 +677,9 @@ impl Hub {
             return;
         };
         let key = key.clone();
-        let delay = match key {
-            TopicKey::Feed(_) => self.close_delay,
-            TopicKey::Published(_) => Duration::ZERO,
-        };
+        // Published channels linger too: their recovery window is what a client coming back
+        // resumes from.
+        let delay = self.close_delay;
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             tokio::select! {
@@ -441,10 +732,12 @@ impl Hub {
     /// (events read from the exchange at once, as when the relay catches up) reaches each
     /// subscriber in one write.
     fn dispatch(&self, key: &FeedKey, events: Vec<MarketEvent>) {
-        let Some(topic) = self.topic(&TopicKey::Feed(key.clone())) else {
+        let topic_key = TopicKey::Feed(key.clone());
+        let Some(topic) = self.topic(&topic_key) else {
             return;
         };
         let mut st = topic.lock();
+        st.live = true;
         let mut events = events;
         events.retain(|event| {
             let MarketEvent::Kline(k) = event else {
@@ -459,21 +752,41 @@ impl Hub {
             true
         });
         let now = now_iso();
+        let instant = Instant::now();
+        self.drop_idle_channels(&mut st, instant);
         // Counted once per channel, not per client: the loop below is the hot path.
         let started = std::time::Instant::now();
         let mut conflated = 0;
         let mut frames = Vec::with_capacity(events.len());
-        for feed in &st.channels {
+        let mut opens = Vec::with_capacity(events.len());
+        for feed in &mut st.channels {
             frames.clear();
-            frames.extend(events.iter().filter_map(|event| {
-                let (frame, delivery) = render(key, &feed.channel, &feed.name, event, &now)?;
-                Some((Wire::text(frame.as_str()), delivery))
-            }));
+            opens.clear();
+            for event in &events {
+                let Some((frame, delivery)) =
+                    render(key, &feed.channel, &feed.name, event, feed.seq + 1, &now)
+                else {
+                    continue;
+                };
+                feed.seq += 1;
+                let wire = Wire::text(frame.as_str());
+                if delivery == Delivery::Reliable {
+                    feed.window.push(feed.seq, &wire, instant);
+                }
+                if event.is_current_value() {
+                    feed.current_seq = feed.seq;
+                }
+                opens.push(match event {
+                    MarketEvent::Kline(k) => Some(k.open_time),
+                    _ => None,
+                });
+                frames.push((wire, delivery));
+            }
             if frames.is_empty() {
                 continue;
             }
             let mut queued = 0;
-            for client in &feed.subscribers {
+            for client in &feed.live {
                 let tally = client.outbox.push_data(&feed.name, &frames);
                 queued += tally.queued;
                 conflated += tally.conflated;
@@ -481,15 +794,90 @@ impl Hub {
                     self.stats.slow_consumer(&client.name, &feed.name);
                 }
             }
+            for group in &mut feed.throttled {
+                for (frame, open) in frames.iter().zip(&opens) {
+                    let send =
+                        match frame.1 {
+                            // Final klines are always delivered, and supersede a pending forming one.
+                            Delivery::Reliable => {
+                                if group.pending.as_ref().is_some_and(|p| {
+                                    p.kline_open.is_some() && p.kline_open <= *open
+                                }) {
+                                    group.pending = None;
+                                }
+                                true
+                            }
+                            Delivery::Conflate
+                                if group.pending.is_none() && instant >= group.next_due =>
+                            {
+                                group.next_due = instant + group.every;
+                                true
+                            }
+                            Delivery::Conflate => {
+                                group.pending = Some(Pending {
+                                    wire: frame.0.clone(),
+                                    kline_open: *open,
+                                });
+                                if !group.armed {
+                                    group.armed = true;
+                                    self.schedule_flush(
+                                        &topic_key,
+                                        &feed.channel,
+                                        group.every,
+                                        group.next_due,
+                                    );
+                                }
+                                false
+                            }
+                        };
+                    if send {
+                        for client in &group.members {
+                            let tally = client
+                                .outbox
+                                .push_data(&feed.name, std::slice::from_ref(frame));
+                            queued += tally.queued;
+                            conflated += tally.conflated;
+                            if tally.overflowed {
+                                self.stats.slow_consumer(&client.name, &feed.name);
+                            }
+                        }
+                    }
+                }
+            }
             self.stats
                 .messages_out_of(feed.channel.message_type(), queued);
         }
-        let now_ms = crate::protocol::now_millis();
+        let now_ms = now_millis();
         for event in &events {
             self.stats
                 .event_delivered(key.exchange, (now_ms - event.time_ms()) as f64 / 1000.0);
         }
         self.stats.fanned_out(started.elapsed().as_secs_f64());
+        match key.feed {
+            Feed::Trades => {
+                for event in &events {
+                    if let MarketEvent::Trade(t) = event {
+                        if st.recent_trades.len() == RECENT_TRADES {
+                            st.recent_trades.pop_front();
+                        }
+                        st.recent_trades.push_back(t.clone());
+                    }
+                }
+            }
+            Feed::Klines(_) => {
+                for event in &events {
+                    if let MarketEvent::Kline(k) = event {
+                        if k.is_final {
+                            if st.recent_finals.len() == RECENT_FINALS {
+                                st.recent_finals.pop_front();
+                            }
+                            st.recent_finals.push_back(k.clone());
+                        }
+                    }
+                }
+            }
+            Feed::Ticker | Feed::Book => {}
+        }
         if let Some(last) = events.into_iter().rev().find(MarketEvent::is_current_value) {
             st.last = Some(last);
         }
@@ -497,23 +885,106 @@ impl Hub {
         self.stats.conflated(conflated);
     }
 
+    /// Channels nobody has held for `close_delay` go: coming back starts a new epoch.
+    fn drop_idle_channels(&self, st: &mut TopicState, now: Instant) {
+        let delay = self.close_delay;
+        st.channels
+            .retain(|f| f.idle_since.is_none_or(|t| now.duration_since(t) < delay));
+    }
+
+    /// Sends a throttle group's pending frame when its interval ends.
+    fn schedule_flush(&self, topic: &TopicKey, channel: &Channel, every: Duration, at: Instant) {
+        let Some(hub) = self.me.upgrade() else {
+            return;
+        };
+        let (topic, channel) = (topic.clone(), channel.clone());
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => hub.flush(&topic, &channel, every),
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+
+    fn flush(&self, topic: &TopicKey, channel: &Channel, every: Duration) {
+        let Some(topic) = self.topic(topic) else {
+            return;
+        };
+        let mut st = topic.lock();
+        let Some(idx) = st.channel_index(channel) else {
+            return;
+        };
+        let feed = &mut st.channels[idx];
+        let Some(group) = feed.throttled.iter_mut().find(|g| g.every == every) else {
+            return;
+        };
+        group.armed = false;
+        let Some(pending) = group.pending.take() else {
+            return;
+        };
+        group.next_due = Instant::now() + every;
+        let frame = [(pending.wire, Delivery::Conflate)];
+        let mut queued = 0;
+        for client in &group.members {
+            let tally = client.outbox.push_data(&feed.name, &frame);
+            queued += tally.queued;
+            self.stats.conflated(tally.conflated);
+        }
+        self.stats
+            .messages_out_of(feed.channel.message_type(), queued);
+    }
+
     /// Delivers a published message to the subscribers of `channel`; returns how many got it.
     pub fn publish(&self, channel: &Channel, data: &Value) -> usize {
         let Some(topic) = self.topic(&TopicKey::Published(channel.clone())) else {
             return 0;
         };
-        let st = topic.lock();
+        let mut st = topic.lock();
+        let now = Instant::now();
+        self.drop_idle_channels(&mut st, now);
         let mut delivered = 0;
-        for feed in &st.channels {
-            let frame = msg::published(&feed.channel, &feed.name, data);
-            let frames = [(Wire::text(frame.as_str()), Delivery::Reliable)];
-            for client in &feed.subscribers {
+        for feed in &mut st.channels {
+            feed.seq += 1;
+            let frame = msg::published(&feed.channel, &feed.name, data, feed.seq);
+            let wire = Wire::text(frame.as_str());
+            feed.window.push(feed.seq, &wire, now);
+            let frames = [(wire, Delivery::Reliable)];
+            for client in feed.receivers() {
                 let tally = client.outbox.push_data(&feed.name, &frames);
                 delivered += tally.queued as usize;
                 self.count_tally(client, &feed.channel, &feed.name, tally);
             }
         }
         delivered
+    }
+
+    /// Tells every channel of a feed that data is missing between `from_ms` and `to_ms`: a
+    /// message of the channel, numbered and kept like the data it stands for.
+    fn announce_gap(&self, key: &FeedKey, reason: GapReason, from_ms: i64, to_ms: i64) {
+        let Some(topic) = self.topic(&TopicKey::Feed(key.clone())) else {
+            return;
+        };
+        let mut st = topic.lock();
+        let now = Instant::now();
+        for feed in &mut st.channels {
+            feed.seq += 1;
+            self.stats.gap(reason);
+            let frame = msg::gap(
+                &feed.name,
+                reason,
+                Some(from_ms),
+                Some(to_ms),
+                feed.position(),
+            );
+            let wire = Wire::text(frame.as_str());
+            feed.window.push(feed.seq, &wire, now);
+            let frames = [(wire, Delivery::Reliable)];
+            for client in feed.receivers() {
+                let tally = client.outbox.push_data(&feed.name, &frames);
+                self.count_tally(client, &feed.channel, &feed.name, tally);
+            }
+        }
     }
 
     /// Called when an exchange's instrument list is (re)loaded: pending topics of that exchange
@@ -571,10 +1042,14 @@ impl Hub {
     /// Tells every subscriber of a topic why it is dropped, and drops them.
     fn drop_subscribers(&self, st: &mut TopicState, code: ErrorCode, message: &str) {
         for ch in std::mem::take(&mut st.channels) {
-            self.stats.channel_closed();
+            let mut members: Vec<Arc<Client>> = ch.receivers().cloned().collect();
+            members.extend(ch.awaiting.iter().map(|a| a.client.clone()));
+            if !members.is_empty() {
+                self.stats.channel_closed();
+            }
             self.stats
-                .subscribed(ch.channel.kind(), -(ch.subscribers.len() as i64));
-            for client in ch.subscribers {
+                .subscribed(ch.channel.kind(), -(members.len() as i64));
+            for client in members {
                 client.subs().retain(|h| h.channel != ch.channel);
                 self.stats.client_error(code);
                 self.send(&client, msg::error(Some(&ch.name), code, message, &None));
@@ -594,9 +1069,9 @@ impl Hub {
         let mut snap = HubSnapshot::default();
         for (key, topic) in topics {
             let st = topic.lock();
-            for feed in &st.channels {
+            for feed in st.channels.iter().filter(|f| f.members() > 0) {
                 snap.active_channels.push(feed.name.to_string());
-                snap.total_subscriptions += feed.subscribers.len();
+                snap.total_subscriptions += feed.members();
                 if matches!(feed.channel, Channel::Signals(_)) {
                     snap.signal_channels += 1;
                 }
@@ -632,6 +1107,101 @@ impl FeedSink for Hub {
     fn instruments_loaded(&self, exchange: ExchangeId) {
         self.resolve_pending(exchange);
     }
+
+    fn gap(&self, key: &FeedKey, reason: GapReason, from_ms: i64, to_ms: i64) {
+        self.announce_gap(key, reason, from_ms, to_ms);
+    }
+}
+
+/// Whether a channel's messages are kept for `since` one by one (trades, final klines,
+/// published messages); the other kinds resume to their current value.
+fn keeps_messages(channel: &Channel) -> bool {
+    !matches!(
+        channel,
+        Channel::Price(_) | Channel::Ticker(_) | Channel::Depth(..)
+    )
+}
+
+/// The topic's current value as it was sent on this channel (its seq), for a new subscriber.
+fn current_frame(
+    key: &FeedKey,
+    feed: &ChannelFeed,
+    last: Option<&MarketEvent>,
+) -> Option<(Wire, Delivery)> {
+    let last = last?;
+    if feed.current_seq == 0 {
+        return None;
+    }
+    let (frame, delivery) = render(
+        key,
+        &feed.channel,
+        &feed.name,
+        last,
+        feed.current_seq,
+        &now_iso(),
+    )?;
+    Some((Wire::text(frame.as_str()), delivery))
+}
+
+/// A trade's place in its exchange's tape: every exchange here numbers trades per market.
+pub fn trade_order(t: &Trade) -> u64 {
+    match &t.trade_id {
+        crate::events::TradeId::Number(n) => *n,
+        crate::events::TradeId::Text(s) => s.parse().unwrap_or(0),
+    }
+}
+
+/// The exchange's history joined to what the topic saw live: each trade once (by id), each
+/// candle once (the relay's own copy where it has one), nothing newer than the live stream
+/// has sent (that arrives live), the newest `limit`, oldest first.
+fn merge_history(
+    st: &TopicState,
+    channel: &Channel,
+    rows: Vec<MarketEvent>,
+    limit: usize,
+) -> Vec<MarketEvent> {
+    let mut out: Vec<MarketEvent> = match channel {
+        Channel::Trades(_) => {
+            let newest_live = st.recent_trades.back().map(trade_order);
+            let mut seen = HashSet::new();
+            let mut trades: Vec<Trade> = rows
+                .into_iter()
+                .filter_map(|e| match e {
+                    MarketEvent::Trade(t) => Some(t),
+                    _ => None,
+                })
+                .filter(|t| newest_live.is_none_or(|n| trade_order(t) <= n))
+                .chain(st.recent_trades.iter().cloned())
+                .filter(|t| seen.insert(t.trade_id.clone()))
+                .collect();
+            trades.sort_by_key(trade_order);
+            trades.into_iter().map(MarketEvent::Trade).collect()
+        }
+        Channel::Klines(_, interval) => {
+            let mut candles: BTreeMap<i64, Kline> = rows
+                .into_iter()
+                .filter_map(|e| match e {
+                    MarketEvent::Kline(k) if k.interval == *interval => Some(k),
+                    _ => None,
+                })
+                .map(|k| (k.open_time, k))
+                .collect();
+            let live_last = match &st.last {
+                Some(MarketEvent::Kline(k)) if k.interval == *interval => Some(k.clone()),
+                _ => None,
+            };
+            for k in st.recent_finals.iter().cloned().chain(live_last.clone()) {
+                candles.insert(k.open_time, k);
+            }
+            if let Some(live) = &live_last {
+                candles.retain(|open, _| *open <= live.open_time);
+            }
+            candles.into_values().map(MarketEvent::Kline).collect()
+        }
+        _ => rows,
+    };
+    let skip = out.len().saturating_sub(limit);
+    out.split_off(skip)
 }
 
 #[derive(Debug, Default)]

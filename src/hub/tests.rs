@@ -72,6 +72,7 @@ fn held(hub: &Hub, name: &str) -> Held {
         name: Arc::from(name),
         topic: hub.topic_for(&channel),
         channel,
+        throttle: None,
     }
 }
 
@@ -124,7 +125,12 @@ async fn a_subscribe_storm_costs_nothing_upstream_and_leaves_nothing_behind() {
     let client = hub.register_client(None);
     for _ in 0..100 {
         assert_eq!(
-            hub.attach(&client, held(&hub, "trades:BTCUSDT"), &None),
+            hub.attach(
+                &client,
+                held(&hub, "trades:BTCUSDT"),
+                Join::default(),
+                &None
+            ),
             Attached::Live
         );
         assert!(hub.detach(&client, &held(&hub, "trades:BTCUSDT")));
@@ -146,14 +152,14 @@ async fn a_subscribe_storm_costs_nothing_upstream_and_leaves_nothing_behind() {
 async fn a_topic_lingers_for_close_delay_and_a_return_within_it_keeps_the_stream() {
     let (hub, source) = hub();
     let a = hub.register_client(None);
-    hub.attach(&a, held(&hub, "price:BTCUSDT"), &None);
+    hub.attach(&a, held(&hub, "price:BTCUSDT"), Join::default(), &None);
     hub.detach(&a, &held(&hub, "price:BTCUSDT"));
     settle().await; // the release task starts its delay now
     tokio::time::advance(CLOSE_DELAY / 2).await;
     settle().await;
     // Back before the delay ran out (through another channel of the same feed).
     let b = hub.register_client(None);
-    hub.attach(&b, held(&hub, "ticker:BTCUSDT"), &None);
+    hub.attach(&b, held(&hub, "ticker:BTCUSDT"), Join::default(), &None);
     tokio::time::advance(CLOSE_DELAY * 2).await;
     settle().await;
     assert_eq!(
@@ -180,11 +186,13 @@ async fn a_duplicate_subscribe_is_acknowledged_and_counts_once() {
     hub.attach(
         &c,
         held(&hub, "trades:BTCUSDT"),
+        Join::default(),
         &Some(serde_json::json!(1)),
     );
     hub.attach(
         &c,
         held(&hub, "trades:BTCUSDT"),
+        Join::default(),
         &Some(serde_json::json!(2)),
     );
     let acks: Vec<Value> = messages(&c).into_iter().map(|m| m["id"].clone()).collect();
@@ -205,11 +213,11 @@ async fn pending_subscriptions_go_live_or_are_refused_when_instruments_load() {
     source.answer(Check::Pending);
     let c = hub.register_client(None);
     assert_eq!(
-        hub.attach(&c, held(&hub, "trades:BTCUSDT"), &None),
+        hub.attach(&c, held(&hub, "trades:BTCUSDT"), Join::default(), &None),
         Attached::Unavailable
     );
     assert_eq!(
-        hub.attach(&c, held(&hub, "trades:NOPEUSDT"), &None),
+        hub.attach(&c, held(&hub, "trades:NOPEUSDT"), Join::default(), &None),
         Attached::Unavailable
     );
     assert!(
@@ -265,8 +273,8 @@ async fn events_reach_every_subscriber_in_order_and_unwanted_feeds_go_nowhere() 
     let (hub, _source) = hub();
     let a = hub.register_client(None);
     let b = hub.register_client(None);
-    hub.attach(&a, held(&hub, "trades:BTCUSDT"), &None);
-    hub.attach(&b, held(&hub, "trades:BTCUSDT"), &None);
+    hub.attach(&a, held(&hub, "trades:BTCUSDT"), Join::default(), &None);
+    hub.attach(&b, held(&hub, "trades:BTCUSDT"), Join::default(), &None);
     messages(&a);
     messages(&b);
     hub.events(
