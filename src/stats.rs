@@ -486,6 +486,9 @@ pub struct UpstreamStats {
     pub rest: Arc<RestCounters>,
     /// From losing a connection (or a failed attempt) to the next one open.
     reconnect: Histogram,
+    /// Trades fetched back from REST after outages, and backfills that could not fill all.
+    backfilled_trades: AtomicU64,
+    backfills_incomplete: AtomicU64,
 }
 
 /// Status classes of REST answers: the rate-limit codes on their own (they matter to
@@ -530,6 +533,8 @@ pub struct UpstreamCounters {
     pub resyncs: u64,
     pub last_message_at: Option<i64>,
     pub messages: u64,
+    pub backfilled_trades: u64,
+    pub backfills_incomplete: u64,
 }
 
 impl UpstreamStats {
@@ -548,6 +553,8 @@ impl UpstreamStats {
             messages: AtomicU64::new(0),
             rest: Arc::new(RestCounters::default()),
             reconnect: Histogram::default(),
+            backfilled_trades: AtomicU64::new(0),
+            backfills_incomplete: AtomicU64::new(0),
         }
     }
 
@@ -564,7 +571,18 @@ impl UpstreamStats {
             resyncs: get(&self.resyncs),
             last_message_at: self.last_message_at.get(),
             messages: get(&self.messages),
+            backfilled_trades: get(&self.backfilled_trades),
+            backfills_incomplete: get(&self.backfills_incomplete),
         }
+    }
+
+    /// A backfill after an outage fetched `trades`, all that were missed or not.
+    pub fn backfilled(&self, trades: u64, complete: bool) {
+        add(&self.backfilled_trades, trades);
+        if !complete {
+            add(&self.backfills_incomplete, 1);
+        }
+        tracing::info!(exchange = %self.exchange, trades, complete, "trades backfilled after an outage");
     }
 
     /// A connection is being opened again after it was lost or renewed.

@@ -368,6 +368,14 @@ impl CoinbaseProtocol {
 }
 
 impl Protocol for CoinbaseProtocol {
+    fn backfilled(&mut self, stream: &str, trades: &[Trade], _now_ms: i64, out: &mut Vec<Effect>) {
+        if let Some(product) = stream.strip_prefix("market_trades:") {
+            for t in trades {
+                self.derived.on_trade(product, t, out);
+            }
+        }
+    }
+
     fn on_connect(&mut self, _now_ms: i64, out: &mut Vec<Effect>) {
         out.push(Effect::Send(
             json!({"type": "subscribe", "channel": "heartbeats"}).to_string(),

@@ -20,10 +20,12 @@ use tokio_tungstenite::tungstenite::protocol::{
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use super::rest::{self, Seen};
 use super::{Conn, Effect, Exchange, Protocol, ProtocolContext, TICK};
-use crate::events::{FeedKey, MarketEvent};
-use crate::hub::FeedSink;
-use crate::protocol::now_millis;
+use crate::domain::ExchangeId;
+use crate::events::{Feed, FeedKey, MarketEvent, Trade};
+use crate::hub::{trade_order, FeedSink};
+use crate::protocol::{now_millis, GapReason};
 use crate::stats::Stats;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,6 +38,38 @@ const BURST: usize = 64;
 const HEALTHY_AFTER: Duration = Duration::from_secs(5);
 /// Largest upstream frame accepted (full order-book snapshots can be large).
 const MAX_UPSTREAM_MESSAGE: usize = 16 << 20;
+/// How long live trades wait for a backfill before it is given up (PROTOCOL.md: at most 30 s).
+const BACKFILL_WAIT: Duration = Duration::from_secs(30);
+/// A trades stream with no live trade this long after a reconnect is backfilled up to now.
+const QUIET_AFTER: Duration = Duration::from_secs(3);
+
+/// The newest trade dispatched per trades feed, kept across a connection's sockets.
+#[derive(Default)]
+pub struct Tape {
+    last: std::collections::HashMap<FeedKey, Seen>,
+}
+
+/// A trades stream catching up after an outage.
+struct Recovery {
+    key: FeedKey,
+    /// The last trade dispatched before the outage.
+    after: Seen,
+    /// The first live trade after it, once one came.
+    first_live: Option<Seen>,
+    /// Live trades waiting for the backfill.
+    buffer: Vec<Trade>,
+    started: Instant,
+}
+
+/// Whether an exchange numbers each market's trades 1, 2, 3, ... (EXCHANGES.md §9): then a
+/// live trade right after the last one dispatched proves nothing was missed.
+fn ids_are_consecutive(exchange: ExchangeId) -> bool {
+    match exchange {
+        ExchangeId::Binance | ExchangeId::Coinbase => true,
+        // Per pair, but not stated to be without holes: always ask.
+        ExchangeId::Kraken => false,
+    }
+}
 
 /// Jittered exponential backoff ("equal jitter": half fixed, half random), so that many
 /// connections dropped at once do not come back in lockstep.
@@ -140,10 +174,14 @@ impl Link {
 
 /// Runs one upstream connection until nothing is wanted on it or the relay shuts down:
 /// connect, serve the socket, and after it ends reconnect with backoff.
-pub async fn run(ex: &Exchange, conn: &Conn, link: Link) {
+pub async fn run(ex: &Arc<Exchange>, conn: &Conn, link: Link) {
     let exchange = ex.adapter.id();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut first = true;
+    // The newest trade dispatched per trades feed, across this connection's sockets, and when
+    // the last socket was lost: where the next socket's backfill starts.
+    let mut tape = Tape::default();
+    let mut lost_at: Option<i64> = None;
     loop {
         let Some(wanted) = conn.wanted_or_close() else {
             tracing::info!(%exchange, conn = conn.id, "no streams wanted; connection closed");
@@ -178,8 +216,9 @@ pub async fn run(ex: &Exchange, conn: &Conn, link: Link) {
         let initial: BTreeMap<String, FeedKey> = wanted.into_iter().take(in_url).collect();
         let started = Instant::now();
         conn.connected.store(true, Ordering::Relaxed);
-        let outcome = serve(ex, conn, &link, *ws, initial).await;
+        let outcome = serve(ex, conn, &link, *ws, initial, &mut tape, lost_at.take()).await;
         conn.connected.store(false, Ordering::Relaxed);
+        lost_at = Some(now_millis());
         conn.active().clear();
         invalidate_books(conn, &link);
         if started.elapsed() >= HEALTHY_AFTER {
@@ -317,7 +356,7 @@ type Flow = ControlFlow<Outcome>;
 
 /// The state of one open socket.
 struct Live<'a> {
-    ex: &'a Exchange,
+    ex: &'a Arc<Exchange>,
     conn: &'a Conn,
     link: &'a Link,
     /// The exchange's protocol state for this socket.
@@ -331,6 +370,17 @@ struct Live<'a> {
     fetches: tokio::sync::mpsc::Sender<(u64, Result<String, String>)>,
     /// Events decoded and not yet dispatched: a burst of frames read at once goes out together.
     events: Vec<(FeedKey, MarketEvent)>,
+    /// The connection's record of the trades it dispatched (see [`Tape`]).
+    tape: &'a mut Tape,
+    /// When the previous socket was lost: trades streams resume through a backfill.
+    outage: Option<i64>,
+    opened: Instant,
+    /// Trades streams being backfilled, and those done (or never needing it) on this socket.
+    recovering: std::collections::HashMap<String, Recovery>,
+    resolved: std::collections::HashSet<String>,
+    backfills: tokio::sync::mpsc::Sender<(String, Result<rest::Filled, String>)>,
+    /// Books being rebuilt, since when: the fresh snapshot ends a `book_resync` gap.
+    resyncing: std::collections::HashMap<String, i64>,
     /// Forming candles per stream, held for the next [`TICK`] and sent then, the newest only,
     /// whatever the source (Kraken sends its native candle on every trade, ~14 a second on a
     /// busy pair; a chart needs the candle, not every step of it). Final candles go out at once.
@@ -373,6 +423,9 @@ impl Live<'_> {
             Effect::Send(frame) => self.outgoing.push_back(frame),
             Effect::Resyncing { stream, why } => {
                 self.ex.stats.book_resync(conn, &stream, &why);
+                self.resyncing
+                    .entry(stream.clone())
+                    .or_insert_with(now_millis);
                 if let (Some(key), Some(sink)) =
                     (self.requested.get(&stream), self.link.sink.upgrade())
                 {
@@ -414,6 +467,18 @@ impl Live<'_> {
 
     /// Queues an event for dispatch, holding forming candles for the tick (see `forming`).
     fn on_event(&mut self, stream: String, key: FeedKey, event: MarketEvent) {
+        if let MarketEvent::Trade(t) = &event {
+            return self.on_trade(stream, key, t.clone());
+        }
+        if let (MarketEvent::Book(b), Some(from)) = (&event, self.resyncing.get(&stream).copied()) {
+            // The first book after a resync is the fresh snapshot: what was missed is said,
+            // in order, before it.
+            self.resyncing.remove(&stream);
+            self.flush_events();
+            if let Some(sink) = self.link.sink.upgrade() {
+                sink.gap(&key, GapReason::BookResync, from, b.time_ms.max(from));
+            }
+        }
         match &event {
             MarketEvent::Kline(k) if !k.is_final => {
                 self.forming.insert(stream, (key, event));
@@ -428,6 +493,212 @@ impl Live<'_> {
             }
             _ => self.events.push((key, event)),
         }
+    }
+
+    /// A live trade. Once per id, in exchange order: after an outage a trades stream's live
+    /// trades wait (at most [`BACKFILL_WAIT`]) while the trades made meanwhile are fetched
+    /// from the exchange's REST API; what cannot be had becomes an `upstream_outage` gap.
+    fn on_trade(&mut self, stream: String, key: FeedKey, t: Trade) {
+        let seen = Seen {
+            id: trade_order(&t),
+            time_ms: t.time_ms,
+        };
+        if let Some(r) = self.recovering.get_mut(&stream) {
+            if seen.id > r.after.id {
+                r.buffer.push(t);
+                if r.first_live.is_none() {
+                    r.first_live = Some(seen);
+                    self.start_backfill(&stream);
+                }
+            }
+            return;
+        }
+        let last = self.tape.last.get(&key).copied();
+        if last.is_some_and(|l| seen.id <= l.id) {
+            return; // already dispatched (a resubscribe's snapshot, a resend)
+        }
+        if let (Some(_), Some(after), false) = (self.outage, last, self.resolved.contains(&stream))
+        {
+            if seen.id > after.id + 1 || !ids_are_consecutive(key.exchange) {
+                self.recovering.insert(
+                    stream.clone(),
+                    Recovery {
+                        key,
+                        after,
+                        first_live: Some(seen),
+                        buffer: vec![t],
+                        started: Instant::now(),
+                    },
+                );
+                self.start_backfill(&stream);
+                return;
+            }
+            self.resolved.insert(stream.clone());
+        }
+        self.tape.last.insert(key.clone(), seen);
+        self.events.push((key, MarketEvent::Trade(t)));
+    }
+
+    /// Fetches the trades between a recovering stream's last dispatched trade and its first
+    /// live one (or now, on a quiet market).
+    fn start_backfill(&mut self, stream: &str) {
+        let Some(r) = self.recovering.get(stream) else {
+            return;
+        };
+        let Some(inst) = self
+            .ex
+            .instruments()
+            .and_then(|set| set.by_symbol.get(&r.key.symbol).cloned())
+        else {
+            return;
+        };
+        let (ex, after, before) = (self.ex.clone(), r.after, r.first_live);
+        let (reply, stream) = (self.backfills.clone(), stream.to_string());
+        tokio::spawn(async move {
+            let filled = rest::trades_between(&ex, &inst, after, before).await;
+            let _ = reply.send((stream, filled)).await;
+        });
+    }
+
+    /// A backfill's answer: the trades it found, in order, then what could not be had as a
+    /// gap, then the live trades that waited.
+    fn on_backfill(&mut self, stream: String, filled: Result<rest::Filled, String>) -> Flow {
+        let Some(r) = self.recovering.remove(&stream) else {
+            return ControlFlow::Continue(());
+        };
+        self.resolved.insert(stream.clone());
+        self.flush_events();
+        let before = r.first_live.map(|f| f.id);
+        let (found, complete) = match filled {
+            Ok(f) => (f.trades, f.complete),
+            Err(e) => {
+                tracing::warn!(exchange = %self.ex.adapter.id(), %stream, error = %e, "trade backfill failed");
+                (Vec::new(), false)
+            }
+        };
+        let mut trades: Vec<Trade> = found
+            .into_iter()
+            .filter(|t| trade_order(t) > r.after.id && before.is_none_or(|b| trade_order(t) < b))
+            .collect();
+        self.ex.stats.backfilled(trades.len() as u64, complete);
+        let mut frames = Vec::new();
+        self.proto
+            .backfilled(&stream, &trades, now_millis(), &mut frames);
+        let mut live = r.buffer;
+        live.sort_by_key(trade_order);
+        trades.extend(live);
+        let mut newest = r.after;
+        let mut out = Vec::with_capacity(trades.len());
+        for t in trades {
+            let id = trade_order(&t);
+            if id > newest.id {
+                newest = Seen {
+                    id,
+                    time_ms: t.time_ms,
+                };
+                out.push(t);
+            }
+        }
+        if !complete {
+            // The gap goes where the tape breaks: at the first hole in the ids where they are
+            // consecutive, else just before the live trades.
+            let live_at = out
+                .iter()
+                .position(|t| before.is_some_and(|b| trade_order(t) >= b))
+                .unwrap_or(out.len());
+            let split = if ids_are_consecutive(r.key.exchange) {
+                let mut prev = r.after.id;
+                out.iter()
+                    .position(|t| {
+                        let id = trade_order(t);
+                        let hole = id != prev + 1;
+                        prev = id;
+                        hole
+                    })
+                    .unwrap_or(live_at)
+            } else {
+                live_at
+            };
+            // From the disconnect, or the trade before the hole if later, to the first trade
+            // after it: the first and last moment trades may be missing.
+            let prev = match split {
+                0 => r.after.time_ms,
+                i => out[i - 1].time_ms,
+            };
+            let from = self.outage.map_or(prev, |lost| lost.max(prev));
+            let to = out
+                .get(split)
+                .map(|t| t.time_ms)
+                .or(r.first_live.map(|f| f.time_ms))
+                .unwrap_or_else(now_millis);
+            let live_part = out.split_off(split);
+            self.events.extend(
+                out.into_iter()
+                    .map(|t| (r.key.clone(), MarketEvent::Trade(t))),
+            );
+            self.flush_events();
+            if let Some(sink) = self.link.sink.upgrade() {
+                sink.gap(&r.key, GapReason::UpstreamOutage, from, to.max(from));
+            }
+            out = live_part;
+        }
+        self.tape.last.insert(r.key.clone(), newest);
+        self.events.extend(
+            out.into_iter()
+                .map(|t| (r.key.clone(), MarketEvent::Trade(t))),
+        );
+        self.out.extend(frames);
+        self.handle_out()
+    }
+
+    /// Trades streams that had no live trade since the socket opened are backfilled up to
+    /// now; a backfill that takes too long is given up (the live trades waited enough).
+    fn check_backfills(&mut self) -> Flow {
+        if self.outage.is_none() {
+            return ControlFlow::Continue(());
+        }
+        if self.opened.elapsed() >= QUIET_AFTER {
+            let quiet: Vec<(String, FeedKey)> = self
+                .requested
+                .iter()
+                .filter(|(s, k)| {
+                    k.feed == Feed::Trades
+                        && !self.resolved.contains(*s)
+                        && !self.recovering.contains_key(*s)
+                })
+                .map(|(s, k)| (s.clone(), k.clone()))
+                .collect();
+            for (stream, key) in quiet {
+                match self.tape.last.get(&key).copied() {
+                    Some(after) => {
+                        self.recovering.insert(
+                            stream.clone(),
+                            Recovery {
+                                key,
+                                after,
+                                first_live: None,
+                                buffer: Vec::new(),
+                                started: Instant::now(),
+                            },
+                        );
+                        self.start_backfill(&stream);
+                    }
+                    None => {
+                        self.resolved.insert(stream);
+                    }
+                }
+            }
+        }
+        let late: Vec<String> = self
+            .recovering
+            .iter()
+            .filter(|(_, r)| r.started.elapsed() >= BACKFILL_WAIT)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for stream in late {
+            self.on_backfill(stream, Err("no answer in time".into()))?;
+        }
+        ControlFlow::Continue(())
     }
 
     /// Hands the events decoded so far to the hub, each feed's in one burst (in order within
@@ -533,6 +804,7 @@ impl Live<'_> {
     fn on_tick(&mut self) -> Flow {
         self.proto.on_tick(now_millis(), &mut self.out);
         self.handle_out()?;
+        self.check_backfills()?;
         // After the protocol's own tick, so that candles it built this tick go now.
         self.release_forming();
         ControlFlow::Continue(())
@@ -571,11 +843,13 @@ impl Live<'_> {
 /// Serves one open socket: keeps its subscriptions equal to what the pool wants, decodes
 /// frames, runs the protocol's clock, watches for silence, and renews it when it gets old.
 async fn serve(
-    ex: &Exchange,
+    ex: &Arc<Exchange>,
     conn: &Conn,
     link: &Link,
     ws: Ws,
     initial: BTreeMap<String, FeedKey>,
+    tape: &mut Tape,
+    outage: Option<i64>,
 ) -> Outcome {
     let mut limits = ex.adapter.limits().clone();
     if let Some(ms) = ex.config.stale_timeout_ms {
@@ -587,6 +861,7 @@ async fn serve(
     };
     let (mut sink, mut stream) = ws.split();
     let (fetch_tx, mut fetch_rx) = tokio::sync::mpsc::channel(256);
+    let (backfill_tx, mut backfill_rx) = tokio::sync::mpsc::channel(64);
     let mut live = Live {
         ex,
         conn,
@@ -598,6 +873,13 @@ async fn serve(
         fetches: fetch_tx,
         events: Vec::new(),
         forming: std::collections::HashMap::new(),
+        tape,
+        outage,
+        opened: Instant::now(),
+        recovering: std::collections::HashMap::new(),
+        resolved: std::collections::HashSet::new(),
+        backfills: backfill_tx,
+        resyncing: std::collections::HashMap::new(),
     };
     if let ControlFlow::Break(o) = live.start(initial) {
         return o;
@@ -628,6 +910,7 @@ async fn serve(
                 live.on_frames(frame, &mut stream)
             }
             Some((tag, body)) = fetch_rx.recv() => live.on_fetched(tag, body),
+            Some((stream, filled)) = backfill_rx.recv() => live.on_backfill(stream, filled),
             _ = conn.notify.notified() => {
                 dirty = true;
                 ControlFlow::Continue(())

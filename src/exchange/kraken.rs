@@ -569,6 +569,14 @@ fn parts(stream: &str) -> Option<(&str, Option<&str>, &str)> {
 }
 
 impl Protocol for KrakenProtocol {
+    fn backfilled(&mut self, stream: &str, trades: &[Trade], _now_ms: i64, out: &mut Vec<Effect>) {
+        if let Some(symbol) = stream.strip_prefix("trade:") {
+            for t in trades {
+                self.derived.on_trade(symbol, t, out);
+            }
+        }
+    }
+
     fn subscribe(&mut self, streams: &[String], now_ms: i64, out: &mut Vec<Effect>) {
         let mut upstream = Groups::new();
         for stream in streams {

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ExchangeConfig};
 use crate::decimal::Dec;
 use crate::domain::{ExchangeId, Symbol};
-use crate::events::{Feed, FeedKey, MarketEvent};
+use crate::events::{Feed, FeedKey, MarketEvent, Trade};
 use crate::hub::{Check, FeedSink, FeedSource, HistoryFuture, HistoryRequest};
 use crate::protocol::ErrorCode;
 use crate::stats::{Stats, UpstreamStats};
@@ -237,6 +237,16 @@ pub trait Protocol: Send {
         -> Result<(), DecodeError>;
     /// Called about every [`TICK`]: time-driven work (final candles, keep-alive pings).
     fn on_tick(&mut self, _now_ms: i64, _out: &mut Vec<Effect>) {}
+    /// Trades of `stream` fetched after an outage (oldest first, older than the live ones
+    /// already decoded): candles built from this market's trades take them too.
+    fn backfilled(
+        &mut self,
+        _stream: &str,
+        _trades: &[Trade],
+        _now_ms: i64,
+        _out: &mut Vec<Effect>,
+    ) {
+    }
     /// The answer to a [`Effect::Fetch`].
     fn on_fetched(
         &mut self,

@@ -63,6 +63,8 @@ struct Inner {
     requested_ever: Mutex<HashSet<String>>,
     exchange_info: String,
     available: AtomicBool,
+    /// The REST trade endpoints answer 503 (history and backfill refused, the rest served).
+    trades_refused: AtomicBool,
     stalled: AtomicBool,
     /// While set, `exchangeInfo` answers 429 with this `Retry-After` (seconds).
     rest_limited: Mutex<Option<u64>>,
@@ -110,6 +112,7 @@ impl SimBinance {
             requested_ever: Mutex::new(HashSet::new()),
             exchange_info: include_str!("../../fixtures/binance/exchangeInfo.json").to_string(),
             available: AtomicBool::new(true),
+            trades_refused: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             rest_limited: Mutex::new(None),
             exchange_info_requests: AtomicU64::new(0),
@@ -215,6 +218,11 @@ impl SimBinance {
     }
 
     /// While stalled, open connections go silent: no data, no pings.
+    /// While set, the REST trade endpoints refuse (503); WebSocket and the rest are served.
+    pub fn refuse_trades_rest(&self, refuse: bool) {
+        self.inner.trades_refused.store(refuse, Ordering::SeqCst);
+    }
+
     /// Forgets every trade made so far: a backfill can no longer reach them.
     pub fn forget_trades(&self) {
         for m in lock(&self.inner.markets).iter_mut() {
@@ -631,7 +639,7 @@ fn trade_rows(trades: &[super::market::SimTrade]) -> Value {
 
 /// `GET /api/v3/trades`: the newest `limit` (default 500, at most 1000), oldest first.
 async fn recent_trades(State(inner): State<Arc<Inner>>, Query(q): Query<SymbolQuery>) -> Response {
-    if !inner.available.load(Ordering::SeqCst) {
+    if !inner.available.load(Ordering::SeqCst) || inner.trades_refused.load(Ordering::SeqCst) {
         return unavailable();
     }
     let limit = q.limit.unwrap_or(500).clamp(1, 1000);
@@ -646,7 +654,7 @@ async fn historical_trades(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<SymbolQuery>,
 ) -> Response {
-    if !inner.available.load(Ordering::SeqCst) {
+    if !inner.available.load(Ordering::SeqCst) || inner.trades_refused.load(Ordering::SeqCst) {
         return unavailable();
     }
     let limit = q.limit.unwrap_or(500).clamp(1, 1000);

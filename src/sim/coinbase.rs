@@ -77,6 +77,8 @@ struct Inner {
     books: Mutex<HashMap<String, VecDeque<TopBook>>>,
     closed: Mutex<HashMap<(String, Interval), Vec<Candle>>>,
     available: AtomicBool,
+    /// The REST trade endpoints answer 503 (history and backfill refused, the rest served).
+    trades_refused: AtomicBool,
     connections: AtomicUsize,
     connects: AtomicU64,
     rate_limit_closes: AtomicU64,
@@ -150,6 +152,7 @@ impl SimCoinbase {
             books: Mutex::new(HashMap::new()),
             closed: Mutex::new(HashMap::new()),
             available: AtomicBool::new(true),
+            trades_refused: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             connects: AtomicU64::new(0),
             rate_limit_closes: AtomicU64::new(0),
@@ -209,6 +212,11 @@ impl SimCoinbase {
     /// Every connection's next message skips a sequence number, as if one had been lost.
     pub fn skip_sequence(&self) {
         let _ = self.inner.control.send(Control::SkipSequence);
+    }
+
+    /// While set, the REST trade endpoints refuse (503); WebSocket and the rest are served.
+    pub fn refuse_trades_rest(&self, refuse: bool) {
+        self.inner.trades_refused.store(refuse, Ordering::SeqCst);
     }
 
     /// Forgets every trade made so far: a backfill can no longer reach them.
@@ -644,7 +652,7 @@ async fn ticker_handler(
     Path(id): Path<String>,
     Query(q): Query<TickerQuery>,
 ) -> Response {
-    if !inner.available.load(Ordering::SeqCst) {
+    if !inner.available.load(Ordering::SeqCst) || inner.trades_refused.load(Ordering::SeqCst) {
         return unavailable();
     }
     let Some(limit) = q.limit else {

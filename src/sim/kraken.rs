@@ -77,6 +77,8 @@ struct Inner {
     books: Mutex<HashMap<String, VecDeque<TopBook>>>,
     closed: Mutex<HashMap<(String, Interval), Vec<Candle>>>,
     available: AtomicBool,
+    /// The REST trade endpoints answer 503 (history and backfill refused, the rest served).
+    trades_refused: AtomicBool,
     connections: AtomicUsize,
     connects: AtomicU64,
 }
@@ -215,6 +217,7 @@ impl SimKraken {
             books: Mutex::new(HashMap::new()),
             closed: Mutex::new(HashMap::new()),
             available: AtomicBool::new(true),
+            trades_refused: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             connects: AtomicU64::new(0),
             opts,
@@ -259,6 +262,11 @@ impl SimKraken {
 
     pub fn kill_connections(&self) {
         let _ = self.inner.control.send(Control::Kill);
+    }
+
+    /// While set, the REST trade endpoints refuse (503); WebSocket and the rest are served.
+    pub fn refuse_trades_rest(&self, refuse: bool) {
+        self.inner.trades_refused.store(refuse, Ordering::SeqCst);
     }
 
     /// Forgets every trade made so far: a backfill can no longer reach them.
@@ -627,7 +635,7 @@ struct TradesQuery {
 /// `GET /0/public/Trades`: up to `count` (1000) trades from `since` on, oldest first
 /// (without `since`, the most recent), and `last` (ns, a string) to continue from.
 async fn trades_handler(State(inner): State<Arc<Inner>>, Query(q): Query<TradesQuery>) -> Response {
-    if !inner.available.load(Ordering::SeqCst) {
+    if !inner.available.load(Ordering::SeqCst) || inner.trades_refused.load(Ordering::SeqCst) {
         return unavailable();
     }
     let err = |e: &str| Json(json!({"error": [e]})).into_response();
