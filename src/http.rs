@@ -418,6 +418,8 @@ pub struct UpstreamStatsData {
     decode_errors: u64,
     rejected_requests: u64,
     resyncs: u64,
+    backfilled_trades: u64,
+    incomplete_backfills: u64,
     last_message_at: Option<String>,
 }
 
@@ -460,6 +462,8 @@ async fn stats(State(state): State<AppState>) -> Json<StatsBody> {
                     decode_errors: c.decode_errors,
                     rejected_requests: c.rejected_requests,
                     resyncs: c.resyncs,
+                    backfilled_trades: c.backfilled_trades,
+                    incomplete_backfills: c.backfills_incomplete,
                     last_message_at: c.last_message_at.map(iso_millis),
                 };
                 (u.exchange.to_string(), data)

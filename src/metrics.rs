@@ -370,6 +370,18 @@ impl Collector for Sources {
             "Order books rebuilt from a fresh snapshot",
             &by_exchange(&|u| u.counters.resyncs),
         )?;
+        counter(
+            &mut e,
+            "relay_upstream_backfilled_trades",
+            "Trades fetched back from the exchange's REST API after an outage",
+            &by_exchange(&|u| u.counters.backfilled_trades),
+        )?;
+        counter(
+            &mut e,
+            "relay_upstream_incomplete_backfills",
+            "Backfills that could not get every trade missed (each is an upstream_outage gap)",
+            &by_exchange(&|u| u.counters.backfills_incomplete),
+        )?;
         let rest: Vec<(Labels, u64)> = upstreams
             .iter()
             .flat_map(|u| {

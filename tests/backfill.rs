@@ -159,6 +159,30 @@ async fn rest_refusing_during_the_outage_yields_a_gap_with_the_right_bounds() {
     );
     assert_outage_gap("trades:BTCUSDT", &b);
     assert_outage_gap("trades:BTCUSD@kraken", &k);
+    let stats = relay.stats().await;
+    assert!(
+        stats["upstreams"]["binance"]["incompleteBackfills"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    assert!(
+        stats["recovery"]["gaps"]["upstream_outage"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    let metrics = reqwest::get(relay.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("relay_upstream_incomplete_backfills_total{exchange=\"kraken\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("relay_gaps_total{reason=\"upstream_outage\"}"));
 }
 
 #[tokio::test]
