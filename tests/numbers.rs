@@ -168,3 +168,68 @@ async fn every_number_on_every_exchange_is_an_exact_decimal() {
     );
     assert!(checked > 500, "only {checked} numbers checked");
 }
+
+/// Issue #11 item 8: subscribing in the middle of a candle, the first candle already carries
+/// the exchange's own volume and prices (seeded exactly: closed REST candles, then the
+/// current minute's trades by id), and a count only where the exchange states one.
+#[tokio::test]
+async fn the_candle_forming_at_subscribe_time_is_the_exchanges_own() {
+    let mut opts = exchange_relay::sim::SimOptions::fast();
+    opts.time_scale = 30.0; // a 3-minute candle takes 6 s, a 5-minute one 10 s
+    let sims = start_sims(opts).await;
+    let relay = start_relay(config_for_all(&sims)).await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["klines:ETHUSD@coinbase:5m", "klines:BTCUSD@kraken:3m"])
+        .await;
+    let mut first: std::collections::HashMap<&str, Value> = Default::default();
+    while first.len() < 2 {
+        let v = c.recv_until(is_type("kline")).await;
+        if v["data"]["isFinal"] != true {
+            continue;
+        }
+        let ch = if v["channel"] == "klines:ETHUSD@coinbase:5m" {
+            "coinbase"
+        } else {
+            "kraken"
+        };
+        first.entry(ch).or_insert_with(|| v["data"].clone());
+    }
+    let check = |k: &Value, truth: &[exchange_relay::sim::market::Candle], trades_known: bool| {
+        let t = k["time"].as_i64().unwrap();
+        let c = truth
+            .iter()
+            .find(|c| c.open_time == t)
+            .expect("closed by the exchange");
+        for (field, want) in [
+            ("open", c.open),
+            ("high", c.high),
+            ("low", c.low),
+            ("close", c.close),
+            ("volume", c.volume),
+        ] {
+            assert!(
+                close(k[field].as_f64().unwrap(), want),
+                "{field}: {k} vs {c:?}"
+            );
+        }
+        if trades_known || !k["trades"].is_null() {
+            assert_eq!(k["trades"].as_u64(), Some(c.trades), "{k} vs {c:?}");
+        }
+        // else: seeded from Coinbase's REST candles, which state no count (a subscription in
+        // the bucket's first minute is seeded from trades alone, and knows it).
+    };
+    check(
+        &first["coinbase"],
+        &sims
+            .coinbase
+            .closed_candles("ETH-USD", exchange_relay::domain::Interval::M5),
+        false,
+    );
+    check(
+        &first["kraken"],
+        &sims
+            .kraken
+            .closed_candles("BTC/USD", exchange_relay::domain::Interval::M3),
+        true,
+    );
+}

@@ -100,7 +100,6 @@ fn mutated(frames: &'static [&'static str]) -> impl Strategy<Value = String> {
 
 fn sessions() -> Vec<Box<dyn exchange_relay::exchange::Protocol>> {
     let ctx = ProtocolContext {
-        rest_url: "http://localhost".into(),
         instruments: Arc::new(InstrumentSet::default()),
     };
     let mut kraken = kraken::Kraken::new().new_protocol(ctx.clone());

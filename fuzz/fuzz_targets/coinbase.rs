@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
-    let ctx = ProtocolContext { rest_url: "http://localhost".into(), instruments: Arc::new(InstrumentSet::default()) };
+    let ctx = ProtocolContext { instruments: Arc::new(InstrumentSet::default()) };
     let mut session = coinbase::Coinbase::new().new_protocol(ctx);
     let mut out = Vec::new();
     session.subscribe(&["level2:BTC-USD".into(), "market_trades:BTC-USD".into(), "candles:1m:BTC-USD".into(), "ticker:BTC-USD".into()], 0, &mut out);

@@ -9,12 +9,12 @@
 //! The forming candle is sent at most once per session tick (every trade would be dozens of
 //! messages a second on a busy market); final candles are sent at once.
 //!
-//! The candle forming when a subscription starts is seeded from the exchange's REST candles,
-//! so its open/high/low/volume cover the part of the bucket before the subscription. REST
-//! candles carry no trade ids, so trades up to the moment the seed was requested are assumed
-//! to be in it: that first candle can be off by the trades of that instant. Every candle after
-//! it is exact. What a seed does not state (Coinbase's rows have no trade count and no quote
-//! volume) is unknown for that first candle: `None`, sent as `null`, never an estimate.
+//! The candle forming when a subscription starts is seeded exactly ([`Seed`]): the exchange's
+//! closed REST candles from the bucket's start to the start of the current minute, then the
+//! exchange's own trades, with their ids, from there on, so that the live trades join the seed
+//! by id, not by time. What the REST candles do not state (Coinbase's rows have no trade count;
+//! neither exchange's a quote volume) is unknown for that first candle: `None`, sent as
+//! `null`, never an estimate.
 //!
 //! Amounts are exact decimals: volume is the exact sum of the trades' sizes, quote volume the
 //! exact sum of price · size.
@@ -33,6 +33,17 @@ pub const GRACE_MS: i64 = 2_000;
 const RECENT_IDS: usize = 10_000;
 /// Trades held while the REST seed is on its way.
 const MAX_PENDING: usize = 100_000;
+
+/// What the candle forming at a moment is seeded from: closed REST candles covering the
+/// bucket from its start to `trades_from`, then every trade from `trades_from` on.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Seed {
+    pub rows: Vec<SeedCandle>,
+    pub trades: Vec<Trade>,
+    pub trades_from: i64,
+    /// Every trade since `trades_from` is in `trades` (the pages did not run out).
+    pub complete: bool,
+}
 
 /// One REST candle, as a seed.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +85,7 @@ pub struct TradeCandles {
     seen_order: VecDeque<TradeId>,
     /// Trades waiting for the seed; `None` once seeded (or when no seed is wanted).
     pending: Option<Vec<Trade>>,
-    /// Trades of the seeded bucket at or before this time are in the seed already.
+    /// Trades of the seeded bucket before this time are in the seed's candles.
     seeded_until: Option<(i64, i64)>,
     /// Trades changed the forming candle since it was last sent. Forming candles go out at
     /// most once a tick (250 ms): a busy market trades dozens of times a second, and a chart
@@ -104,37 +115,57 @@ impl TradeCandles {
         }
     }
 
-    /// Seeds the forming candle from REST `rows` (any granularity dividing the interval),
-    /// fetched at `asked_at_ms`, then replays the trades that arrived meanwhile.
-    pub fn seed(&mut self, rows: &[SeedCandle], asked_at_ms: i64, out: &mut Vec<Kline>) {
+    /// Seeds the forming candle (the bucket of `asked_at_ms`) from `seed`, then replays the
+    /// trades that arrived meanwhile (those in the seed already are known by id).
+    pub fn seed(&mut self, seed: &Seed, asked_at_ms: i64, out: &mut Vec<Kline>) {
         let (start, end) = bucket(self.interval, asked_at_ms);
-        let mut inside: Vec<&SeedCandle> = rows
+        let from = seed.trades_from.max(start);
+        let mut rows: Vec<&SeedCandle> = seed
+            .rows
             .iter()
-            .filter(|r| r.open_time >= start && r.open_time <= end)
+            .filter(|r| r.open_time >= start && r.open_time < from)
             .collect();
-        inside.sort_by_key(|r| r.open_time);
-        if let (Some(first), Some(last)) = (inside.first(), inside.last()) {
+        rows.sort_by_key(|r| r.open_time);
+        rows.dedup_by_key(|r| r.open_time);
+        let mut trades: Vec<&Trade> = seed
+            .trades
+            .iter()
+            .filter(|t| t.time_ms >= from && t.time_ms <= end)
+            .collect();
+        trades.sort_by_key(|t| (t.time_ms, trade_order(&t.trade_id)));
+        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
             let sum = |f: fn(&SeedCandle) -> Option<Dec>| {
-                inside
-                    .iter()
+                rows.iter()
                     .try_fold(Dec::ZERO, |acc, r| acc.checked_add(f(r)?))
             };
             self.forming = Some(Building {
                 open_time: start,
                 close_time: end,
                 open: first.open,
-                high: inside.iter().map(|r| r.high).max().unwrap_or(first.high),
-                low: inside.iter().map(|r| r.low).min().unwrap_or(first.low),
+                high: rows.iter().map(|r| r.high).max().unwrap_or(first.high),
+                low: rows.iter().map(|r| r.low).min().unwrap_or(first.low),
                 close: last.close,
-                close_key: (asked_at_ms, 0),
+                close_key: (from - 1, 0),
                 volume: sum(|r| Some(r.volume)).unwrap_or(Dec::ZERO),
                 quote_volume: sum(|r| r.quote_volume),
-                trades: inside.iter().map(|r| r.trades).sum(),
-                last_time: asked_at_ms,
+                trades: rows.iter().map(|r| r.trades).sum(),
+                last_time: from - 1,
             });
-            self.seeded_until = Some((start, asked_at_ms));
-            self.emit_forming(out);
         }
+        self.seeded_until = Some((start, from));
+        for t in trades {
+            if self.remember(&t.trade_id) {
+                self.apply(t, start, end);
+            }
+        }
+        if !seed.complete {
+            // Some trades of the bucket could not be had: its count is not known.
+            if let Some(b) = &mut self.forming {
+                b.trades = None;
+            }
+        }
+        self.emit_forming(out);
+        self.changed = false;
         self.replay(out);
     }
 
@@ -168,8 +199,8 @@ impl TradeCandles {
             return; // late for a final candle: never reopened
         }
         if let Some((seeded_start, until)) = self.seeded_until {
-            if start == seeded_start && t.time_ms <= until {
-                return; // counted in the REST seed
+            if start == seeded_start && t.time_ms < until {
+                return; // counted in the seed's candles
             }
         }
         match &self.forming {
@@ -177,6 +208,13 @@ impl TradeCandles {
             Some(f) if start < f.open_time => return,
             _ => {}
         }
+        self.apply(t, start, end);
+        // The forming candle goes out on the next tick, once, however many trades changed it.
+        self.changed = true;
+    }
+
+    /// Adds a trade of the bucket `[start, end]` to the forming candle.
+    fn apply(&mut self, t: &Trade, start: i64, end: i64) {
         let key = (t.time_ms, trade_order(&t.trade_id));
         let b = self.forming.get_or_insert(Building {
             open_time: start,
@@ -203,8 +241,6 @@ impl TradeCandles {
             .and_then(|q| q.checked_add(t.quantity.checked_mul(t.price)?));
         b.trades = b.trades.map(|n| n + 1);
         b.last_time = b.last_time.max(t.time_ms);
-        // The forming candle goes out on the next tick, once, however many trades changed it.
-        self.changed = true;
     }
 
     /// Sends the forming candle if trades changed it since the last tick, and finalises a
@@ -281,27 +317,20 @@ pub struct DerivedCandles {
 }
 
 impl DerivedCandles {
-    /// Starts building `stream` at `interval`; with `seed_url`, the forming candle is seeded
-    /// from that REST answer (parsed by the adapter and handed to [`DerivedCandles::on_seed`]).
-    pub fn add(
-        &mut self,
-        stream: &str,
-        interval: Interval,
-        seed_url: Option<String>,
-        now_ms: i64,
-        out: &mut Vec<Effect>,
-    ) {
-        let builder = match seed_url {
-            Some(url) => {
-                self.next_tag += 1;
-                let tag = self.next_tag;
-                self.seeds.insert(tag, (stream.to_string(), now_ms));
-                out.push(Effect::Fetch { tag, url });
-                TradeCandles::seeded(interval)
-            }
-            None => TradeCandles::unseeded(interval),
-        };
-        self.builders.insert(stream.to_string(), builder);
+    /// Starts building `stream` at `interval`, its forming candle seeded exactly from the
+    /// exchange's REST API ([`Effect::Seed`], answered through [`DerivedCandles::on_seed`]).
+    pub fn add(&mut self, stream: &str, interval: Interval, now_ms: i64, out: &mut Vec<Effect>) {
+        self.next_tag += 1;
+        let tag = self.next_tag;
+        self.seeds.insert(tag, (stream.to_string(), now_ms));
+        out.push(Effect::Seed {
+            tag,
+            stream: stream.to_string(),
+            interval,
+            asked_at_ms: now_ms,
+        });
+        self.builders
+            .insert(stream.to_string(), TradeCandles::seeded(interval));
     }
 
     pub fn remove(&mut self, stream: &str) {
@@ -336,7 +365,7 @@ impl DerivedCandles {
         &mut self,
         exchange: &str,
         tag: u64,
-        rows: Result<Vec<SeedCandle>, String>,
+        seed: Result<Seed, String>,
         out: &mut Vec<Effect>,
     ) {
         let Some((stream, asked_at)) = self.seeds.remove(&tag) else {
@@ -346,8 +375,8 @@ impl DerivedCandles {
             return;
         };
         let mut klines = Vec::new();
-        match rows {
-            Ok(rows) => builder.seed(&rows, asked_at, &mut klines),
+        match seed {
+            Ok(seed) => builder.seed(&seed, asked_at, &mut klines),
             Err(error) => {
                 tracing::warn!(%exchange, %stream, %error, "candle seed failed; building from trades alone");
                 builder.seed_failed(&mut klines);
@@ -486,8 +515,15 @@ mod tests {
                 trades: Some(1),
             },
         ];
-        // Asked at 150 s: trade 7 (130 s) is in the seed, trade 8 (170 s) is not.
-        c.seed(&rows, 150_000, &mut out);
+        // Asked at 150 s: closed minutes 0 and 1 from candles, the current minute from trades
+        // (7 among them, so the live copy of 7 is not counted twice; 8 came after).
+        let seed = Seed {
+            rows: rows[..2].to_vec(),
+            trades: vec![trade(6, 121_000, 47.0, 1.0), trade(7, 130_000, 50.0, 1.0)],
+            trades_from: 120_000,
+            complete: true,
+        };
+        c.seed(&seed, 150_000, &mut out);
         c.on_tick(170_000, &mut out);
         let last = out.last().unwrap();
         assert_eq!(
@@ -496,7 +532,7 @@ mod tests {
         );
         assert_eq!(
             (last.close, last.volume, last.trades),
-            (d("55"), d("7"), Some(7))
+            (d("55"), d("8"), Some(8))
         );
         // The seed rows gave no quote volume: unknown, not estimated.
         assert_eq!(last.quote_volume, None);

@@ -25,13 +25,13 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::book::{BookSide, LocalBook};
-use super::candles::{DerivedCandles, SeedCandle};
+use super::candles::{DerivedCandles, Seed, SeedCandle};
 use super::{
     decimal, rfc3339_ms, step_decimals, Adapter, DecodeError, Effect, Instrument, InstrumentSet,
     Limits, Protocol, ProtocolContext,
 };
 use crate::decimal::Dec;
-use crate::domain::{bucket, ExchangeId, Interval, Symbol};
+use crate::domain::{ExchangeId, Interval, Symbol};
 use crate::events::{Feed, MarketEvent, Side, Ticker, Trade, TradeId};
 
 pub struct Coinbase {
@@ -61,21 +61,6 @@ impl Coinbase {
             },
         }
     }
-}
-
-/// REST granularity whose candles seed a trade-built interval, with its length.
-fn seed_granularity(iv: Interval) -> Option<&'static str> {
-    Some(match iv {
-        Interval::S1 => return None,
-        Interval::M1 | Interval::M3 => "ONE_MINUTE",
-        Interval::M5 => "FIVE_MINUTE",
-        Interval::M15 => "FIFTEEN_MINUTE",
-        Interval::M30 => "THIRTY_MINUTE",
-        Interval::H1 | Interval::H4 | Interval::H8 | Interval::H12 => "ONE_HOUR",
-        Interval::H2 => "TWO_HOUR",
-        Interval::H6 => "SIX_HOUR",
-        Interval::D1 | Interval::D3 | Interval::W1 | Interval::Mo1 => "ONE_DAY",
-    })
 }
 
 /// The product whose data Coinbase sends for `product` (`BTC-USDC` → `BTC-USD`).
@@ -182,7 +167,6 @@ impl Adapter for Coinbase {
 }
 
 struct CoinbaseProtocol {
-    rest_url: String,
     /// Our streams on this connection.
     streams: HashSet<String>,
     /// Product → how many of our streams need its `market_trades`.
@@ -201,9 +185,8 @@ struct CoinbaseProtocol {
 const SEEN_TRADES: usize = 5_000;
 
 impl CoinbaseProtocol {
-    fn new(ctx: ProtocolContext) -> CoinbaseProtocol {
+    fn new(_ctx: ProtocolContext) -> CoinbaseProtocol {
         CoinbaseProtocol {
-            rest_url: ctx.rest_url.trim_end_matches('/').to_string(),
             streams: HashSet::new(),
             trade_users: HashMap::new(),
             books: HashMap::new(),
@@ -402,16 +385,7 @@ impl Protocol for CoinbaseProtocol {
                         else {
                             continue;
                         };
-                        let seed = seed_granularity(iv).map(|granularity| {
-                            let (start, _) = bucket(iv, now_ms);
-                            format!(
-                                "{}/api/v3/brokerage/market/products/{product}/candles?start={}&end={}&granularity={granularity}&limit=350",
-                                self.rest_url,
-                                start / 1000,
-                                now_ms / 1000 + 1
-                            )
-                        });
-                        self.derived.add(stream, iv, seed, now_ms, out);
+                        self.derived.add(stream, iv, now_ms, out);
                     }
                     let users = self.trade_users.entry(product.clone()).or_default();
                     *users += 1;
@@ -554,15 +528,14 @@ impl Protocol for CoinbaseProtocol {
         self.derived.on_tick(now_ms, out);
     }
 
-    fn on_fetched(
+    fn on_seeded(
         &mut self,
         tag: u64,
-        body: Result<String, String>,
+        seed: Result<Seed, String>,
         _now_ms: i64,
         out: &mut Vec<Effect>,
     ) {
-        let rows = body.and_then(|b| parse_rest_candles(&b));
-        self.derived.on_seed("coinbase", tag, rows, out);
+        self.derived.on_seed("coinbase", tag, seed, out);
     }
 }
 
@@ -680,7 +653,6 @@ mod tests {
 
     fn session() -> CoinbaseProtocol {
         CoinbaseProtocol::new(ProtocolContext {
-            rest_url: "http://cb".into(),
             instruments: Arc::new(InstrumentSet::default()),
         })
     }

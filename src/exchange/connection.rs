@@ -379,6 +379,7 @@ struct Live<'a> {
     recovering: std::collections::HashMap<String, Recovery>,
     resolved: std::collections::HashSet<String>,
     backfills: tokio::sync::mpsc::Sender<(String, Result<rest::Filled, String>)>,
+    seeds: tokio::sync::mpsc::Sender<(u64, Result<super::candles::Seed, String>)>,
     /// Books being rebuilt, since when: the fresh snapshot ends a `book_resync` gap.
     resyncing: std::collections::HashMap<String, i64>,
     /// Forming candles per stream, held for the next [`TICK`] and sent then, the newest only,
@@ -431,6 +432,26 @@ impl Live<'_> {
                 {
                     sink.invalidated(key);
                 }
+            }
+            Effect::Seed {
+                tag,
+                stream,
+                interval,
+                asked_at_ms,
+            } => {
+                let inst = self.requested.get(&stream).and_then(|key| {
+                    self.ex
+                        .instruments()
+                        .and_then(|set| set.by_symbol.get(&key.symbol).cloned())
+                });
+                let (ex, reply) = (self.ex.clone(), self.seeds.clone());
+                tokio::spawn(async move {
+                    let seed = match inst {
+                        Some(inst) => rest::seed(&ex, &inst, interval, asked_at_ms).await,
+                        None => Err("the instrument is not in the exchange's list".to_string()),
+                    };
+                    let _ = reply.send((tag, seed)).await;
+                });
             }
             Effect::Fetch { tag, url } => {
                 let http = self.ex.http.clone();
@@ -795,6 +816,11 @@ impl Live<'_> {
         }
     }
 
+    fn on_seeded(&mut self, tag: u64, seed: Result<super::candles::Seed, String>) -> Flow {
+        self.proto.on_seeded(tag, seed, now_millis(), &mut self.out);
+        self.handle_out()
+    }
+
     fn on_fetched(&mut self, tag: u64, body: Result<String, String>) -> Flow {
         self.proto
             .on_fetched(tag, body, now_millis(), &mut self.out);
@@ -856,12 +882,12 @@ async fn serve(
         limits.stale_after = Duration::from_millis(ms);
     }
     let ctx = ProtocolContext {
-        rest_url: ex.config.rest_url.clone(),
         instruments: ex.instruments().unwrap_or_default(),
     };
     let (mut sink, mut stream) = ws.split();
     let (fetch_tx, mut fetch_rx) = tokio::sync::mpsc::channel(256);
     let (backfill_tx, mut backfill_rx) = tokio::sync::mpsc::channel(64);
+    let (seed_tx, mut seed_rx) = tokio::sync::mpsc::channel(64);
     let mut live = Live {
         ex,
         conn,
@@ -879,6 +905,7 @@ async fn serve(
         recovering: std::collections::HashMap::new(),
         resolved: std::collections::HashSet::new(),
         backfills: backfill_tx,
+        seeds: seed_tx,
         resyncing: std::collections::HashMap::new(),
     };
     if let ControlFlow::Break(o) = live.start(initial) {
@@ -911,6 +938,7 @@ async fn serve(
             }
             Some((tag, body)) = fetch_rx.recv() => live.on_fetched(tag, body),
             Some((stream, filled)) = backfill_rx.recv() => live.on_backfill(stream, filled),
+            Some((tag, seed)) = seed_rx.recv() => live.on_seeded(tag, seed),
             _ = conn.notify.notified() => {
                 dirty = true;
                 ControlFlow::Continue(())

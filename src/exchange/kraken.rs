@@ -24,7 +24,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::book::{BookSide, LocalBook};
-use super::candles::{push_klines, DerivedCandles, SeedCandle, GRACE_MS};
+use super::candles::{push_klines, DerivedCandles, Seed, SeedCandle, GRACE_MS};
 use super::{
     decimal, rfc3339_ms, Adapter, DecodeError, Effect, Instrument, InstrumentSet, Limits, Protocol,
     ProtocolContext,
@@ -81,17 +81,6 @@ fn native_minutes(iv: Interval) -> Option<u32> {
         Interval::H1 => 60,
         Interval::H4 => 240,
         Interval::D1 => 1440,
-        _ => return None,
-    })
-}
-
-/// The REST OHLC granularity (minutes) whose candles seed a trade-built interval.
-fn seed_minutes(iv: Interval) -> Option<u32> {
-    Some(match iv {
-        Interval::M3 => 1,
-        Interval::H2 | Interval::H6 => 60,
-        Interval::H8 | Interval::H12 => 240,
-        Interval::D3 | Interval::W1 | Interval::Mo1 => 1440,
         _ => return None,
     })
 }
@@ -266,7 +255,6 @@ impl NativeCandles {
 }
 
 struct KrakenProtocol {
-    rest_url: String,
     /// Native symbol → instrument (precisions, REST name).
     by_native: HashMap<String, Instrument>,
     /// Our streams on this connection.
@@ -290,7 +278,6 @@ impl KrakenProtocol {
             .map(|i| (i.native.clone(), i.clone()))
             .collect();
         KrakenProtocol {
-            rest_url: ctx.rest_url.trim_end_matches('/').to_string(),
             by_native,
             streams: HashSet::new(),
             trade_users: HashMap::new(),
@@ -368,18 +355,6 @@ impl KrakenProtocol {
                 i.qty_precision.unwrap_or(fallback.1),
             )
         })
-    }
-
-    /// Where the REST candles seeding a trade-built `iv` candle of `symbol` come from.
-    fn seed_url(&self, iv: Interval, symbol: &str, now_ms: i64) -> Option<String> {
-        let minutes = seed_minutes(iv)?;
-        let rest_name = self.by_native.get(symbol)?.rest_name.as_ref()?;
-        let (start, _) = bucket(iv, now_ms);
-        Some(format!(
-            "{}/0/public/OHLC?pair={rest_name}&interval={minutes}&since={}",
-            self.rest_url,
-            start / 1000 - 1
-        ))
     }
 
     fn on_book(
@@ -593,8 +568,7 @@ impl Protocol for KrakenProtocol {
                         let Some(iv) = param.and_then(|p| p.parse::<Interval>().ok()) else {
                             continue;
                         };
-                        let seed = self.seed_url(iv, &symbol, now_ms);
-                        self.derived.add(stream, iv, seed, now_ms, out);
+                        self.derived.add(stream, iv, now_ms, out);
                     }
                     let users = self.trade_users.entry(symbol.clone()).or_default();
                     *users += 1;
@@ -712,15 +686,14 @@ impl Protocol for KrakenProtocol {
         }
     }
 
-    fn on_fetched(
+    fn on_seeded(
         &mut self,
         tag: u64,
-        body: Result<String, String>,
+        seed: Result<Seed, String>,
         _now_ms: i64,
         out: &mut Vec<Effect>,
     ) {
-        let rows = body.and_then(|b| parse_rest_ohlc(&b));
-        self.derived.on_seed("kraken", tag, rows, out);
+        self.derived.on_seed("kraken", tag, seed, out);
     }
 }
 
@@ -906,7 +879,6 @@ mod tests {
 
     fn session(instruments: InstrumentSet) -> KrakenProtocol {
         KrakenProtocol::new(ProtocolContext {
-            rest_url: "http://kraken".into(),
             instruments: Arc::new(instruments),
         })
     }
@@ -1043,6 +1015,24 @@ mod tests {
             &mut out,
         );
         s.subscribe(&["ohlc:5:MATIC/USD".into()], 0, &mut out);
+        // The trade-built candle asks for its seed; the exchange has nothing in this bucket.
+        let tag = out
+            .iter()
+            .find_map(|d| match d {
+                Effect::Seed { tag, stream, .. } if stream == "candles:1s:MATIC/USD" => Some(*tag),
+                _ => None,
+            })
+            .unwrap();
+        let mut seeded = Vec::new();
+        s.on_seeded(
+            tag,
+            Ok(crate::exchange::candles::Seed {
+                complete: true,
+                ..Default::default()
+            }),
+            0,
+            &mut seeded,
+        );
         let sends = out.iter().filter(|d| matches!(d, Effect::Send(_))).count();
         assert_eq!(
             sends, 3,

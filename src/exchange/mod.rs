@@ -124,6 +124,14 @@ pub enum Effect {
     Send(String),
     /// A REST GET whose body (or error) comes back through [`Protocol::on_fetched`].
     Fetch { tag: u64, url: String },
+    /// An exact seed for the candle of trade-built `stream` forming at `asked_at_ms` (see
+    /// [`rest::seed`]), answered through [`Protocol::on_seeded`].
+    Seed {
+        tag: u64,
+        stream: String,
+        interval: crate::domain::Interval,
+        asked_at_ms: i64,
+    },
     /// The book of `stream` was found inconsistent and is being rebuilt from a fresh snapshot
     /// (counted; its cached value is dropped so nobody is served the bad book meanwhile).
     Resyncing { stream: String, why: String },
@@ -132,7 +140,6 @@ pub enum Effect {
 /// What a connection's protocol state is given when the connection opens.
 #[derive(Clone)]
 pub struct ProtocolContext {
-    pub rest_url: String,
     pub instruments: Arc<InstrumentSet>,
 }
 
@@ -243,6 +250,15 @@ pub trait Protocol: Send {
         &mut self,
         _stream: &str,
         _trades: &[Trade],
+        _now_ms: i64,
+        _out: &mut Vec<Effect>,
+    ) {
+    }
+    /// The answer to an [`Effect::Seed`].
+    fn on_seeded(
+        &mut self,
+        _tag: u64,
+        _seed: Result<candles::Seed, String>,
         _now_ms: i64,
         _out: &mut Vec<Effect>,
     ) {

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
-use super::candles::SeedCandle;
+use super::candles::{Seed, SeedCandle};
 use super::{Exchange, Instrument};
 use crate::decimal::Dec;
 use crate::domain::{bucket, ExchangeId, Interval};
@@ -217,6 +217,120 @@ pub async fn trades_between(
         None => reached_end,
     };
     Ok(Filled { trades, complete })
+}
+
+/// The exact seed of the trade-built candle of `interval` forming at `asked_at`: closed REST
+/// candles from the bucket's start, coarsest first (days, then hours, then minutes, each up to
+/// the start of the current one), then every trade since the current minute began, with ids.
+/// Ids join the live stream to the seed exactly; the candle rows carry what the exchange states
+/// of the rest (Coinbase no trade count).
+pub async fn seed(
+    ex: &Exchange,
+    inst: &Instrument,
+    interval: Interval,
+    asked_at: i64,
+) -> Result<Seed, String> {
+    let (start, _) = bucket(interval, asked_at);
+    let length = interval.fixed_millis().unwrap_or(i64::MAX);
+    // (unit, Coinbase granularity, Kraken minutes), coarsest first.
+    const LEVELS: [(i64, &str, u32); 3] = [
+        (86_400_000, "ONE_DAY", 1440),
+        (3_600_000, "ONE_HOUR", 60),
+        (60_000, "ONE_MINUTE", 1),
+    ];
+    let mut cursor = start;
+    let mut rows = Vec::new();
+    for (unit, granularity, minutes) in LEVELS {
+        if unit >= length {
+            continue;
+        }
+        let current = asked_at.div_euclid(unit) * unit;
+        if current <= cursor {
+            continue;
+        }
+        let mut got: Vec<SeedCandle> = match ex.adapter.id() {
+            ExchangeId::Coinbase => {
+                let url = format!(
+                    "{}/api/v3/brokerage/market/products/{}/candles?start={}&end={}&granularity={granularity}&limit=350",
+                    ex.config.rest_url,
+                    inst.native,
+                    cursor / 1000,
+                    current / 1000 - 1
+                );
+                super::coinbase::parse_rest_candles(&get(ex, &url).await?)?
+            }
+            ExchangeId::Kraken => {
+                let url = format!(
+                    "{}/0/public/OHLC?pair={}&interval={minutes}&since={}",
+                    ex.config.rest_url,
+                    rest_name(inst),
+                    cursor / 1000 - 1
+                );
+                super::kraken::parse_rest_ohlc(&get(ex, &url).await?)?
+            }
+            ExchangeId::Binance => return Err("Binance candles are never built from trades".into()),
+        };
+        got.retain(|r| r.open_time >= cursor && r.open_time < current);
+        rows.extend(got);
+        cursor = current;
+    }
+    let mut trades: BTreeMap<u64, Trade> = BTreeMap::new();
+    let mut complete = false;
+    match ex.adapter.id() {
+        ExchangeId::Coinbase => {
+            // Newest first: page back by time until the window's start is reached.
+            let mut end = now_millis() / 1000 + 1;
+            for _ in 0..5 {
+                let url = format!(
+                    "{}/api/v3/brokerage/market/products/{}/ticker?limit={PAGE}&start={}&end={end}",
+                    ex.config.rest_url,
+                    inst.native,
+                    cursor / 1000
+                );
+                let page = parse_coinbase_ticker(&get(ex, &url).await?)?;
+                let short = page.len() < PAGE;
+                let oldest = page.iter().map(|t| t.time_ms).min();
+                trades.extend(page.into_iter().map(|t| (order(&t), t)));
+                match oldest {
+                    Some(o) if !short => end = o / 1000 + 1,
+                    _ => {
+                        complete = true;
+                        break;
+                    }
+                }
+            }
+        }
+        ExchangeId::Kraken => {
+            let mut since = (cursor * 1_000_000).to_string();
+            for _ in 0..5 {
+                let url = format!(
+                    "{}/0/public/Trades?pair={}&since={since}&count={PAGE}",
+                    ex.config.rest_url,
+                    rest_name(inst)
+                );
+                let (page, last) = parse_kraken_trades(&get(ex, &url).await?)?;
+                let short = page.len() < PAGE;
+                trades.extend(page.into_iter().map(|t| (order(&t), t)));
+                match last {
+                    Some(l) if !short && l != since => since = l,
+                    _ => {
+                        complete = true;
+                        break;
+                    }
+                }
+            }
+        }
+        ExchangeId::Binance => {}
+    }
+    Ok(Seed {
+        rows,
+        trades: trades
+            .into_values()
+            .filter(|t| t.time_ms >= cursor)
+            .collect(),
+        trades_from: cursor,
+        complete,
+    })
 }
 
 /// A trade's place in its exchange's tape.
