@@ -489,6 +489,19 @@ pub struct UpstreamStats {
     /// Trades fetched back from REST after outages, and backfills that could not fill all.
     backfilled_trades: AtomicU64,
     backfills_incomplete: AtomicU64,
+    /// Books in a run of failed checks, resynced ever further apart (for `/health`).
+    failing_books: std::sync::Mutex<std::collections::BTreeMap<String, FailingBook>>,
+}
+
+/// A book that keeps failing its checks, as `/health` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailingBook {
+    pub stream: String,
+    pub failures: u32,
+    /// When the next resync is due (ISO-8601).
+    pub retry_at: String,
+    pub last_error: String,
 }
 
 /// Status classes of REST answers: the rate-limit codes on their own (they matter to
@@ -555,6 +568,7 @@ impl UpstreamStats {
             reconnect: Histogram::default(),
             backfilled_trades: AtomicU64::new(0),
             backfills_incomplete: AtomicU64::new(0),
+            failing_books: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -651,9 +665,36 @@ impl UpstreamStats {
     }
 
     /// An order book is rebuilt from a fresh snapshot.
-    pub fn book_resync(&self, conn: u64, stream: &str, why: &str) {
+    pub fn book_resync(&self, conn: u64, stream: &str, why: &str, failures: u32, retry_in_ms: i64) {
         add(&self.resyncs, 1);
-        tracing::warn!(exchange = %self.exchange, conn, %stream, %why, "order book resync");
+        if retry_in_ms == 0 {
+            tracing::warn!(exchange = %self.exchange, conn, %stream, %why, "order book resync");
+            return;
+        }
+        tracing::warn!(exchange = %self.exchange, conn, %stream, %why, failures, retry_in_ms, "order book keeps failing its check; resyncing later");
+        let mut books = self.failing_books.lock().unwrap_or_else(|e| e.into_inner());
+        books.insert(
+            stream.to_string(),
+            FailingBook {
+                stream: stream.to_string(),
+                failures,
+                retry_at: crate::protocol::iso_millis(now_millis() + retry_in_ms),
+                last_error: why.to_string(),
+            },
+        );
+    }
+
+    /// A book that kept failing verified again for a while.
+    pub fn book_healthy(&self, stream: &str) {
+        let mut books = self.failing_books.lock().unwrap_or_else(|e| e.into_inner());
+        if books.remove(stream).is_some() {
+            tracing::info!(exchange = %self.exchange, %stream, "order book healthy again");
+        }
+    }
+
+    pub fn failing_books(&self) -> Vec<FailingBook> {
+        let books = self.failing_books.lock().unwrap_or_else(|e| e.into_inner());
+        books.values().cloned().collect()
     }
 
     /// The instrument list was loaded.

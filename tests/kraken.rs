@@ -286,3 +286,61 @@ async fn forming_candles_follow_one_pace_whatever_the_source() {
         );
     }
 }
+
+/// A book whose checksum keeps failing (issue #11 item 9) is resynced ever further apart, not
+/// in a tight loop; /health says so; the other symbols' books keep flowing.
+#[tokio::test]
+async fn a_book_that_keeps_failing_its_checksum_backs_off_and_the_others_flow() {
+    let (sims, relay) = start_all().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["depth:BTCUSD@kraken:10", "depth:ETHUSD@kraken:10"])
+        .await;
+    c.recv_until(is_msg("depth", "depth:BTCUSD@kraken:10"))
+        .await;
+    sims.kraken.corrupt_checksums("BTC/USD", true);
+    let before = sims.kraken.book_subscribes("BTC/USD");
+    // Six seconds of a book that can never verify.
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(6);
+    let mut eth = 0;
+    while let Ok(Some(v)) = tokio::time::timeout(
+        end.saturating_duration_since(tokio::time::Instant::now()),
+        c.next(),
+    )
+    .await
+    {
+        if v["channel"] == "depth:ETHUSD@kraken:10" && v["type"] == "depth" {
+            eth += 1;
+        }
+    }
+    let resubscribes = sims.kraken.book_subscribes("BTC/USD") - before;
+    // At once twice, then after 1 s, 2 s (and 4 s would be past the six): a handful, where a
+    // tight loop would be hundreds.
+    assert!(
+        (2..=6).contains(&resubscribes),
+        "{resubscribes} resubscribes in 6 s"
+    );
+    assert!(eth > 20, "the other book kept flowing: {eth}");
+    let h = health(&relay).await;
+    let failing = h["upstreams"]["kraken"]["failingBooks"]
+        .as_array()
+        .expect("failingBooks")
+        .clone();
+    assert_eq!(failing[0]["stream"], "book:BTC/USD");
+    assert!(failing[0]["failures"].as_u64().unwrap() >= 3);
+    assert!(failing[0]["lastError"]
+        .as_str()
+        .unwrap()
+        .contains("checksum"));
+    assert!(failing[0]["retryAt"].is_string());
+    // Fixed: the book verifies again and the warning goes.
+    sims.kraken.corrupt_checksums("BTC/USD", false);
+    c.recv_until(is_msg("depth", "depth:BTCUSD@kraken:10"))
+        .await;
+    until("the failing book to leave /health", || async {
+        let h = health(&relay).await;
+        h["upstreams"]["kraken"]["failingBooks"]
+            .is_null()
+            .then_some(())
+    })
+    .await;
+}

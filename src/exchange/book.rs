@@ -3,7 +3,7 @@
 //! finds its level. What makes a book trustworthy (sequence numbers, checksums) is the
 //! adapter's; this keeps the levels.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::decimal::Dec;
 use crate::events::Book;
@@ -19,6 +19,83 @@ pub struct LocalBook {
     pub asks: BTreeMap<Dec, Dec>,
     /// A snapshot has been applied and nothing since put the book in doubt.
     pub synced: bool,
+}
+
+/// A book's failed checks, so that one that keeps failing (REST and WebSocket disagreeing on
+/// a pair's precision, say) is not resubscribed in a tight loop: the first resyncs go at
+/// once, later ones ever further apart (up to [`Resyncs::MAX_DELAY_MS`]); a book that then
+/// verifies [`Resyncs::HEALTHY_AFTER`] updates in a row starts afresh.
+#[derive(Debug, Default)]
+pub struct Resyncs {
+    books: HashMap<String, Failing>,
+}
+
+#[derive(Debug, Default)]
+struct Failing {
+    /// Failures since the book was last healthy.
+    count: u32,
+    /// Verified updates since the last failure.
+    good: u32,
+    /// A resubscribe held back until then.
+    due_ms: Option<i64>,
+}
+
+impl Resyncs {
+    /// Failures resynced at once before the delays start.
+    pub const AT_ONCE: u32 = 2;
+    pub const FIRST_DELAY_MS: i64 = 1_000;
+    pub const MAX_DELAY_MS: i64 = 60_000;
+    pub const HEALTHY_AFTER: u32 = 50;
+
+    /// `book` failed a check at `now_ms`: returns the delay before its resubscribe (0: now).
+    pub fn failed(&mut self, book: &str, now_ms: i64) -> i64 {
+        let f = self.books.entry(book.to_string()).or_default();
+        f.count += 1;
+        f.good = 0;
+        if f.count <= Self::AT_ONCE {
+            f.due_ms = None;
+            return 0;
+        }
+        let delay = Self::FIRST_DELAY_MS
+            .saturating_mul(1 << (f.count - Self::AT_ONCE - 1).min(16))
+            .min(Self::MAX_DELAY_MS);
+        f.due_ms = Some(now_ms + delay);
+        delay
+    }
+
+    /// `book` passed its check; returns true when that ended a run of failures.
+    pub fn verified(&mut self, book: &str) -> bool {
+        let Some(f) = self.books.get_mut(book) else {
+            return false;
+        };
+        f.good += 1;
+        if f.good >= Self::HEALTHY_AFTER {
+            self.books.remove(book);
+            return true;
+        }
+        false
+    }
+
+    /// Failures in the current run of `book`.
+    pub fn failures(&self, book: &str) -> u32 {
+        self.books.get(book).map_or(0, |f| f.count)
+    }
+
+    /// The books whose held-back resubscribe is due at `now_ms`.
+    pub fn due(&mut self, now_ms: i64) -> Vec<String> {
+        let mut due = Vec::new();
+        for (book, f) in &mut self.books {
+            if f.due_ms.is_some_and(|d| d <= now_ms) {
+                f.due_ms = None;
+                due.push(book.clone());
+            }
+        }
+        due
+    }
+
+    pub fn forget(&mut self, book: &str) {
+        self.books.remove(book);
+    }
 }
 
 /// Which side of the book a level is on.
@@ -91,6 +168,29 @@ impl LocalBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_book_that_keeps_failing_is_resynced_ever_further_apart() {
+        let mut r = Resyncs::default();
+        assert_eq!(r.failed("b", 0), 0);
+        assert_eq!(r.failed("b", 10), 0);
+        assert_eq!(r.failed("b", 20), 1_000);
+        assert!(r.due(500).is_empty());
+        assert_eq!(r.due(1_020), vec!["b".to_string()]);
+        assert!(r.due(1_030).is_empty(), "due once");
+        assert_eq!(r.failed("b", 2_000), 2_000);
+        assert_eq!(r.failed("b", 5_000), 4_000);
+        for _ in 0..20 {
+            r.failed("b", 9_000);
+        }
+        assert_eq!(r.failed("b", 9_000), Resyncs::MAX_DELAY_MS);
+        assert_eq!(r.failed("other", 9_000), 0, "other books are not held back");
+        for _ in 0..Resyncs::HEALTHY_AFTER - 1 {
+            assert!(!r.verified("b"));
+        }
+        assert!(r.verified("b"));
+        assert_eq!(r.failed("b", 10_000), 0, "healthy again: at once");
+    }
 
     fn d(s: &str) -> Dec {
         s.parse().unwrap()

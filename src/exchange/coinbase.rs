@@ -229,6 +229,8 @@ impl CoinbaseProtocol {
             out.push(Effect::Resyncing {
                 stream: format!("level2:{p}"),
                 why: why.to_string(),
+                failures: 1,
+                retry_in_ms: 0,
             });
         }
         let refs: Vec<&str> = products.iter().map(String::as_str).collect();

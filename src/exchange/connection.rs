@@ -422,8 +422,16 @@ impl Live<'_> {
                 ));
             }
             Effect::Send(frame) => self.outgoing.push_back(frame),
-            Effect::Resyncing { stream, why } => {
-                self.ex.stats.book_resync(conn, &stream, &why);
+            Effect::BookHealthy { stream } => self.ex.stats.book_healthy(&stream),
+            Effect::Resyncing {
+                stream,
+                why,
+                failures,
+                retry_in_ms,
+            } => {
+                self.ex
+                    .stats
+                    .book_resync(conn, &stream, &why, failures, retry_in_ms);
                 self.resyncing
                     .entry(stream.clone())
                     .or_insert_with(now_millis);

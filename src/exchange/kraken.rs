@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
+use super::book::Resyncs;
 use super::book::{BookSide, LocalBook};
 use super::candles::{push_klines, DerivedCandles, Seed, SeedCandle, GRACE_MS};
 use super::{
@@ -262,6 +263,8 @@ struct KrakenProtocol {
     /// Native symbol → how many of our streams need its `trade` channel.
     trade_users: HashMap<String, usize>,
     books: HashMap<String, LocalBook>,
+    /// Books that keep failing their checksum are resynced ever further apart.
+    resyncs: Resyncs,
     native: HashMap<String, NativeCandles>,
     /// Intervals Kraken has no native stream for, built from its trades.
     derived: DerivedCandles,
@@ -282,6 +285,7 @@ impl KrakenProtocol {
             streams: HashSet::new(),
             trade_users: HashMap::new(),
             books: HashMap::new(),
+            resyncs: Resyncs::default(),
             native: HashMap::new(),
             derived: DerivedCandles::default(),
             next_req: 1,
@@ -335,17 +339,25 @@ impl KrakenProtocol {
         }
     }
 
-    /// Resyncs one symbol's book from a fresh snapshot; the connection and other symbols stay.
-    fn resync(&mut self, symbol: &str, why: &str, out: &mut Vec<Effect>) {
+    /// Resyncs one symbol's book from a fresh snapshot (unsubscribe, then subscribe); the
+    /// connection and other symbols stay. A book that keeps failing is resubscribed ever
+    /// later ([`Resyncs`]): until then it sends nothing, and the others flow.
+    fn resync(&mut self, symbol: &str, why: &str, now_ms: i64, out: &mut Vec<Effect>) {
+        let stream = format!("book:{symbol}");
+        let retry_in_ms = self.resyncs.failed(&stream, now_ms);
         out.push(Effect::Resyncing {
-            stream: format!("book:{symbol}"),
+            stream: stream.clone(),
             why: why.to_string(),
+            failures: self.resyncs.failures(&stream),
+            retry_in_ms,
         });
         if let Some(book) = self.books.get_mut(symbol) {
             book.clear(false);
         }
         self.frame("unsubscribe", "book", None, &[symbol], out);
-        self.frame("subscribe", "book", None, &[symbol], out);
+        if retry_in_ms == 0 {
+            self.frame("subscribe", "book", None, &[symbol], out);
+        }
     }
 
     fn precisions(&self, symbol: &str, fallback: (u32, u32)) -> (u32, u32) {
@@ -361,6 +373,7 @@ impl KrakenProtocol {
         &mut self,
         msg: BookMsg,
         snapshot: bool,
+        now_ms: i64,
         out: &mut Vec<Effect>,
     ) -> Result<(), DecodeError> {
         let symbol = msg.symbol.clone();
@@ -388,13 +401,19 @@ impl KrakenProtocol {
             self.resync(
                 &symbol,
                 &format!("checksum mismatch: ours {local}, Kraken's {}", msg.checksum),
+                now_ms,
                 out,
             );
             return Ok(());
         }
         if book.crossed() {
-            self.resync(&symbol, "crossed book", out);
+            self.resync(&symbol, "crossed book", now_ms, out);
             return Ok(());
+        }
+        if self.resyncs.verified(&stream) {
+            out.push(Effect::BookHealthy {
+                stream: stream.clone(),
+            });
         }
         let time_ms = msg
             .timestamp
@@ -650,7 +669,7 @@ impl Protocol for KrakenProtocol {
         match frame.channel {
             Some("book") => {
                 for msg in serde_json::from_str::<Vec<BookMsg>>(data.get())? {
-                    self.on_book(msg, snapshot, out)?;
+                    self.on_book(msg, snapshot, now_ms, out)?;
                 }
             }
             Some("trade") => self.on_trades(serde_json::from_str(data.get())?, out)?,
@@ -670,6 +689,13 @@ impl Protocol for KrakenProtocol {
     }
 
     fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Effect>) {
+        for stream in self.resyncs.due(now_ms) {
+            if let Some(symbol) = stream.strip_prefix("book:") {
+                if self.streams.contains(&stream) {
+                    self.frame("subscribe", "book", None, &[symbol], out);
+                }
+            }
+        }
         for (stream, state) in &mut self.native {
             let mut klines = Vec::new();
             state.on_tick(now_ms, &mut klines);

@@ -134,7 +134,16 @@ pub enum Effect {
     },
     /// The book of `stream` was found inconsistent and is being rebuilt from a fresh snapshot
     /// (counted; its cached value is dropped so nobody is served the bad book meanwhile).
-    Resyncing { stream: String, why: String },
+    /// `failures` counts this book's run of failed checks; past the first few its resubscribe
+    /// is held back `retry_in_ms` (no resync storm).
+    Resyncing {
+        stream: String,
+        why: String,
+        failures: u32,
+        retry_in_ms: i64,
+    },
+    /// A book that kept failing verified again for a while: it is healthy.
+    BookHealthy { stream: String },
 }
 
 /// What a connection's protocol state is given when the connection opens.
@@ -309,6 +318,10 @@ pub struct UpstreamHealth {
     pub wanted_connections: usize,
     /// Streams requested on open connections.
     pub streams: usize,
+    /// Books that keep failing their checks and are resynced ever further apart; the other
+    /// symbols are served meanwhile.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failing_books: Vec<crate::stats::FailingBook>,
 }
 
 /// One upstream connection as the pool sees it.
@@ -504,6 +517,7 @@ impl Exchange {
             connections: up,
             wanted_connections: wanted,
             streams: streams.len(),
+            failing_books: self.stats.failing_books(),
         }
     }
 

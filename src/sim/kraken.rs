@@ -72,6 +72,10 @@ struct Inner {
     control: broadcast::Sender<Control>,
     subscriptions: Mutex<HashMap<String, usize>>,
     corrupt: Mutex<HashSet<String>>,
+    /// Pairs whose every checksum is wrong (a precision REST and WebSocket disagree on).
+    always_corrupt: Mutex<HashSet<String>>,
+    /// `book` subscribe requests per pair.
+    book_subscribes: Mutex<HashMap<String, u64>>,
     /// Symbols whose subscriptions are refused although listed.
     refused: Mutex<HashSet<String>>,
     books: Mutex<HashMap<String, VecDeque<TopBook>>>,
@@ -213,6 +217,8 @@ impl SimKraken {
             control: broadcast::channel(16).0,
             subscriptions: Mutex::new(HashMap::new()),
             corrupt: Mutex::new(HashSet::new()),
+            always_corrupt: Mutex::new(HashSet::new()),
+            book_subscribes: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
             books: Mutex::new(HashMap::new()),
             closed: Mutex::new(HashMap::new()),
@@ -281,6 +287,24 @@ impl SimKraken {
     }
 
     /// The next book update of `symbol` (v2 name) carries a wrong checksum.
+    /// Every checksum of `symbol` is wrong while `on`, snapshots included.
+    pub fn corrupt_checksums(&self, symbol: &str, on: bool) {
+        let mut set = lock(&self.inner.always_corrupt);
+        if on {
+            set.insert(symbol.to_string());
+        } else {
+            set.remove(symbol);
+        }
+    }
+
+    /// How many `book` subscribe requests the exchange has received for `symbol`.
+    pub fn book_subscribes(&self, symbol: &str) -> u64 {
+        lock(&self.inner.book_subscribes)
+            .get(symbol)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn corrupt_next_checksum(&self, symbol: &str) {
         lock(&self.inner.corrupt).insert(symbol.to_string());
     }
@@ -458,7 +482,8 @@ async fn run_market(inner: Arc<Inner>, stop: CancellationToken) {
             let (bids, asks) = (diff(&old_bids, &m.bids, p), diff(&old_asks, &m.asks, p));
             if (!bids.is_empty() || !asks.is_empty()) && wanted.contains(&key("book")) {
                 let mut sum = checksum(m, p);
-                if lock(&inner.corrupt).remove(&p.ws) {
+                if lock(&inner.corrupt).remove(&p.ws) || lock(&inner.always_corrupt).contains(&p.ws)
+                {
                     sum = sum.wrapping_add(1);
                 }
                 emit(
@@ -527,6 +552,9 @@ fn handle(inner: &Inner, subs: &mut HashSet<String>, text: &str) -> Vec<String> 
                         continue;
                     }
                 };
+                if method == "subscribe" && channel == "book" {
+                    *lock(&inner.book_subscribes).entry(sym.to_string()).or_default() += 1;
+                }
                 if method == "subscribe" {
                     if !subs.insert(key.clone()) {
                         frames.push(nack(method, "Already subscribed", sym, &req_id));
@@ -541,7 +569,14 @@ fn handle(inner: &Inner, subs: &mut HashSet<String>, text: &str) -> Vec<String> 
                     let markets = lock(&inner.markets);
                     if let Some(m) = markets.get(sym) {
                         match channel {
-                            "book" => frames.push(book_snapshot(m, pair).to_string()),
+                            "book" => {
+                                let mut snap = book_snapshot(m, pair);
+                                if lock(&inner.always_corrupt).contains(sym) {
+                                    let sum = snap["data"][0]["checksum"].as_u64().unwrap_or(0);
+                                    snap["data"][0]["checksum"] = json!((sum as u32).wrapping_add(1));
+                                }
+                                frames.push(snap.to_string());
+                            }
                             "ticker" => frames.push(json!({"channel": "ticker", "type": "snapshot", "data": [ticker_json(m, pair)]}).to_string()),
                             "ohlc" => {
                                 if let Some(c) = ohlc_interval(interval).and_then(|iv| m.forming.get(&iv)) {
