@@ -77,3 +77,19 @@ fn the_readme_links_the_reference_and_nothing_outside_the_repository() {
     assert!(readme.contains("(docs/protocol.md)"));
     assert!(!readme.contains("../shared"), "a clone has no ../shared");
 }
+
+#[test]
+fn the_readmes_chart_code_is_the_example_that_runs() {
+    // The README prints examples/chart.html's connection code; the console check runs the
+    // page in Chromium. The two must be the same code.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let page = std::fs::read_to_string(format!("{root}/examples/chart.html")).unwrap();
+    let start = readme.find("```js\n").expect("a js block in the README") + 6;
+    let code = &readme[start..start + readme[start..].find("```").unwrap()];
+    assert!(code.contains("since: last"), "the block shows the resume");
+    assert!(
+        page.contains(code.trim_end()),
+        "README's chart code differs from examples/chart.html"
+    );
+}

@@ -324,3 +324,20 @@ async fn many_charts_opening_at_once_cost_the_exchange_a_handful_of_requests() {
         after - before
     );
 }
+
+#[tokio::test]
+async fn a_coinbase_history_longer_than_its_100_row_pages_is_paged_together() {
+    let (_sims, relay) = start_all().await;
+    let (_c, history) = subscribe_with_history(&relay, "trades:BTCUSD@coinbase", 250).await;
+    let ids: Vec<u64> = history["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(trade_id)
+        .collect();
+    assert_eq!(ids.len(), 250);
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "every trade once, in order: {ids:?}"
+    );
+}

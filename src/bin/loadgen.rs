@@ -91,6 +91,17 @@ enum Scenario {
         #[arg(long, default_value_t = 2.0)]
         ops_per_client: f64,
     },
+    /// (f) one depth channel at `rate` updates a second, every client subscribed with
+    /// `throttleMs` (0: unthrottled): relay CPU per client.
+    Throttle {
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// One figure per value (0: no throttle).
+        #[arg(long, value_delimiter = ',', default_value = "0,1000")]
+        throttle_ms: Vec<u64>,
+    },
     /// (d) connected clients, no traffic: memory per connection.
     Idle {
         #[arg(long, default_value_t = 10_000)]
@@ -184,6 +195,28 @@ impl Feed {
             .iter()
             .map(|(s, _)| s.lock().map(|s| s.len()).unwrap_or(0))
             .sum()
+    }
+
+    /// Emits one partial-depth update of `symbol` (a new best bid each time).
+    fn emit_depth(&self, symbol_index: usize, n: u64) {
+        let symbol = &self.symbols[symbol_index];
+        let stream = format!("{}@depth20@100ms", symbol.to_lowercase());
+        let level = |p: u64| format!("[\"{}.{:02}\",\"1.00000000\"]", p / 100, p % 100);
+        let bids: Vec<String> = (0..20).map(|i| level(10_000 + n % 50 - i)).collect();
+        let asks: Vec<String> = (0..20).map(|i| level(10_001 + n % 50 + i)).collect();
+        let frame = format!(
+            "{{\"stream\":\"{stream}\",\"data\":{{\"lastUpdateId\":{n},\"bids\":[{}],\"asks\":[{}]}}}}",
+            bids.join(","),
+            asks.join(",")
+        );
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for (subs, tx) in conns.iter() {
+            if subs.lock().map(|s| s.contains(&stream)).unwrap_or(false)
+                && tx.try_send(frame.clone()).is_err()
+            {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Emits one trade on `symbol` intended at `at_us`.
@@ -627,6 +660,41 @@ impl RawClient {
     }
 }
 
+impl RawClient {
+    /// Counts the data messages of type `depth` it reads, answering pings.
+    async fn count_loop(mut self, count: Rc<std::cell::Cell<u64>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const NEEDLE: &[u8] = b"\"type\":\"depth\"";
+        loop {
+            let mut pongs = Vec::new();
+            while let Some((used, frame)) = Self::parse(&self.buf) {
+                match frame {
+                    Frame::Text(t)
+                        if t.starts_with(NEEDLE)
+                            || t.windows(NEEDLE.len()).take(4).any(|w| w == NEEDLE) =>
+                    {
+                        count.set(count.get() + 1)
+                    }
+                    Frame::Ping(p) => pongs.push(client_frame(0xA, p)),
+                    Frame::Close => return,
+                    _ => {}
+                }
+                let _ = self.buf.split_to(used);
+            }
+            for p in pongs {
+                if self.stream.write_all(&p).await.is_err() {
+                    return;
+                }
+            }
+            self.buf.reserve(16 * 1024);
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
 /// `"tradeId":123` without parsing the whole message (the client must be cheaper than the relay).
 fn trade_id(text: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"tradeId\":";
@@ -648,7 +716,7 @@ fn trade_id(text: &[u8]) -> Option<u64> {
 async fn connect_clients(
     addr: SocketAddr,
     n: usize,
-    channels: impl Fn(usize) -> Vec<String>,
+    channels: impl Fn(usize) -> Vec<serde_json::Value>,
     small_window: impl Fn(usize) -> bool,
 ) -> Result<Vec<RawClient>> {
     let mut out = Vec::with_capacity(n);
@@ -863,6 +931,71 @@ async fn fanout(args: &Args, clients: usize, rates: &[f64], slow_percent: f64) -
     Ok(())
 }
 
+async fn throttle(args: &Args, clients: usize, rate: f64, throttles: &[u64]) -> Result<()> {
+    let times = SendTimes::new();
+    let (feed, feed_addr) = start_feed(vec!["BTCUSDT".into()], times).await?;
+    let relay = start_relay(args, feed_addr).await?;
+    println!(
+        "throttle: 1 depth channel at {rate} updates/s x {clients} clients, relay pid {} on cpu {}",
+        relay.pid(),
+        args.relay_cpu
+    );
+    // The feed keeps updating the book for the whole run.
+    let feed_loop = {
+        let feed = feed.clone();
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut n = 0u64;
+            loop {
+                tick.tick().await;
+                n += 1;
+                feed.emit_depth(0, n);
+            }
+        })
+    };
+    for &ms in throttles {
+        let sockets = connect_clients(
+            relay.addr,
+            clients,
+            |_| {
+                if ms == 0 {
+                    vec!["depth:BTCUSDT:5".into()]
+                } else {
+                    vec![serde_json::json!({"channel": "depth:BTCUSDT:5", "throttleMs": ms})]
+                }
+            },
+            |_| false,
+        )
+        .await?;
+        feed.wait_for_streams(1).await?;
+        let count = Rc::new(std::cell::Cell::new(0u64));
+        let readers: Vec<_> = sockets
+            .into_iter()
+            .map(|c| tokio::task::spawn_local(c.count_loop(count.clone())))
+            .collect();
+        tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+        let (cpu0, n0, t0) = (cpu_seconds(relay.pid()), count.get(), Instant::now());
+        tokio::time::sleep(Duration::from_secs(args.duration)).await;
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(relay.pid()) - cpu0;
+        let delivered = (count.get() - n0) as f64 / secs;
+        println!(
+            "throttleMs {ms:>5}: delivered {delivered:>9.0}/s ({:.2}/s per client) | relay CPU {:.3} s/s = {:.1} us per client-second, {:.2} us/delivery",
+            delivered / clients as f64,
+            cpu / secs,
+            cpu / secs * 1e6 / clients as f64,
+            if delivered > 0.0 { cpu / secs * 1e6 / delivered } else { 0.0 },
+        );
+        for r in readers {
+            r.abort();
+        }
+        // The clients leave; the channel lingers (close delay) and the next round rejoins it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    feed_loop.abort();
+    Ok(())
+}
+
 async fn breadth(args: &Args, channels: usize, per_channel: usize, mean_rate: f64) -> Result<()> {
     let times = SendTimes::new();
     let symbols: Vec<String> = (0..channels).map(|i| format!("S{i:04}USDT")).collect();
@@ -873,7 +1006,7 @@ async fn breadth(args: &Args, channels: usize, per_channel: usize, mean_rate: f6
     let sockets = connect_clients(
         relay.addr,
         n,
-        |i| vec![format!("trades:{}", symbols[i % channels])],
+        |i| vec![format!("trades:{}", symbols[i % channels]).into()],
         |_| false,
     )
     .await?;
@@ -923,6 +1056,14 @@ async fn breadth(args: &Args, channels: usize, per_channel: usize, mean_rate: f6
         feed.next_id.load(Ordering::Relaxed) - 1,
         feed.dropped.load(Ordering::Relaxed),
         feed.unrouted.load(Ordering::Relaxed)
+    );
+    let window = &stats["data"]["recovery"];
+    let bytes = window["windowBytes"].as_f64().unwrap_or(0.0);
+    println!(
+        "recovery windows: {} messages, {:.1} MiB over {channels} channels ({:.1} KiB a channel)",
+        window["windowMessages"],
+        bytes / (1024.0 * 1024.0),
+        bytes / 1024.0 / channels as f64
     );
     Ok(())
 }
@@ -1056,6 +1197,11 @@ fn main() -> Result<()> {
                 ops_per_client,
             } => churn(&args, clients, channels, ops_per_client).await,
             Scenario::Idle { clients } => idle(&args, clients).await,
+            Scenario::Throttle {
+                clients,
+                rate,
+                throttle_ms,
+            } => throttle(&args, clients, rate, &throttle_ms).await,
         }
     })
 }

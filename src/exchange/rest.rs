@@ -104,16 +104,28 @@ pub async fn recent_trades(
             )
             .await?,
         )?,
-        ExchangeId::Coinbase => parse_coinbase_ticker(
-            &get(
-                ex,
-                &format!(
-                    "{base}/api/v3/brokerage/market/products/{}/ticker?limit={limit}",
+        ExchangeId::Coinbase => {
+            // Newest first, and perhaps fewer rows than asked (the exchange's cap is not
+            // documented): page back by time until `limit` are had or the exchange has no more.
+            let mut got: BTreeMap<u64, Trade> = BTreeMap::new();
+            let mut end: Option<i64> = None;
+            for _ in 0..MAX_PAGES {
+                let window = end.map_or(String::new(), |e| format!("&start=0&end={e}"));
+                let url = format!(
+                    "{base}/api/v3/brokerage/market/products/{}/ticker?limit={limit}{window}",
                     inst.native
-                ),
-            )
-            .await?,
-        )?,
+                );
+                let page = parse_coinbase_ticker(&get(ex, &url).await?)?;
+                let before = got.len();
+                let oldest = page.iter().map(|t| t.time_ms).min();
+                got.extend(page.into_iter().map(|t| (order(&t), t)));
+                match oldest {
+                    Some(o) if got.len() < limit && got.len() > before => end = Some(o / 1000 + 1),
+                    _ => break,
+                }
+            }
+            got.into_values().collect()
+        }
         ExchangeId::Kraken => {
             parse_kraken_trades(
                 &get(
@@ -171,18 +183,10 @@ pub async fn trades_between(
             }
         }
         ExchangeId::Coinbase => {
-            // Newest first, up to `limit` rows in the window: the window's start is the last
-            // trade seen, its end the first live one.
-            let start = after.time_ms / 1000;
-            let end = before.map_or(now_millis(), |b| b.time_ms) / 1000 + 1;
-            let url = format!(
-                "{base}/api/v3/brokerage/market/products/{}/ticker?limit={PAGE}&start={start}&end={end}",
-                inst.native
-            );
-            let page = parse_coinbase_ticker(&get(ex, &url).await?)?;
-            let oldest = page.iter().map(order).min();
-            // Reached back to the last seen trade (or there was nothing newer): complete.
-            reached_end = oldest.is_none_or(|o| o <= after.id + 1) || page.len() < PAGE;
+            // The window: from the last trade seen to the first live one.
+            let end = before.map_or(now_millis(), |b| b.time_ms);
+            let (page, reached) = coinbase_window(ex, inst, after.time_ms, end).await?;
+            reached_end = reached || page.first().is_some_and(|t| order(t) <= after.id + 1);
             got.extend(page.into_iter().filter(wanted).map(|t| (order(&t), t)));
         }
         ExchangeId::Kraken => {
@@ -278,27 +282,9 @@ pub async fn seed(
     let mut complete = false;
     match ex.adapter.id() {
         ExchangeId::Coinbase => {
-            // Newest first: page back by time until the window's start is reached.
-            let mut end = now_millis() / 1000 + 1;
-            for _ in 0..5 {
-                let url = format!(
-                    "{}/api/v3/brokerage/market/products/{}/ticker?limit={PAGE}&start={}&end={end}",
-                    ex.config.rest_url,
-                    inst.native,
-                    cursor / 1000
-                );
-                let page = parse_coinbase_ticker(&get(ex, &url).await?)?;
-                let short = page.len() < PAGE;
-                let oldest = page.iter().map(|t| t.time_ms).min();
-                trades.extend(page.into_iter().map(|t| (order(&t), t)));
-                match oldest {
-                    Some(o) if !short => end = o / 1000 + 1,
-                    _ => {
-                        complete = true;
-                        break;
-                    }
-                }
-            }
+            let (page, reached) = coinbase_window(ex, inst, cursor, now_millis()).await?;
+            complete = reached;
+            trades.extend(page.into_iter().map(|t| (order(&t), t)));
         }
         ExchangeId::Kraken => {
             let mut since = (cursor * 1_000_000).to_string();
@@ -331,6 +317,42 @@ pub async fn seed(
         trades_from: cursor,
         complete,
     })
+}
+
+/// Every Coinbase trade from `start_ms` to `end_ms`, oldest first: the market ticker answers
+/// newest first and perhaps fewer rows than asked (its cap is not documented), so the window is
+/// paged back by time until a page brings nothing new. Returns the trades and whether the
+/// window's start was reached (not the page cap).
+async fn coinbase_window(
+    ex: &Exchange,
+    inst: &Instrument,
+    start_ms: i64,
+    end_ms: i64,
+) -> Result<(Vec<Trade>, bool), String> {
+    let mut got: BTreeMap<u64, Trade> = BTreeMap::new();
+    let start = start_ms / 1000;
+    let mut end = end_ms / 1000 + 1;
+    for _ in 0..MAX_PAGES {
+        let url = format!(
+            "{}/api/v3/brokerage/market/products/{}/ticker?limit={PAGE}&start={start}&end={end}",
+            ex.config.rest_url, inst.native
+        );
+        let page = parse_coinbase_ticker(&get(ex, &url).await?)?;
+        let (before, rows) = (got.len(), page.len());
+        let oldest = page.iter().map(|t| t.time_ms).min();
+        got.extend(page.into_iter().map(|t| (order(&t), t)));
+        match oldest {
+            // The oldest second may hold more trades than the page showed: it is asked again.
+            Some(o) if got.len() > before && o / 1000 >= start => end = o / 1000 + 1,
+            // A full page of nothing new: one second holds more trades than a page, and the
+            // API cannot say which others there are.
+            Some(_) if got.len() == before && rows >= 100 => {
+                return Ok((got.into_values().collect(), false))
+            }
+            _ => return Ok((got.into_values().collect(), true)),
+        }
+    }
+    Ok((got.into_values().collect(), false))
 }
 
 /// A trade's place in its exchange's tape.

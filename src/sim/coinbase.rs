@@ -645,7 +645,7 @@ struct TickerQuery {
     end: Option<String>,
 }
 
-/// `GET /market/products/{id}/ticker`: the newest `limit` trades (at most 1000) inside
+/// `GET /market/products/{id}/ticker`: the newest `limit` trades (at most 100) inside
 /// `[start, end]` (UNIX seconds), newest first, `side` the maker's; and the best bid and ask.
 async fn ticker_handler(
     State(inner): State<Arc<Inner>>,
@@ -681,7 +681,8 @@ async fn ticker_handler(
         .rev()
         .filter(|t| start.is_none_or(|s| t.time_ms >= s * 1000))
         .filter(|t| end.is_none_or(|e| t.time_ms < e * 1000))
-        .take(limit.clamp(1, 1000))
+        // At most 100 rows whatever is asked (EXCHANGES.md §0.1).
+        .take(limit.clamp(1, 100))
         .map(|t| json!({"trade_id": t.id.to_string(), "product_id": p.id, "price": fmt(t.price, p.price_dp),
             "size": fmt(t.qty, p.size_dp), "time": rfc3339(t.time_ms), "side": if t.taker_sold { "BUY" } else { "SELL" },
             "bid": "", "ask": ""}))

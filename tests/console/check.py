@@ -172,6 +172,31 @@ async def main():
             print(f"screenshot: {SHOT}")
             errors = page.errors()
             check("no console errors", not errors, errors)
+
+            # examples/chart.html, the README's chart: history and live on one channel, and a
+            # reconnect that resumes with `since`.
+            page.events.clear()
+            chart = "file://" + os.path.abspath("examples/chart.html") + f"?ws=ws://127.0.0.1:{port}/ws&channel=klines:BTCUSDT:1s"
+            await page.call("Page.navigate", url=chart)
+            got = await page.until("history", "typeof candles !== 'undefined' && candles.size >= 100 && candles.size")
+            check("the chart example gets its history", (got or 0) >= 100, got)
+            newest = await page.js("Math.max(...candles.keys())")
+            grew = await page.until("live candles", f"Math.max(...candles.keys()) >= {newest} + 2000")
+            check("live candles continue the history", bool(grew))
+            times = await page.js("[...candles.keys()].sort((a, b) => a - b)")
+            holes = [(a, b) for a, b in zip(times, times[1:]) if b - a != 1000]
+            check("history and live join without a missing or doubled second", not holes, holes[:5])
+            before = await page.js("last.seq")
+            await page.js("ws.close()")
+            back = await page.until("the resume", "resumed === 1")
+            check("a dropped connection resumes where it left off (recovered:true)", bool(back))
+            after = await page.until("live after the resume", f"last.seq > {before} && last.seq")
+            check("and goes on", (after or 0) > before, after)
+            times = await page.js("[...candles.keys()].sort((a, b) => a - b)")
+            holes = [(a, b) for a, b in zip(times, times[1:]) if b - a != 1000]
+            check("no second is missing across the reconnect", not holes, holes[:5])
+            errors = [e for e in page.errors() if "gap" not in e]
+            check("the chart page logged no error", not errors, errors)
     finally:
         for p in (browser, relay):
             if p:
