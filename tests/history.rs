@@ -341,3 +341,54 @@ async fn a_coinbase_history_longer_than_its_100_row_pages_is_paged_together() {
         "every trade once, in order: {ids:?}"
     );
 }
+
+#[tokio::test]
+async fn kraken_candles_beyond_its_ohlc_rows_are_built_from_its_trades() {
+    // Kraken's OHLC answers only its newest rows (720; 3 here), whatever `since` says: the
+    // older candles of a history come from its Trades, exactly.
+    let sims = start_sims(exchange_relay::sim::SimOptions {
+        ohlc_rows: 3,
+        ..exchange_relay::sim::SimOptions::fast()
+    })
+    .await;
+    let relay = start_relay(config_for_all(&sims)).await;
+    let body: Value =
+        reqwest::get(relay.http("/api/v1/klines?channel=klines:BTCUSD@kraken:1m&limit=8"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 8, "{body}");
+    let times: Vec<i64> = data.iter().map(|k| k["time"].as_i64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[1] - w[0] == 60_000), "{times:?}");
+    let closed = sims
+        .kraken
+        .history_candles("BTC/USD", exchange_relay::domain::Interval::M1);
+    // The five built from trades (the market traded ten minutes before the simulator started),
+    // exact in every field Kraken's candles state.
+    let mut compared = 0;
+    for k in &data[..5] {
+        let c = closed
+            .iter()
+            .find(|c| c.open_time == k["time"].as_i64().unwrap())
+            .expect("the exchange closed this candle");
+        compared += 1;
+        for (field, want) in [
+            ("open", c.open),
+            ("high", c.high),
+            ("low", c.low),
+            ("close", c.close),
+            ("volume", c.volume),
+        ] {
+            assert!(
+                close(k[field].as_f64().unwrap(), want),
+                "{field}: {k} vs {c:?}"
+            );
+        }
+        assert_eq!(k["trades"].as_u64(), Some(c.trades), "{k}");
+        assert_eq!(k["isFinal"], true);
+    }
+    assert_eq!(compared, 5);
+}

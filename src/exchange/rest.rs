@@ -78,7 +78,27 @@ pub async fn klines(
         ExchangeId::Kraken => match kraken_minutes(interval) {
             Some(minutes) => {
                 let (rows, from) = kraken_ohlc(ex, inst, minutes).await?;
-                aggregate(rows, from, interval, now)
+                let mut candles = aggregate(rows, from, interval, now);
+                // Kraken's OHLC ends 720 rows back: older candles are built from its trades.
+                if let (true, Some(len), Some(first)) = (
+                    candles.len() < limit,
+                    interval.fixed_millis(),
+                    candles.first().map(|k| k.open_time),
+                ) {
+                    let missing = (limit - candles.len()) as i64;
+                    let mut older = kraken_candles_from_trades(
+                        ex,
+                        inst,
+                        interval,
+                        first - missing * len,
+                        first,
+                        now,
+                    )
+                    .await?;
+                    older.append(&mut candles);
+                    candles = older;
+                }
+                candles
             }
             None => from_trades(recent_trades(ex, inst, PAGE).await?, interval, now),
         },
@@ -550,9 +570,67 @@ fn aggregate(rows: Vec<SeedCandle>, from_ms: i64, interval: Interval, now: i64) 
         .collect()
 }
 
+/// Kraken candles of `interval` opening in `[from, to)`, built from its Trades (forward from
+/// `from`, following `last`, up to [`MAX_PAGES`] at Kraken's one request a second). Exact, and
+/// only when the trades reach `to`: a run that ends early would leave a hole before the OHLC
+/// candles, so it gives none.
+async fn kraken_candles_from_trades(
+    ex: &Exchange,
+    inst: &Instrument,
+    interval: Interval,
+    from: i64,
+    to: i64,
+    now: i64,
+) -> Result<Vec<Kline>, String> {
+    let mut trades: BTreeMap<u64, Trade> = BTreeMap::new();
+    let mut since = (from * 1_000_000).to_string();
+    let mut reached = false;
+    for _ in 0..MAX_PAGES {
+        let url = format!(
+            "{}/0/public/Trades?pair={}&since={since}&count={PAGE}",
+            ex.config.rest_url,
+            rest_name(inst)
+        );
+        let (page, last) = parse_kraken_trades(&get(ex, &url).await?)?;
+        let newest = page.iter().map(|t| t.time_ms).max();
+        let short = page.len() < PAGE;
+        trades.extend(page.into_iter().map(|t| (order(&t), t)));
+        match (newest, last) {
+            (Some(n), _) if n >= to => {
+                reached = true;
+                break;
+            }
+            (_, Some(l)) if !short && l != since => since = l,
+            // The exchange has nothing more (a quiet market up to now).
+            _ => {
+                reached = true;
+                break;
+            }
+        }
+    }
+    if !reached {
+        return Ok(Vec::new());
+    }
+    let inside: Vec<Trade> = trades
+        .into_values()
+        .filter(|t| t.time_ms >= from && t.time_ms < to)
+        .collect();
+    Ok(candles_from_trades(inside, interval, now, false))
+}
+
 /// Candles built from trades (oldest first); the oldest bucket is dropped, as trades before
 /// the first one fetched may belong to it.
 fn from_trades(trades: Vec<Trade>, interval: Interval, now: i64) -> Vec<Kline> {
+    candles_from_trades(trades, interval, now, true)
+}
+
+/// Candles from trades; `drop_first` when the first bucket may be missing earlier trades.
+fn candles_from_trades(
+    trades: Vec<Trade>,
+    interval: Interval,
+    now: i64,
+    drop_first: bool,
+) -> Vec<Kline> {
     let mut by_bucket: BTreeMap<i64, Vec<Trade>> = BTreeMap::new();
     for t in trades {
         by_bucket
@@ -560,7 +638,9 @@ fn from_trades(trades: Vec<Trade>, interval: Interval, now: i64) -> Vec<Kline> {
             .or_default()
             .push(t);
     }
-    by_bucket.pop_first();
+    if drop_first {
+        by_bucket.pop_first();
+    }
     by_bucket
         .into_iter()
         .filter_map(|(start, mut ts)| {

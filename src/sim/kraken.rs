@@ -324,6 +324,15 @@ impl SimKraken {
     }
 
     /// Candles of `interval` the market closed for `symbol`, derived from its own trades.
+    /// Every candle of `symbol` the market has closed (warm-up included), oldest first.
+    pub fn history_candles(&self, symbol: &str, interval: Interval) -> Vec<Candle> {
+        lock(&self.inner.markets)
+            .get(symbol)
+            .and_then(|m| m.history.get(&interval))
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn closed_candles(&self, symbol: &str, interval: Interval) -> Vec<Candle> {
         lock(&self.inner.closed)
             .get(&(symbol.to_string(), interval))
@@ -766,7 +775,7 @@ async fn ohlc_handler(State(inner): State<Arc<Inner>>, Query(q): Query<OhlcQuery
         ])
     };
     // The last row is the current, not yet committed candle, as on Kraken.
-    let rows: Vec<Value> = m
+    let mut rows: Vec<Value> = m
         .history
         .get(&iv)
         .into_iter()
@@ -775,6 +784,9 @@ async fn ohlc_handler(State(inner): State<Arc<Inner>>, Query(q): Query<OhlcQuery
         .filter(|c| c.open_time > since_ms)
         .map(row)
         .collect();
+    // The newest `ohlc_rows` (720 on Kraken), whatever `since` asked.
+    let skip = rows.len().saturating_sub(inner.opts.ohlc_rows);
+    let rows = rows.split_off(skip);
     let last = rows.last().and_then(|r| r[0].as_i64()).unwrap_or(0);
     Json(json!({"error": [], "result": {pair.key.clone(): rows, "last": last}})).into_response()
 }

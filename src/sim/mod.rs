@@ -42,6 +42,8 @@ pub struct SimOptions {
     pub rate_scale: f64,
     /// How much faster than wall time the exchange's clock runs (trade times, candles).
     pub time_scale: f64,
+    /// Rows Kraken's REST OHLC answers at most, the newest (Kraken: 720, whatever `since`).
+    pub ohlc_rows: usize,
 }
 
 impl SimOptions {
@@ -59,6 +61,7 @@ impl SimOptions {
             seed: 42,
             rate_scale: 1.0,
             time_scale: 1.0,
+            ohlc_rows: 720,
         }
     }
 
