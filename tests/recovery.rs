@@ -374,3 +374,53 @@ async fn window_memory_is_reported() {
     let stats = relay.stats().await;
     assert!(stats["recovery"]["windowBytes"].as_u64().unwrap() > 0);
 }
+
+#[tokio::test]
+async fn a_private_channel_is_checked_before_anything_is_replayed() {
+    let (_sim, relay) = start().await;
+    let mut alice = Client::connect_url(&relay.ws_url(), Some(&token("alice", 300))).await;
+    alice.subscribe(&["orders:alice"]).await;
+    let ack = alice.recv_until(is_type("subscribed")).await;
+    let http = reqwest::Client::new();
+    for n in 1..=3 {
+        http.post(relay.http("/api/v1/publish"))
+            .bearer_auth(PUBLISH_KEY)
+            .json(&json!({"channel":"orders:alice","data":{"n":n}}))
+            .send()
+            .await
+            .unwrap();
+    }
+    alice
+        .recv_until(|v| v["type"] == "orders" && v["seq"] == 3)
+        .await;
+    drop(alice);
+    let since = json!({"epoch": ack["epoch"], "seq": 1});
+    // Without a token, and with another user's: refused, nothing of alice's replayed.
+    for bearer in [None, Some(token("mallory", 300))] {
+        let mut other = Client::connect_url(&relay.ws_url(), bearer.as_deref()).await;
+        other
+            .send(json!({"type":"subscribe","channels":[{"channel":"orders:alice","since":since}]}))
+            .await;
+        let err = other.recv_until(is_type("error")).await;
+        assert!(
+            ["AUTH_REQUIRED", "FORBIDDEN"].contains(&error_code(&err)),
+            "{err}"
+        );
+        other.send(json!({"type":"ping"})).await;
+        let next = other.recv_until(|v| v["type"] != "error").await;
+        assert_eq!(next["type"], "pong", "nothing was replayed: {next}");
+    }
+    // Alice again: her orders after seq 1, with their seqs.
+    let mut back = Client::connect_url(&relay.ws_url(), Some(&token("alice", 300))).await;
+    back.send(json!({"type":"subscribe","channels":[{"channel":"orders:alice","since":since}]}))
+        .await;
+    let ack = back.recv_until(is_type("subscribed")).await;
+    assert_eq!(ack["recovered"], true);
+    let two = back.recv_until(is_type("orders")).await;
+    let three = back.recv_until(is_type("orders")).await;
+    assert_eq!(
+        (two["seq"].as_u64(), three["seq"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(three["data"]["n"], 3);
+}

@@ -112,6 +112,11 @@ function onMessage(text) {
       seq(msg);
       candle(msg);
       break;
+    case "history":
+      // A chart's candles before the live ones (the subscribe asked for them).
+      ui.lastSeq.set(msg.channel, msg.seq);
+      for (const k of msg.data) if (k.interval) candle({ channel: msg.channel, data: k });
+      break;
     default:
       seq(msg);
   }
@@ -305,7 +310,10 @@ function init() {
   $("disconnect").addEventListener("click", () => ui.ws && ui.ws.close(1000));
   $("picker").addEventListener("submit", (e) => {
     e.preventDefault();
-    send({ type: "subscribe", channels: [pickedChannel()] });
+    const channel = pickedChannel();
+    // A chart starts with the candles before now: the relay's history joins them to the live ones.
+    const entry = $("kind").value === "klines" ? { channel, history: CANDLES_MAX } : channel;
+    send({ type: "subscribe", channels: [entry] });
   });
   for (const id of ["kind", "symbol", "interval", "depth", "user"]) {
     $(id).addEventListener("change", updatePicker);
