@@ -213,40 +213,15 @@ async fn rest_history_endpoints_answer_with_the_channel_objects() {
         assert!(data[0]["side"] == "buy" || data[0]["side"] == "sell");
     }
     // endTime: the newest candle wanted.
-    let all: Value = http
-        .get(relay.http("/api/v1/klines?channel=klines:BTCUSDT:1s&limit=10"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let times: Vec<i64> = all["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["time"].as_i64().unwrap())
-        .collect();
-    if times.len() >= 3 {
-        let end = times[times.len() - 3];
-        let older: Value = http
-            .get(relay.http(&format!(
-                "/api/v1/klines?channel=klines:BTCUSDT:1s&limit=2&endTime={end}"
-            )))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let got: Vec<i64> = older["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k["time"].as_i64().unwrap())
-            .collect();
-        assert_eq!(got.last(), Some(&end));
-    }
+    let times = candle_times(&relay, "channel=klines:BTCUSDT:1s&limit=10").await;
+    assert!(times.len() >= 3, "ten minutes of market: {times:?}");
+    let end = times[times.len() - 3];
+    let older = candle_times(
+        &relay,
+        &format!("channel=klines:BTCUSDT:1s&limit=2&endTime={end}"),
+    )
+    .await;
+    assert_eq!(older, times[times.len() - 4..times.len() - 2].to_vec());
     // Bad parameters and unknown markets.
     let status = |path: String| {
         let http = http.clone();
@@ -257,30 +232,48 @@ async fn rest_history_endpoints_answer_with_the_channel_objects() {
             (s, v["error"]["code"].as_str().unwrap_or("").to_string())
         }
     };
-    assert_eq!(
-        status(relay.http("/api/v1/klines")).await,
-        (400, "INVALID_CHANNEL".into())
-    );
-    assert_eq!(
-        status(relay.http("/api/v1/klines?channel=trades:BTCUSDT")).await,
-        (400, "INVALID_CHANNEL".into())
-    );
-    assert_eq!(
-        status(relay.http("/api/v1/klines?channel=klines:BTCUSDT:1m&limit=0")).await,
-        (400, "INVALID_OPTION".into())
-    );
-    assert_eq!(
-        status(relay.http("/api/v1/trades?channel=trades:BTCUSDT&limit=1001")).await,
-        (400, "INVALID_OPTION".into())
-    );
-    assert_eq!(
-        status(relay.http("/api/v1/trades?channel=trades:NOPEUSDT")).await,
-        (404, "UNKNOWN_SYMBOL".into())
-    );
-    assert_eq!(
-        status(relay.http("/api/v1/trades?channel=trades:BTCUSDT@nowhere")).await,
-        (404, "UNKNOWN_EXCHANGE".into())
-    );
+    for (path, want) in [
+        ("/api/v1/klines", (400, "INVALID_CHANNEL")),
+        (
+            "/api/v1/klines?channel=trades:BTCUSDT",
+            (400, "INVALID_CHANNEL"),
+        ),
+        (
+            "/api/v1/klines?channel=klines:BTCUSDT:1m&limit=0",
+            (400, "INVALID_OPTION"),
+        ),
+        (
+            "/api/v1/trades?channel=trades:BTCUSDT&limit=1001",
+            (400, "INVALID_OPTION"),
+        ),
+        (
+            "/api/v1/trades?channel=trades:NOPEUSDT",
+            (404, "UNKNOWN_SYMBOL"),
+        ),
+        (
+            "/api/v1/trades?channel=trades:BTCUSDT@nowhere",
+            (404, "UNKNOWN_EXCHANGE"),
+        ),
+    ] {
+        let (code, name) = status(relay.http(path)).await;
+        assert_eq!((code, name.as_str()), want, "{path}");
+    }
+}
+
+/// The open times of `GET /api/v1/klines?<query>`.
+async fn candle_times(relay: &Relay, query: &str) -> Vec<i64> {
+    let body: Value = reqwest::get(relay.http(&format!("/api/v1/klines?{query}")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["time"].as_i64().unwrap())
+        .collect()
 }
 
 /// The sum of `relay_upstream_rest_requests` for one exchange.
@@ -375,18 +368,7 @@ async fn kraken_candles_beyond_its_ohlc_rows_are_built_from_its_trades() {
             .find(|c| c.open_time == k["time"].as_i64().unwrap())
             .expect("the exchange closed this candle");
         compared += 1;
-        for (field, want) in [
-            ("open", c.open),
-            ("high", c.high),
-            ("low", c.low),
-            ("close", c.close),
-            ("volume", c.volume),
-        ] {
-            assert!(
-                close(k[field].as_f64().unwrap(), want),
-                "{field}: {k} vs {c:?}"
-            );
-        }
+        assert_prices_match(k, c);
         assert_eq!(k["trades"].as_u64(), Some(c.trades), "{k}");
         assert_eq!(k["isFinal"], true);
     }

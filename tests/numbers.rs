@@ -200,18 +200,7 @@ async fn the_candle_forming_at_subscribe_time_is_the_exchanges_own() {
             .iter()
             .find(|c| c.open_time == t)
             .expect("closed by the exchange");
-        for (field, want) in [
-            ("open", c.open),
-            ("high", c.high),
-            ("low", c.low),
-            ("close", c.close),
-            ("volume", c.volume),
-        ] {
-            assert!(
-                close(k[field].as_f64().unwrap(), want),
-                "{field}: {k} vs {c:?}"
-            );
-        }
+        assert_prices_match(k, c);
         if trades_known || !k["trades"].is_null() {
             assert_eq!(k["trades"].as_u64(), Some(c.trades), "{k} vs {c:?}");
         }

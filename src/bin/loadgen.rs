@@ -623,61 +623,45 @@ impl RawClient {
     }
 
     /// Reads everything, recording the latency of every trade, until the connection ends.
-    async fn read_loop(mut self, meter: Rc<RefCell<Meter>>, times: Arc<SendTimes>) {
+    async fn read_loop(self, meter: Rc<RefCell<Meter>>, times: Arc<SendTimes>) {
+        self.read_texts(|t| {
+            if let Some(id) = trade_id(t) {
+                let now = times.now_us();
+                let sent = times.get(id);
+                let mut m = meter.borrow_mut();
+                if id >= m.from_id && id < m.to_id && sent > 0 {
+                    m.delivered += 1;
+                    let _ = m.histogram.record(now.saturating_sub(sent).max(1));
+                }
+            }
+        })
+        .await
+    }
+
+    /// Counts the data messages of type `depth` it reads.
+    async fn count_loop(self, count: Rc<std::cell::Cell<u64>>) {
+        // `{"type":"depth",...`: the type is the first field of a data message.
+        const NEEDLE: &[u8] = b"\"type\":\"depth\"";
+        self.read_texts(|t| {
+            if t.get(1..1 + NEEDLE.len()) == Some(NEEDLE) {
+                count.set(count.get() + 1)
+            }
+        })
+        .await
+    }
+
+    /// Reads until the connection ends, handing each text frame to `on_text` and answering
+    /// pings.
+    async fn read_texts(mut self, mut on_text: impl FnMut(&[u8])) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         loop {
             let mut pongs = Vec::new();
             while let Some((used, frame)) = Self::parse(&self.buf) {
                 match frame {
-                    Frame::Text(t) => {
-                        if let Some(id) = trade_id(t) {
-                            let now = times.now_us();
-                            let sent = times.get(id);
-                            let mut m = meter.borrow_mut();
-                            if id >= m.from_id && id < m.to_id && sent > 0 {
-                                m.delivered += 1;
-                                let _ = m.histogram.record(now.saturating_sub(sent).max(1));
-                            }
-                        }
-                    }
+                    Frame::Text(t) => on_text(t),
                     Frame::Ping(p) => pongs.push(client_frame(0xA, p)),
                     Frame::Close => return,
                     Frame::Other => {}
-                }
-                let _ = self.buf.split_to(used);
-            }
-            for p in pongs {
-                if self.stream.write_all(&p).await.is_err() {
-                    return;
-                }
-            }
-            self.buf.reserve(16 * 1024);
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    }
-}
-
-impl RawClient {
-    /// Counts the data messages of type `depth` it reads, answering pings.
-    async fn count_loop(mut self, count: Rc<std::cell::Cell<u64>>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        const NEEDLE: &[u8] = b"\"type\":\"depth\"";
-        loop {
-            let mut pongs = Vec::new();
-            while let Some((used, frame)) = Self::parse(&self.buf) {
-                match frame {
-                    Frame::Text(t)
-                        if t.starts_with(NEEDLE)
-                            || t.windows(NEEDLE.len()).take(4).any(|w| w == NEEDLE) =>
-                    {
-                        count.set(count.get() + 1)
-                    }
-                    Frame::Ping(p) => pongs.push(client_frame(0xA, p)),
-                    Frame::Close => return,
-                    _ => {}
                 }
                 let _ = self.buf.split_to(used);
             }

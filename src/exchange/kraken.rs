@@ -726,8 +726,9 @@ impl Protocol for KrakenProtocol {
 /// `[time, "open", "high", "low", "close", "vwap", "volume", count]`.
 type RestOhlcRow = (i64, String, String, String, String, String, String, u64);
 
-/// `GET /0/public/OHLC`: `{"error":[],"result":{"XXBTZUSD":[[time,"o","h","l","c","vwap","vol",count],...],"last":...}}`.
-pub fn parse_rest_ohlc(body: &str) -> Result<Vec<SeedCandle>, String> {
+/// The `result` of a Kraken public REST answer (`{"error":[...],"result":{...}}`), or its
+/// errors.
+pub fn rest_result(body: &str) -> Result<HashMap<String, serde_json::Value>, String> {
     #[derive(Deserialize)]
     struct Reply {
         #[serde(default)]
@@ -738,13 +739,21 @@ pub fn parse_rest_ohlc(body: &str) -> Result<Vec<SeedCandle>, String> {
     if !reply.error.is_empty() {
         return Err(reply.error.join("; "));
     }
-    let rows = reply
-        .result
-        .unwrap_or_default()
+    Ok(reply.result.unwrap_or_default())
+}
+
+/// The pair's rows in a `result` keyed by Kraken's pair name, beside `last`.
+pub fn pair_rows(result: HashMap<String, serde_json::Value>) -> Result<serde_json::Value, String> {
+    result
         .into_iter()
         .find(|(k, v)| k != "last" && v.is_array())
         .map(|(_, v)| v)
-        .ok_or("no candles in the reply")?;
+        .ok_or_else(|| "no rows in the reply".to_string())
+}
+
+/// `GET /0/public/OHLC`: `{"error":[],"result":{"XXBTZUSD":[[time,"o","h","l","c","vwap","vol",count],...],"last":...}}`.
+pub fn parse_rest_ohlc(body: &str) -> Result<Vec<SeedCandle>, String> {
+    let rows = pair_rows(rest_result(body)?)?;
     let rows: Vec<RestOhlcRow> = serde_json::from_value(rows).map_err(|e| e.to_string())?;
     rows.into_iter()
         .map(|(t, o, h, l, c, _vwap, v, n)| {

@@ -12,7 +12,7 @@
 //! histories never exceeds the exchange's weight limits; identical requests are shared by the
 //! cache in [`super::Upstreams`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
@@ -742,27 +742,13 @@ fn parse_coinbase_ticker(body: &str) -> Result<Vec<Trade>, String> {
 /// oldest first, `b`/`s` the taker's side. Returns the trades and `last`, kept as a string (a
 /// 19-digit value does not survive a float).
 fn parse_kraken_trades(body: &str) -> Result<(Vec<Trade>, Option<String>), String> {
-    #[derive(Deserialize)]
-    struct Reply {
-        #[serde(default)]
-        error: Vec<String>,
-        result: Option<HashMap<String, serde_json::Value>>,
-    }
-    let reply: Reply = serde_json::from_str(body).map_err(|e| e.to_string())?;
-    if !reply.error.is_empty() {
-        return Err(reply.error.join("; "));
-    }
-    let result = reply.result.unwrap_or_default();
+    let result = super::kraken::rest_result(body)?;
     let last = match result.get("last") {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(serde_json::Value::Number(n)) => Some(n.to_string()),
         _ => None,
     };
-    let rows = result
-        .into_iter()
-        .find(|(k, v)| k != "last" && v.is_array())
-        .map(|(_, v)| v)
-        .ok_or("no trades in the reply")?;
+    let rows = super::kraken::pair_rows(result)?;
     type Row = (String, String, f64, String, String, String, u64);
     let rows: Vec<Row> = serde_json::from_value(rows).map_err(|e| e.to_string())?;
     let trades = rows

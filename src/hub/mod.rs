@@ -69,6 +69,15 @@ pub struct Held {
     pub throttle: Option<Duration>,
 }
 
+/// A history one subscriber waits for (its `ticket` tells it from an earlier request).
+struct HistoryAsked {
+    key: FeedKey,
+    channel: Channel,
+    client_id: u64,
+    ticket: u64,
+    limit: usize,
+}
+
 /// What a subscribe asks for once, beyond joining the channel.
 #[derive(Debug, Clone, Default)]
 pub struct Join {
@@ -401,7 +410,13 @@ impl Hub {
                         ticket,
                         throttle: held.throttle,
                     });
-                    self.spawn_history(key.clone(), held.channel.clone(), client.id, ticket, limit);
+                    self.spawn_history(HistoryAsked {
+                        key: key.clone(),
+                        channel: held.channel.clone(),
+                        client_id: client.id,
+                        ticket,
+                        limit,
+                    });
                 }
                 _ => {
                     self.send(
@@ -494,34 +509,27 @@ impl Hub {
     /// Fetches a history for a subscriber that asked for one, then hands it the history and
     /// moves it to the live stream, all under the topic's lock so nothing is missed or sent
     /// twice between the two.
-    fn spawn_history(
-        &self,
-        key: FeedKey,
-        channel: Channel,
-        client_id: u64,
-        ticket: u64,
-        limit: usize,
-    ) {
+    fn spawn_history(&self, asked: HistoryAsked) {
         let Some(hub) = self.me.upgrade() else {
             return;
         };
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             tokio::select! {
-                _ = hub.deliver_history(key, channel, client_id, ticket, limit) => {}
+                _ = hub.deliver_history(asked) => {}
                 _ = shutdown.cancelled() => {}
             }
         });
     }
 
-    async fn deliver_history(
-        &self,
-        key: FeedKey,
-        channel: Channel,
-        client_id: u64,
-        ticket: u64,
-        limit: usize,
-    ) {
+    async fn deliver_history(&self, asked: HistoryAsked) {
+        let HistoryAsked {
+            key,
+            channel,
+            client_id,
+            ticket,
+            limit,
+        } = asked;
         let topic_key = TopicKey::Feed(key.clone());
         // A new feed: let its stream start first, so the history reaches past its first message.
         let started = Instant::now();

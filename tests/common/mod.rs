@@ -425,6 +425,22 @@ pub fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(1.0)
 }
 
+/// Checks a relay kline's prices and volume against the exchange's own candle.
+pub fn assert_prices_match(k: &Value, c: &exchange_relay::sim::market::Candle) {
+    for (field, want) in [
+        ("open", c.open),
+        ("high", c.high),
+        ("low", c.low),
+        ("close", c.close),
+        ("volume", c.volume),
+    ] {
+        assert!(
+            close(k[field].as_f64().unwrap(), want),
+            "{field}: {k} vs {c:?}"
+        );
+    }
+}
+
 /// Checks relay klines (`data` objects) against the candles the exchange closed from the same
 /// trades, field by field (trade-built candles have an exact quote volume too).
 pub fn assert_candles_match(klines: &[Value], truth: &[exchange_relay::sim::market::Candle]) {
