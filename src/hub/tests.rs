@@ -292,3 +292,125 @@ async fn events_reach_every_subscriber_in_order_and_unwanted_feeds_go_nowhere() 
     hub.events(&feed("ETHUSDT", Feed::Trades), vec![trade(4)]);
     assert_eq!(hub.stats.counters().messages_out, 2 + 6);
 }
+
+fn book(best: i64) -> MarketEvent {
+    MarketEvent::Book(crate::events::Book {
+        bids: vec![[Dec::from_int(best), Dec::from_int(1)]],
+        asks: vec![[Dec::from_int(best + 1), Dec::from_int(1)]],
+        time_ms: 1,
+    })
+}
+
+fn best_bids(msgs: &[Value]) -> Vec<i64> {
+    msgs.iter()
+        .filter(|m| m["type"] == "depth")
+        .map(|m| m["data"]["bids"][0][0].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_subscriber_gets_the_leading_value_then_the_newest_at_each_interval_end() {
+    let (hub, _) = hub();
+    let fast = hub.register_client(None);
+    let slow = hub.register_client(None);
+    hub.attach(&fast, held(&hub, "depth:BTCUSDT:5"), Join::default(), &None);
+    let mut throttled = held(&hub, "depth:BTCUSDT:5");
+    throttled.throttle = Some(Duration::from_millis(1000));
+    hub.attach(&slow, throttled, Join::default(), &None);
+    messages(&fast);
+    messages(&slow);
+    let key = feed("BTCUSDT", Feed::Book);
+    // Ten updates 100 ms apart: the first goes at once, the others wait for the interval.
+    // (The unthrottled client is read after each: unread, its queue would conflate them.)
+    let mut seen_fast = Vec::new();
+    let mut got = Vec::new();
+    for i in 0..10 {
+        hub.events(&key, vec![book(100 + i)]);
+        seen_fast.extend(best_bids(&messages(&fast)));
+        got.extend(messages(&slow));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        settle().await;
+    }
+    assert_eq!(seen_fast, (100..110).collect::<Vec<_>>());
+    // At 1 s the interval ends: the newest value (109) goes, nothing in between.
+    tokio::time::advance(Duration::from_millis(10)).await;
+    settle().await;
+    got.extend(messages(&slow));
+    assert_eq!(
+        best_bids(&got),
+        vec![100, 109],
+        "leading edge, then the trailing newest"
+    );
+    // The same frames as the unthrottled subscriber's: seq 1 and 10 of the channel.
+    let seqs: Vec<u64> = got.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 10]);
+    // Quiet afterwards: nothing more is sent, and the next update waits for the interval.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    settle().await;
+    assert!(messages(&slow).is_empty());
+    hub.events(&key, vec![book(200)]);
+    settle().await;
+    assert_eq!(
+        best_bids(&messages(&slow)),
+        vec![200],
+        "a quiet channel's next value goes at once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_recovery_window_forgets_by_count_and_by_age() {
+    let mut config = Config::default();
+    config.recovery.window_messages = 3;
+    config.recovery.window_secs = 10;
+    let source = Arc::new(FakeSource::default());
+    let hub = Hub::new(
+        &config,
+        Arc::new(Stats::default()),
+        CancellationToken::new(),
+        source,
+    );
+    let keeper = hub.register_client(None);
+    hub.attach(
+        &keeper,
+        held(&hub, "trades:BTCUSDT"),
+        Join::default(),
+        &None,
+    );
+    let ack = messages(&keeper).remove(0);
+    let epoch = ack["epoch"].as_str().unwrap().to_string();
+    let key = feed("BTCUSDT", Feed::Trades);
+    for id in 1..=5 {
+        hub.events(&key, vec![trade(id)]);
+    }
+    let resume = |seq: u64| Join {
+        since: Some(Since {
+            epoch: epoch.clone(),
+            seq,
+        }),
+        ..Join::default()
+    };
+    // Seqs 3, 4, 5 are held: a resume after 2 gets them all.
+    let c = hub.register_client(None);
+    hub.attach(&c, held(&hub, "trades:BTCUSDT"), resume(2), &None);
+    let got = messages(&c);
+    assert_eq!(got[0]["recovered"], true);
+    let seqs: Vec<u64> = got[1..]
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![3, 4, 5]);
+    // After 1 it cannot: seq 2 is gone.
+    let d = hub.register_client(None);
+    hub.attach(&d, held(&hub, "trades:BTCUSDT"), resume(1), &None);
+    let got = messages(&d);
+    assert_eq!(got[0]["recovered"], false);
+    assert_eq!(got[1]["data"]["reason"], "recovery_window");
+    // Eleven seconds on, nothing is young enough to keep.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let e = hub.register_client(None);
+    hub.attach(&e, held(&hub, "trades:BTCUSDT"), resume(4), &None);
+    let got = messages(&e);
+    assert_eq!(got[0]["recovered"], false);
+    assert_eq!(got.len(), 2, "the gap, and nothing replayed: {got:?}");
+    assert_eq!(hub.windows.messages.load(Ordering::Relaxed), 0);
+}
