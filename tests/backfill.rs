@@ -252,3 +252,89 @@ async fn a_rebuilt_book_is_announced_as_a_book_resync_gap() {
             .skip_sequence()),
     );
 }
+
+/// Reads `channel` for `span`: the open times of final candles, and gap notices.
+async fn finals_and_gaps(
+    c: &mut Client,
+    channel: &str,
+    span: Duration,
+    finals: &mut Vec<i64>,
+    gaps: &mut i32,
+) {
+    let end = Instant::now() + span;
+    while let Ok(Some(v)) = timeout(end.saturating_duration_since(Instant::now()), c.next()).await {
+        if v["channel"] != channel {
+            continue;
+        }
+        if v["type"] == "gap" {
+            *gaps += 1;
+        }
+        if v["type"] == "kline" && v["data"]["isFinal"] == true {
+            finals.push(v["data"]["time"].as_i64().unwrap());
+        }
+    }
+}
+
+/// Candles that closed while the relay was away are still sent, final, once each, in order
+/// (from the exchange's REST candles), before the live ones.
+async fn finals_across_an_outage(
+    relay: &Relay,
+    channel: &str,
+    cut: impl std::future::Future<Output = ()>,
+) {
+    let mut c = Client::connect(relay).await;
+    c.subscribe(&[channel]).await;
+    c.recv_until(is_type("subscribed")).await;
+    let mut finals: Vec<i64> = Vec::new();
+    let mut gaps = 0;
+    finals_and_gaps(
+        &mut c,
+        channel,
+        Duration::from_millis(2500),
+        &mut finals,
+        &mut gaps,
+    )
+    .await;
+    cut.await;
+    finals_and_gaps(
+        &mut c,
+        channel,
+        Duration::from_secs(6),
+        &mut finals,
+        &mut gaps,
+    )
+    .await;
+    assert_eq!(gaps, 0, "{channel}: the outage's candles were had");
+    assert!(finals.len() >= 6, "{channel}: {finals:?}");
+    assert!(
+        finals.windows(2).all(|w| w[1] - w[0] == 1000),
+        "{channel}: every second final once, in order, across the outage: {finals:?}"
+    );
+}
+
+#[tokio::test]
+async fn candles_that_close_during_an_outage_are_still_sent_final_once() {
+    let sims = start_sims(SimOptions::fast()).await;
+    let relay = start_relay(config_for_all(&sims)).await;
+    let away = Duration::from_millis(2500);
+    tokio::join!(
+        finals_across_an_outage(&relay, "klines:BTCUSDT:1s", async {
+            sims.binance.set_available(false);
+            sims.binance.kill_connections();
+            tokio::time::sleep(away).await;
+            sims.binance.set_available(true);
+        }),
+        finals_across_an_outage(&relay, "klines:BTCUSD@kraken:1s", async {
+            sims.kraken.set_available(false);
+            sims.kraken.kill_connections();
+            tokio::time::sleep(away).await;
+            sims.kraken.set_available(true);
+        }),
+        finals_across_an_outage(&relay, "klines:BTCUSD@coinbase:1s", async {
+            sims.coinbase.set_available(false);
+            sims.coinbase.kill_connections();
+            tokio::time::sleep(away).await;
+            sims.coinbase.set_available(true);
+        }),
+    );
+}

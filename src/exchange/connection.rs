@@ -47,6 +47,16 @@ const QUIET_AFTER: Duration = Duration::from_secs(3);
 #[derive(Default)]
 pub struct Tape {
     last: std::collections::HashMap<FeedKey, Seen>,
+    /// Open time of the newest final candle dispatched per klines feed.
+    last_final: std::collections::HashMap<FeedKey, i64>,
+}
+
+/// A klines stream whose candles that closed during an outage are being fetched.
+struct KlineRecovery {
+    key: FeedKey,
+    /// Live candle events waiting for the fetch.
+    buffer: Vec<MarketEvent>,
+    started: Instant,
 }
 
 /// A trades stream catching up after an outage.
@@ -379,6 +389,9 @@ struct Live<'a> {
     recovering: std::collections::HashMap<String, Recovery>,
     resolved: std::collections::HashSet<String>,
     backfills: tokio::sync::mpsc::Sender<(String, Result<rest::Filled, String>)>,
+    /// Klines streams catching up on the candles that closed while the relay was away.
+    kline_recovering: std::collections::HashMap<String, KlineRecovery>,
+    kline_fills: tokio::sync::mpsc::Sender<(String, Result<Vec<crate::events::Kline>, String>)>,
     seeds: tokio::sync::mpsc::Sender<(u64, Result<super::candles::Seed, String>)>,
     /// Books being rebuilt, since when: the fresh snapshot ends a `book_resync` gap.
     resyncing: std::collections::HashMap<String, i64>,
@@ -498,6 +511,28 @@ impl Live<'_> {
     fn on_event(&mut self, stream: String, key: FeedKey, event: MarketEvent) {
         if let MarketEvent::Trade(t) = &event {
             return self.on_trade(stream, key, t.clone());
+        }
+        if let MarketEvent::Kline(k) = &event {
+            let (interval, open_time, is_final) = (k.interval, k.open_time, k.is_final);
+            if let Some(r) = self.kline_recovering.get_mut(&stream) {
+                r.buffer.push(event);
+                return;
+            }
+            if self.candles_missed(&stream, &key, interval, open_time) {
+                self.kline_recovering.insert(
+                    stream.clone(),
+                    KlineRecovery {
+                        key: key.clone(),
+                        buffer: vec![event],
+                        started: Instant::now(),
+                    },
+                );
+                self.fetch_missed_candles(&stream, &key, interval, open_time);
+                return;
+            }
+            if is_final {
+                self.tape.last_final.insert(key.clone(), open_time);
+            }
         }
         if let (MarketEvent::Book(b), Some(from)) = (&event, self.resyncing.get(&stream).copied()) {
             // The first book after a resync is the fresh snapshot: what was missed is said,
@@ -680,6 +715,116 @@ impl Live<'_> {
         self.handle_out()
     }
 
+    /// Whether candles of `stream` closed while the relay was away: the first candle after an
+    /// outage opens later than the one after the last final candle dispatched.
+    fn candles_missed(
+        &mut self,
+        stream: &str,
+        key: &FeedKey,
+        interval: crate::domain::Interval,
+        open_time: i64,
+    ) -> bool {
+        if self.outage.is_none() || !self.resolved.insert(format!("klines {stream}")) {
+            return false;
+        }
+        let Some(last) = self.tape.last_final.get(key).copied() else {
+            return false;
+        };
+        let (_, last_close) = crate::domain::bucket(interval, last);
+        let next = crate::domain::bucket(interval, last_close + 1).0;
+        open_time > next
+    }
+
+    /// Fetches the candles that closed between the last final one dispatched and `open_time`.
+    fn fetch_missed_candles(
+        &mut self,
+        stream: &str,
+        key: &FeedKey,
+        interval: crate::domain::Interval,
+        open_time: i64,
+    ) {
+        let after = self.tape.last_final.get(key).copied().unwrap_or(open_time);
+        let inst = self
+            .ex
+            .instruments()
+            .and_then(|set| set.by_symbol.get(&key.symbol).cloned());
+        let (ex, reply, stream) = (
+            self.ex.clone(),
+            self.kline_fills.clone(),
+            stream.to_string(),
+        );
+        // Enough rows for the outage (at most the history's 1,000).
+        let span = interval.fixed_millis().unwrap_or(28 * 86_400_000).max(1);
+        let limit = (((open_time - after) / span) as usize + 2).min(1000);
+        tokio::spawn(async move {
+            let candles = match inst {
+                Some(inst) => rest::klines(&ex, &inst, interval, limit, Some(open_time - 1))
+                    .await
+                    .map(|c| {
+                        c.into_iter()
+                            .filter(|k| {
+                                k.is_final && k.open_time > after && k.open_time < open_time
+                            })
+                            .collect()
+                    }),
+                None => Err("the instrument is not in the exchange's list".to_string()),
+            };
+            let _ = reply.send((stream, candles)).await;
+        });
+    }
+
+    /// The candles that closed during an outage, final and in order, before the live ones that
+    /// waited; when they cannot be had, an `upstream_outage` gap says so.
+    fn on_kline_fill(
+        &mut self,
+        stream: String,
+        candles: Result<Vec<crate::events::Kline>, String>,
+    ) -> Flow {
+        let Some(r) = self.kline_recovering.remove(&stream) else {
+            return ControlFlow::Continue(());
+        };
+        self.flush_events();
+        match candles {
+            Ok(found) => {
+                for k in found {
+                    self.tape.last_final.insert(r.key.clone(), k.open_time);
+                    self.events.push((r.key.clone(), MarketEvent::Kline(k)));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(exchange = %self.ex.adapter.id(), %stream, error = %e, "candles of the outage could not be fetched");
+                let from = self.outage.unwrap_or_else(now_millis);
+                let to = r
+                    .buffer
+                    .first()
+                    .map_or_else(now_millis, |e| e.time_ms())
+                    .max(from);
+                if let Some(sink) = self.link.sink.upgrade() {
+                    sink.gap(&r.key, GapReason::UpstreamOutage, from, to);
+                }
+            }
+        }
+        for event in r.buffer {
+            if let MarketEvent::Kline(k) = &event {
+                if k.is_final {
+                    self.tape.last_final.insert(r.key.clone(), k.open_time);
+                }
+            }
+            self.on_event_after_recovery(stream.clone(), r.key.clone(), event);
+        }
+        self.handle_out()
+    }
+
+    /// A live candle that waited for the outage's candles: it goes the normal way.
+    fn on_event_after_recovery(&mut self, stream: String, key: FeedKey, event: MarketEvent) {
+        match &event {
+            MarketEvent::Kline(k) if !k.is_final => {
+                self.forming.insert(stream, (key, event));
+            }
+            _ => self.events.push((key, event)),
+        }
+    }
+
     /// Trades streams that had no live trade since the socket opened are backfilled up to
     /// now; a backfill that takes too long is given up (the live trades waited enough).
     fn check_backfills(&mut self) -> Flow {
@@ -726,6 +871,15 @@ impl Live<'_> {
             .collect();
         for stream in late {
             self.on_backfill(stream, Err("no answer in time".into()))?;
+        }
+        let late: Vec<String> = self
+            .kline_recovering
+            .iter()
+            .filter(|(_, r)| r.started.elapsed() >= BACKFILL_WAIT)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for stream in late {
+            self.on_kline_fill(stream, Err("no answer in time".into()))?;
         }
         ControlFlow::Continue(())
     }
@@ -895,6 +1049,7 @@ async fn serve(
     let (mut sink, mut stream) = ws.split();
     let (fetch_tx, mut fetch_rx) = tokio::sync::mpsc::channel(256);
     let (backfill_tx, mut backfill_rx) = tokio::sync::mpsc::channel(64);
+    let (kline_tx, mut kline_rx) = tokio::sync::mpsc::channel(64);
     let (seed_tx, mut seed_rx) = tokio::sync::mpsc::channel(64);
     let mut live = Live {
         ex,
@@ -913,6 +1068,8 @@ async fn serve(
         recovering: std::collections::HashMap::new(),
         resolved: std::collections::HashSet::new(),
         backfills: backfill_tx,
+        kline_recovering: std::collections::HashMap::new(),
+        kline_fills: kline_tx,
         seeds: seed_tx,
         resyncing: std::collections::HashMap::new(),
     };
@@ -946,6 +1103,7 @@ async fn serve(
             }
             Some((tag, body)) = fetch_rx.recv() => live.on_fetched(tag, body),
             Some((stream, filled)) = backfill_rx.recv() => live.on_backfill(stream, filled),
+            Some((stream, candles)) = kline_rx.recv() => live.on_kline_fill(stream, candles),
             Some((tag, seed)) = seed_rx.recv() => live.on_seeded(tag, seed),
             _ = conn.notify.notified() => {
                 dirty = true;
