@@ -344,3 +344,32 @@ async fn a_book_that_keeps_failing_its_checksum_backs_off_and_the_others_flow() 
     })
     .await;
 }
+
+/// REST's AssetPairs and the WebSocket disagree on a pair's price precision (issue #11 item 9):
+/// the checksum uses the WebSocket `instrument` channel's, so the book verifies and flows.
+#[tokio::test]
+async fn the_checksum_uses_the_instrument_channels_precision_over_rest() {
+    let sims = start_sims(exchange_relay::sim::SimOptions::fast()).await;
+    sims.kraken.misstate_rest_precision("BTC/USD");
+    let relay = start_relay(config_for_all(&sims)).await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["depth:BTCUSD@kraken:10"]).await;
+    let mut books = 0;
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    while let Ok(Some(v)) = tokio::time::timeout(
+        end.saturating_duration_since(tokio::time::Instant::now()),
+        c.next(),
+    )
+    .await
+    {
+        if v["type"] == "depth" {
+            books += 1;
+        }
+    }
+    assert!(books > 20, "the book flows: {books}");
+    let stats = relay.stats().await;
+    assert_eq!(
+        stats["upstreams"]["kraken"]["resyncs"], 0,
+        "no checksum failed"
+    );
+}

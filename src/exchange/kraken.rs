@@ -265,6 +265,9 @@ struct KrakenProtocol {
     books: HashMap<String, LocalBook>,
     /// Books that keep failing their checksum are resynced ever further apart.
     resyncs: Resyncs,
+    /// Price and quantity precision by pair from the WebSocket `instrument` channel: the ones
+    /// the book checksum is computed at, which REST's `AssetPairs` may state otherwise.
+    ws_precisions: HashMap<String, (u32, u32)>,
     native: HashMap<String, NativeCandles>,
     /// Intervals Kraken has no native stream for, built from its trades.
     derived: DerivedCandles,
@@ -286,6 +289,7 @@ impl KrakenProtocol {
             trade_users: HashMap::new(),
             books: HashMap::new(),
             resyncs: Resyncs::default(),
+            ws_precisions: HashMap::new(),
             native: HashMap::new(),
             derived: DerivedCandles::default(),
             next_req: 1,
@@ -361,6 +365,9 @@ impl KrakenProtocol {
     }
 
     fn precisions(&self, symbol: &str, fallback: (u32, u32)) -> (u32, u32) {
+        if let Some(p) = self.ws_precisions.get(symbol) {
+            return *p;
+        }
         self.by_native.get(symbol).map_or(fallback, |i| {
             (
                 i.price_precision.unwrap_or(fallback.0),
@@ -683,9 +690,35 @@ impl Protocol for KrakenProtocol {
                 let candles = serde_json::from_str(data.get())?;
                 self.on_ohlc(candles, snapshot, event_time.min(now_ms), out)?;
             }
-            _ => {} // status, heartbeat, instrument
+            Some("instrument") => {
+                #[derive(Deserialize)]
+                struct Pairs {
+                    #[serde(default)]
+                    pairs: Vec<PairMsg>,
+                }
+                #[derive(Deserialize)]
+                struct PairMsg {
+                    symbol: String,
+                    price_precision: u32,
+                    qty_precision: u32,
+                }
+                for p in serde_json::from_str::<Pairs>(data.get())?.pairs {
+                    self.ws_precisions
+                        .insert(p.symbol, (p.price_precision, p.qty_precision));
+                }
+            }
+            _ => {} // status, heartbeat
         }
         Ok(())
+    }
+
+    /// The `instrument` channel first: its precisions are the ones the checksums use.
+    fn on_connect(&mut self, _now_ms: i64, out: &mut Vec<Effect>) {
+        self.next_req += 1;
+        out.push(Effect::Send(
+            serde_json::json!({"method": "subscribe", "params": {"channel": "instrument"}, "req_id": self.next_req})
+                .to_string(),
+        ));
     }
 
     fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Effect>) {

@@ -76,6 +76,8 @@ struct Inner {
     always_corrupt: Mutex<HashSet<String>>,
     /// `book` subscribe requests per pair.
     book_subscribes: Mutex<HashMap<String, u64>>,
+    /// Pairs whose `AssetPairs` entry states one more price decimal than the books use.
+    misstated: Mutex<HashSet<String>>,
     /// Symbols whose subscriptions are refused although listed.
     refused: Mutex<HashSet<String>>,
     books: Mutex<HashMap<String, VecDeque<TopBook>>>,
@@ -219,6 +221,7 @@ impl SimKraken {
             corrupt: Mutex::new(HashSet::new()),
             always_corrupt: Mutex::new(HashSet::new()),
             book_subscribes: Mutex::new(HashMap::new()),
+            misstated: Mutex::new(HashSet::new()),
             refused: Mutex::new(HashSet::new()),
             books: Mutex::new(HashMap::new()),
             closed: Mutex::new(HashMap::new()),
@@ -295,6 +298,12 @@ impl SimKraken {
         } else {
             set.remove(symbol);
         }
+    }
+
+    /// From now on `AssetPairs` states one more price decimal for `symbol` (its `wsname`)
+    /// than its books and checksums use, as REST and WebSocket sometimes disagree.
+    pub fn misstate_rest_precision(&self, symbol: &str) {
+        lock(&self.inner.misstated).insert(symbol.to_string());
     }
 
     /// How many `book` subscribe requests the exchange has received for `symbol`.
@@ -540,6 +549,19 @@ fn handle(inner: &Inner, subs: &mut HashSet<String>, text: &str) -> Vec<String> 
             let t = rfc3339(now_millis());
             vec![json!({"method": "pong", "req_id": req_id, "time_in": t, "time_out": t}).to_string()]
         }
+        "subscribe" if req["params"]["channel"] == "instrument" => {
+            // Every pair with the precisions its books' checksums use.
+            let pairs: Vec<Value> = inner
+                .pairs
+                .iter()
+                .map(|p| json!({"symbol": p.ws, "status": if p.tradable { "online" } else { "delisted" },
+                    "price_precision": p.price_dp, "qty_precision": p.qty_dp}))
+                .collect();
+            vec![
+                ack(method, json!({"channel": "instrument", "snapshot": true}), &req_id),
+                json!({"channel": "instrument", "type": "snapshot", "data": {"assets": [], "pairs": pairs}}).to_string(),
+            ]
+        }
         "subscribe" | "unsubscribe" => {
             let params = &req["params"];
             let channel = params["channel"].as_str().unwrap_or_default();
@@ -654,9 +676,21 @@ async fn asset_pairs_handler(State(inner): State<Arc<Inner>>) -> Response {
     if !inner.available.load(Ordering::SeqCst) {
         return unavailable();
     }
+    let misstated = lock(&inner.misstated).clone();
+    let body = if misstated.is_empty() {
+        inner.asset_pairs.clone()
+    } else {
+        let mut listing: Value = serde_json::from_str(&inner.asset_pairs).unwrap_or_default();
+        for p in inner.pairs.iter().filter(|p| misstated.contains(&p.ws)) {
+            if let Some(entry) = listing["result"].get_mut(&p.key) {
+                entry["pair_decimals"] = json!(p.price_dp + 1);
+            }
+        }
+        listing.to_string()
+    };
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        inner.asset_pairs.clone(),
+        body,
     )
         .into_response()
 }
