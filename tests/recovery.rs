@@ -424,3 +424,80 @@ async fn a_private_channel_is_checked_before_anything_is_replayed() {
     );
     assert_eq!(three["data"]["n"], 3);
 }
+
+#[tokio::test]
+async fn subscribing_again_with_an_object_replaces_the_options_and_a_plain_name_changes_nothing() {
+    let (_sim, relay) = start().await;
+    let mut c = Client::connect(&relay).await;
+    c.subscribe(&["depth:BTCUSDT:5"]).await;
+    c.recv_until(is_type("subscribed")).await;
+    // Unthrottled: about 20 a second on the simulator.
+    let before = collect(&mut c, "depth:BTCUSDT:5", Duration::from_secs(1)).await;
+    assert!(before.len() >= 10, "{}", before.len());
+    c.send(
+        json!({"type":"subscribe","channels":[{"channel":"depth:BTCUSDT:5","throttleMs":1000}]}),
+    )
+    .await;
+    c.recv_until(is_type("subscribed")).await;
+    let throttled = collect(&mut c, "depth:BTCUSDT:5", Duration::from_secs(2)).await;
+    assert!(
+        (1..=4).contains(&throttled.len()),
+        "throttled now: {}",
+        throttled.len()
+    );
+    // A plain name again changes nothing: still throttled.
+    c.subscribe(&["depth:BTCUSDT:5"]).await;
+    c.recv_until(is_type("subscribed")).await;
+    let still = collect(&mut c, "depth:BTCUSDT:5", Duration::from_secs(2)).await;
+    assert!(still.len() <= 4, "still throttled: {}", still.len());
+    // An object with history on a held klines channel sends a history again.
+    c.send(json!({"type":"subscribe","channels":[{"channel":"klines:BTCUSDT:1s","history":5}]}))
+        .await;
+    c.recv_until(is_type("history")).await;
+    c.send(json!({"type":"subscribe","channels":[{"channel":"klines:BTCUSDT:1s","history":3}]}))
+        .await;
+    let again = c.recv_until(is_type("history")).await;
+    assert_eq!(again["data"].as_array().unwrap().len(), 3);
+    let stats = relay.stats().await;
+    assert_eq!(stats["totalSubscriptions"], 2, "no double count");
+}
+
+#[tokio::test]
+async fn klines_resume_with_the_candles_that_closed_then_the_forming_one() {
+    let (_sim, relay) = start().await;
+    let mut keeper = Client::connect(&relay).await;
+    keeper.subscribe(&["klines:BTCUSDT:1s"]).await;
+    let ack = keeper.recv_until(is_type("subscribed")).await;
+    let seen = collect(
+        &mut keeper,
+        "klines:BTCUSDT:1s",
+        Duration::from_millis(1500),
+    )
+    .await;
+    let since = seen.last().unwrap()["seq"].as_u64().unwrap();
+    // Three more seconds of candles while the other client is away.
+    let during = collect(&mut keeper, "klines:BTCUSDT:1s", Duration::from_secs(3)).await;
+    let closed: Vec<i64> = during
+        .iter()
+        .filter(|m| m["data"]["isFinal"] == true)
+        .map(|m| m["data"]["time"].as_i64().unwrap())
+        .collect();
+    assert!(closed.len() >= 2);
+    let mut back = Client::connect(&relay).await;
+    back.send(json!({"type":"subscribe","channels":[{"channel":"klines:BTCUSDT:1s","since":{"epoch":ack["epoch"],"seq":since}}]}))
+        .await;
+    let resumed = back.recv_until(is_type("subscribed")).await;
+    assert_eq!(resumed["recovered"], true);
+    let replay = collect(&mut back, "klines:BTCUSDT:1s", Duration::from_millis(300)).await;
+    let finals: Vec<i64> = replay
+        .iter()
+        .take_while(|m| m["data"]["isFinal"] == true)
+        .map(|m| m["data"]["time"].as_i64().unwrap())
+        .collect();
+    for t in &closed {
+        assert!(finals.contains(t), "final {t} replayed: {finals:?}");
+    }
+    let forming = &replay[finals.len()];
+    assert_eq!(forming["data"]["isFinal"], false, "then the forming one");
+    assert!(forming["data"]["time"].as_i64().unwrap() > *finals.last().unwrap());
+}
