@@ -94,6 +94,17 @@ pub enum TradeId {
     Text(String),
 }
 
+impl TradeId {
+    /// The trade's place in its exchange's tape: every exchange here numbers each market's
+    /// trades with integers (Coinbase's as strings).
+    pub fn order(&self) -> u64 {
+        match self {
+            TradeId::Number(n) => *n,
+            TradeId::Text(s) => s.parse().unwrap_or(0),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
@@ -109,6 +120,13 @@ pub struct Trade {
     /// The taker's side.
     pub side: Side,
     pub time_ms: i64,
+}
+
+impl Trade {
+    /// See [`TradeId::order`].
+    pub fn order(&self) -> u64 {
+        self.trade_id.order()
+    }
 }
 
 /// Top of an order book, best level first on each side.

@@ -132,7 +132,7 @@ impl TradeCandles {
             .iter()
             .filter(|t| t.time_ms >= from && t.time_ms <= end)
             .collect();
-        trades.sort_by_key(|t| (t.time_ms, trade_order(&t.trade_id)));
+        trades.sort_by_key(|t| (t.time_ms, t.trade_id.order()));
         if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
             let sum = |f: fn(&SeedCandle) -> Option<Dec>| {
                 rows.iter()
@@ -215,7 +215,7 @@ impl TradeCandles {
 
     /// Adds a trade of the bucket `[start, end]` to the forming candle.
     fn apply(&mut self, t: &Trade, start: i64, end: i64) {
-        let key = (t.time_ms, trade_order(&t.trade_id));
+        let key = (t.time_ms, t.trade_id.order());
         let b = self.forming.get_or_insert(Building {
             open_time: start,
             close_time: end,
@@ -393,14 +393,6 @@ pub fn push_klines(stream: &str, klines: Vec<Kline>, out: &mut Vec<Effect>) {
             stream: stream.to_string(),
             event: MarketEvent::Kline(k),
         });
-    }
-}
-
-/// Orders trades of the same millisecond by id where the id is numeric.
-fn trade_order(id: &TradeId) -> u64 {
-    match id {
-        TradeId::Number(n) => *n,
-        TradeId::Text(s) => s.parse().unwrap_or(0),
     }
 }
 

@@ -24,7 +24,7 @@ use super::rest::{self, Seen};
 use super::{Conn, Effect, Exchange, Protocol, ProtocolContext, TICK};
 use crate::domain::ExchangeId;
 use crate::events::{Feed, FeedKey, MarketEvent, Trade};
-use crate::hub::{trade_order, FeedSink};
+use crate::hub::FeedSink;
 use crate::protocol::{now_millis, GapReason};
 use crate::stats::Stats;
 
@@ -564,7 +564,7 @@ impl Live<'_> {
     /// from the exchange's REST API; what cannot be had becomes an `upstream_outage` gap.
     fn on_trade(&mut self, stream: String, key: FeedKey, t: Trade) {
         let seen = Seen {
-            id: trade_order(&t),
+            id: t.order(),
             time_ms: t.time_ms,
         };
         if let Some(r) = self.recovering.get_mut(&stream) {
@@ -642,19 +642,19 @@ impl Live<'_> {
         };
         let mut trades: Vec<Trade> = found
             .into_iter()
-            .filter(|t| trade_order(t) > r.after.id && before.is_none_or(|b| trade_order(t) < b))
+            .filter(|t| t.order() > r.after.id && before.is_none_or(|b| t.order() < b))
             .collect();
         self.ex.stats.backfilled(trades.len() as u64, complete);
         let mut frames = Vec::new();
         self.proto
             .backfilled(&stream, &trades, now_millis(), &mut frames);
         let mut live = r.buffer;
-        live.sort_by_key(trade_order);
+        live.sort_by_key(Trade::order);
         trades.extend(live);
         let mut newest = r.after;
         let mut out = Vec::with_capacity(trades.len());
         for t in trades {
-            let id = trade_order(&t);
+            let id = t.order();
             if id > newest.id {
                 newest = Seen {
                     id,
@@ -668,13 +668,13 @@ impl Live<'_> {
             // consecutive, else just before the live trades.
             let live_at = out
                 .iter()
-                .position(|t| before.is_some_and(|b| trade_order(t) >= b))
+                .position(|t| before.is_some_and(|b| t.order() >= b))
                 .unwrap_or(out.len());
             let split = if ids_are_consecutive(r.key.exchange) {
                 let mut prev = r.after.id;
                 out.iter()
                     .position(|t| {
-                        let id = trade_order(t);
+                        let id = t.order();
                         let hole = id != prev + 1;
                         prev = id;
                         hole

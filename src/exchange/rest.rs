@@ -138,7 +138,7 @@ pub async fn recent_trades(
                 let page = parse_coinbase_ticker(&get(ex, &url).await?)?;
                 let before = got.len();
                 let oldest = page.iter().map(|t| t.time_ms).min();
-                got.extend(page.into_iter().map(|t| (order(&t), t)));
+                got.extend(page.into_iter().map(|t| (t.order(), t)));
                 match oldest {
                     Some(o) if got.len() < limit && got.len() > before => end = Some(o / 1000 + 1),
                     _ => break,
@@ -160,8 +160,8 @@ pub async fn recent_trades(
             .0
         }
     };
-    trades.sort_by_key(order);
-    trades.dedup_by_key(|t| order(t));
+    trades.sort_by_key(Trade::order);
+    trades.dedup_by_key(|t| t.order());
     let skip = trades.len().saturating_sub(limit);
     Ok(trades.split_off(skip))
 }
@@ -176,7 +176,7 @@ pub async fn trades_between(
     before: Option<Seen>,
 ) -> Result<Filled, String> {
     let base = &ex.config.rest_url;
-    let wanted = |t: &Trade| order(t) > after.id && before.is_none_or(|b| order(t) < b.id);
+    let wanted = |t: &Trade| t.order() > after.id && before.is_none_or(|b| t.order() < b.id);
     let mut got: BTreeMap<u64, Trade> = BTreeMap::new();
     let mut reached_end = false;
     match ex.adapter.id() {
@@ -189,8 +189,8 @@ pub async fn trades_between(
                 );
                 let page = parse_binance_trades(&get(ex, &url).await?)?;
                 let short = page.len() < PAGE;
-                let newest = page.iter().map(order).max();
-                got.extend(page.into_iter().filter(wanted).map(|t| (order(&t), t)));
+                let newest = page.iter().map(Trade::order).max();
+                got.extend(page.into_iter().filter(wanted).map(|t| (t.order(), t)));
                 match (newest, before) {
                     (Some(n), Some(b)) if n + 1 >= b.id => reached_end = true,
                     (None, _) => reached_end = true,
@@ -206,8 +206,8 @@ pub async fn trades_between(
             // The window: from the last trade seen to the first live one.
             let end = before.map_or(now_millis(), |b| b.time_ms);
             let (page, reached) = coinbase_window(ex, inst, after.time_ms, end).await?;
-            reached_end = reached || page.first().is_some_and(|t| order(t) <= after.id + 1);
-            got.extend(page.into_iter().filter(wanted).map(|t| (order(&t), t)));
+            reached_end = reached || page.first().is_some_and(|t| t.order() <= after.id + 1);
+            got.extend(page.into_iter().filter(wanted).map(|t| (t.order(), t)));
         }
         ExchangeId::Kraken => {
             let mut since = (after.time_ms * 1_000_000).to_string();
@@ -218,8 +218,8 @@ pub async fn trades_between(
                 );
                 let (page, last) = parse_kraken_trades(&get(ex, &url).await?)?;
                 let short = page.len() < PAGE;
-                let newest = page.iter().map(order).max();
-                got.extend(page.into_iter().filter(wanted).map(|t| (order(&t), t)));
+                let newest = page.iter().map(Trade::order).max();
+                got.extend(page.into_iter().filter(wanted).map(|t| (t.order(), t)));
                 match (newest, before, last) {
                     (Some(n), Some(b), _) if n + 1 >= b.id => reached_end = true,
                     (None, _, _) => reached_end = true,
@@ -304,7 +304,7 @@ pub async fn seed(
         ExchangeId::Coinbase => {
             let (page, reached) = coinbase_window(ex, inst, cursor, now_millis()).await?;
             complete = reached;
-            trades.extend(page.into_iter().map(|t| (order(&t), t)));
+            trades.extend(page.into_iter().map(|t| (t.order(), t)));
         }
         ExchangeId::Kraken => {
             let mut since = (cursor * 1_000_000).to_string();
@@ -316,7 +316,7 @@ pub async fn seed(
                 );
                 let (page, last) = parse_kraken_trades(&get(ex, &url).await?)?;
                 let short = page.len() < PAGE;
-                trades.extend(page.into_iter().map(|t| (order(&t), t)));
+                trades.extend(page.into_iter().map(|t| (t.order(), t)));
                 match last {
                     Some(l) if !short && l != since => since = l,
                     _ => {
@@ -360,7 +360,7 @@ async fn coinbase_window(
         let page = parse_coinbase_ticker(&get(ex, &url).await?)?;
         let (before, rows) = (got.len(), page.len());
         let oldest = page.iter().map(|t| t.time_ms).min();
-        got.extend(page.into_iter().map(|t| (order(&t), t)));
+        got.extend(page.into_iter().map(|t| (t.order(), t)));
         match oldest {
             // The oldest second may hold more trades than the page showed: it is asked again.
             Some(o) if got.len() > before && o / 1000 >= start => end = o / 1000 + 1,
@@ -373,14 +373,6 @@ async fn coinbase_window(
         }
     }
     Ok((got.into_values().collect(), false))
-}
-
-/// A trade's place in its exchange's tape.
-fn order(t: &Trade) -> u64 {
-    match &t.trade_id {
-        TradeId::Number(n) => *n,
-        TradeId::Text(s) => s.parse().unwrap_or(0),
-    }
 }
 
 async fn binance_klines(
@@ -594,7 +586,7 @@ async fn kraken_candles_from_trades(
         let (page, last) = parse_kraken_trades(&get(ex, &url).await?)?;
         let newest = page.iter().map(|t| t.time_ms).max();
         let short = page.len() < PAGE;
-        trades.extend(page.into_iter().map(|t| (order(&t), t)));
+        trades.extend(page.into_iter().map(|t| (t.order(), t)));
         match (newest, last) {
             (Some(n), _) if n >= to => {
                 reached = true;
@@ -644,7 +636,7 @@ fn candles_from_trades(
     by_bucket
         .into_iter()
         .filter_map(|(start, mut ts)| {
-            ts.sort_by_key(|t| (t.time_ms, order(t)));
+            ts.sort_by_key(|t| (t.time_ms, t.order()));
             let (_, close_time) = bucket(interval, start);
             let volume = ts
                 .iter()

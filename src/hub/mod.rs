@@ -1151,14 +1151,6 @@ fn current_frame(
     Some((Wire::text(frame.as_str()), delivery))
 }
 
-/// A trade's place in its exchange's tape: every exchange here numbers trades per market.
-pub fn trade_order(t: &Trade) -> u64 {
-    match &t.trade_id {
-        crate::events::TradeId::Number(n) => *n,
-        crate::events::TradeId::Text(s) => s.parse().unwrap_or(0),
-    }
-}
-
 /// The exchange's history joined to what the topic saw live: each trade once (by id), each
 /// candle once (the relay's own copy where it has one), nothing newer than the live stream
 /// has sent (that arrives live), the newest `limit`, oldest first.
@@ -1170,7 +1162,7 @@ fn merge_history(
 ) -> Vec<MarketEvent> {
     let mut out: Vec<MarketEvent> = match channel {
         Channel::Trades(_) => {
-            let newest_live = st.recent_trades.back().map(trade_order);
+            let newest_live = st.recent_trades.back().map(Trade::order);
             let mut seen = HashSet::new();
             let mut trades: Vec<Trade> = rows
                 .into_iter()
@@ -1178,11 +1170,11 @@ fn merge_history(
                     MarketEvent::Trade(t) => Some(t),
                     _ => None,
                 })
-                .filter(|t| newest_live.is_none_or(|n| trade_order(t) <= n))
+                .filter(|t| newest_live.is_none_or(|n| t.order() <= n))
                 .chain(st.recent_trades.iter().cloned())
                 .filter(|t| seen.insert(t.trade_id.clone()))
                 .collect();
-            trades.sort_by_key(trade_order);
+            trades.sort_by_key(Trade::order);
             trades.into_iter().map(MarketEvent::Trade).collect()
         }
         Channel::Klines(_, interval) => {
