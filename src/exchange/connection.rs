@@ -389,7 +389,9 @@ struct Live<'a> {
     recovering: std::collections::HashMap<String, Recovery>,
     resolved: std::collections::HashSet<String>,
     backfills: tokio::sync::mpsc::Sender<(String, Result<rest::Filled, String>)>,
-    /// Klines streams catching up on the candles that closed while the relay was away.
+    /// Klines streams whose first candle after an outage was checked, and those catching up on
+    /// the candles that closed while the relay was away.
+    klines_checked: std::collections::HashSet<String>,
     kline_recovering: std::collections::HashMap<String, KlineRecovery>,
     kline_fills: tokio::sync::mpsc::Sender<(String, Result<Vec<crate::events::Kline>, String>)>,
     seeds: tokio::sync::mpsc::Sender<(u64, Result<super::candles::Seed, String>)>,
@@ -507,7 +509,8 @@ impl Live<'_> {
         flow
     }
 
-    /// Queues an event for dispatch, holding forming candles for the tick (see `forming`).
+    /// An event of a stream: trades and candles catch up after an outage first, a rebuilt
+    /// book's gap is said, then it is queued ([`Live::queue`]).
     fn on_event(&mut self, stream: String, key: FeedKey, event: MarketEvent) {
         if let MarketEvent::Trade(t) = &event {
             return self.on_trade(stream, key, t.clone());
@@ -543,12 +546,17 @@ impl Live<'_> {
                 sink.gap(&key, GapReason::BookResync, from, b.time_ms.max(from));
             }
         }
+        self.queue(stream, key, event);
+    }
+
+    /// Queues an event for dispatch: forming candles are held for the tick (the newest only),
+    /// and a final candle supersedes a held forming one of its bucket (or an older one).
+    fn queue(&mut self, stream: String, key: FeedKey, event: MarketEvent) {
         match &event {
             MarketEvent::Kline(k) if !k.is_final => {
                 self.forming.insert(stream, (key, event));
             }
             MarketEvent::Kline(k) => {
-                // A final candle supersedes a held forming one of its bucket (or an older one).
                 if matches!(self.forming.get(&stream), Some((_, MarketEvent::Kline(h))) if h.open_time <= k.open_time)
                 {
                     self.forming.remove(&stream);
@@ -724,7 +732,7 @@ impl Live<'_> {
         interval: crate::domain::Interval,
         open_time: i64,
     ) -> bool {
-        if self.outage.is_none() || !self.resolved.insert(format!("klines {stream}")) {
+        if self.outage.is_none() || !self.klines_checked.insert(stream.to_string()) {
             return false;
         }
         let Some(last) = self.tape.last_final.get(key).copied() else {
@@ -810,19 +818,9 @@ impl Live<'_> {
                     self.tape.last_final.insert(r.key.clone(), k.open_time);
                 }
             }
-            self.on_event_after_recovery(stream.clone(), r.key.clone(), event);
+            self.queue(stream.clone(), r.key.clone(), event);
         }
         self.handle_out()
-    }
-
-    /// A live candle that waited for the outage's candles: it goes the normal way.
-    fn on_event_after_recovery(&mut self, stream: String, key: FeedKey, event: MarketEvent) {
-        match &event {
-            MarketEvent::Kline(k) if !k.is_final => {
-                self.forming.insert(stream, (key, event));
-            }
-            _ => self.events.push((key, event)),
-        }
     }
 
     /// Trades streams that had no live trade since the socket opened are backfilled up to
@@ -1068,6 +1066,7 @@ async fn serve(
         recovering: std::collections::HashMap::new(),
         resolved: std::collections::HashSet::new(),
         backfills: backfill_tx,
+        klines_checked: std::collections::HashSet::new(),
         kline_recovering: std::collections::HashMap::new(),
         kline_fills: kline_tx,
         seeds: seed_tx,
