@@ -124,28 +124,7 @@ pub async fn recent_trades(
             )
             .await?,
         )?,
-        ExchangeId::Coinbase => {
-            // Newest first, and perhaps fewer rows than asked (the exchange's cap is not
-            // documented): page back by time until `limit` are had or the exchange has no more.
-            let mut got: BTreeMap<u64, Trade> = BTreeMap::new();
-            let mut end: Option<i64> = None;
-            for _ in 0..MAX_PAGES {
-                let window = end.map_or(String::new(), |e| format!("&start=0&end={e}"));
-                let url = format!(
-                    "{base}/api/v3/brokerage/market/products/{}/ticker?limit={limit}{window}",
-                    inst.native
-                );
-                let page = parse_coinbase_ticker(&get(ex, &url).await?)?;
-                let before = got.len();
-                let oldest = page.iter().map(|t| t.time_ms).min();
-                got.extend(page.into_iter().map(|t| (t.order(), t)));
-                match oldest {
-                    Some(o) if got.len() < limit && got.len() > before => end = Some(o / 1000 + 1),
-                    _ => break,
-                }
-            }
-            got.into_values().collect()
-        }
+        ExchangeId::Coinbase => coinbase_window(ex, inst, 0, now_millis(), limit).await?.0,
         ExchangeId::Kraken => {
             parse_kraken_trades(
                 &get(
@@ -205,32 +184,18 @@ pub async fn trades_between(
         ExchangeId::Coinbase => {
             // The window: from the last trade seen to the first live one.
             let end = before.map_or(now_millis(), |b| b.time_ms);
-            let (page, reached) = coinbase_window(ex, inst, after.time_ms, end).await?;
+            let (page, reached) = coinbase_window(ex, inst, after.time_ms, end, usize::MAX).await?;
             reached_end = reached || page.first().is_some_and(|t| t.order() <= after.id + 1);
             got.extend(page.into_iter().filter(wanted).map(|t| (t.order(), t)));
         }
         ExchangeId::Kraken => {
-            let mut since = (after.time_ms * 1_000_000).to_string();
-            for _ in 0..MAX_PAGES {
-                let url = format!(
-                    "{base}/0/public/Trades?pair={}&since={since}&count={PAGE}",
-                    rest_name(inst)
-                );
-                let (page, last) = parse_kraken_trades(&get(ex, &url).await?)?;
-                let short = page.len() < PAGE;
-                let newest = page.iter().map(Trade::order).max();
-                got.extend(page.into_iter().filter(wanted).map(|t| (t.order(), t)));
-                match (newest, before, last) {
-                    (Some(n), Some(b), _) if n + 1 >= b.id => reached_end = true,
-                    (None, _, _) => reached_end = true,
-                    _ if short => reached_end = true,
-                    (_, _, Some(last)) if last != since => since = last,
-                    _ => reached_end = true,
-                }
-                if reached_end {
-                    break;
-                }
-            }
+            let (page, reached) = kraken_trades_from(ex, inst, after.time_ms, MAX_PAGES, |p| {
+                let newest = p.iter().map(Trade::order).max();
+                newest.zip(before).is_some_and(|(n, b)| n + 1 >= b.id)
+            })
+            .await?;
+            reached_end = reached;
+            got.extend(page.into_iter().filter(wanted).map(|t| (t.order(), t)));
         }
     }
     let trades: Vec<Trade> = got.into_values().collect();
@@ -302,29 +267,15 @@ pub async fn seed(
     let mut complete = false;
     match ex.adapter.id() {
         ExchangeId::Coinbase => {
-            let (page, reached) = coinbase_window(ex, inst, cursor, now_millis()).await?;
+            let (page, reached) =
+                coinbase_window(ex, inst, cursor, now_millis(), usize::MAX).await?;
             complete = reached;
             trades.extend(page.into_iter().map(|t| (t.order(), t)));
         }
         ExchangeId::Kraken => {
-            let mut since = (cursor * 1_000_000).to_string();
-            for _ in 0..5 {
-                let url = format!(
-                    "{}/0/public/Trades?pair={}&since={since}&count={PAGE}",
-                    ex.config.rest_url,
-                    rest_name(inst)
-                );
-                let (page, last) = parse_kraken_trades(&get(ex, &url).await?)?;
-                let short = page.len() < PAGE;
-                trades.extend(page.into_iter().map(|t| (t.order(), t)));
-                match last {
-                    Some(l) if !short && l != since => since = l,
-                    _ => {
-                        complete = true;
-                        break;
-                    }
-                }
-            }
+            let (page, reached) = kraken_trades_from(ex, inst, cursor, 5, |_| false).await?;
+            complete = reached;
+            trades.extend(page.into_iter().map(|t| (t.order(), t)));
         }
         ExchangeId::Binance => {}
     }
@@ -339,22 +290,58 @@ pub async fn seed(
     })
 }
 
-/// Every Coinbase trade from `start_ms` to `end_ms`, oldest first: the market ticker answers
-/// newest first and perhaps fewer rows than asked (its cap is not documented), so the window is
-/// paged back by time until a page brings nothing new. Returns the trades and whether the
-/// window's start was reached (not the page cap).
+/// Kraken's trades from `from_ms` on, oldest first: `Trades` by `since`, then following each
+/// answer's `last` (kept as a string), for at most `pages` pages. Stops early when `far_enough`
+/// says a page reached what is wanted, or the exchange has no more; returns the trades and
+/// whether it stopped for one of those (not the page cap).
+async fn kraken_trades_from(
+    ex: &Exchange,
+    inst: &Instrument,
+    from_ms: i64,
+    pages: usize,
+    far_enough: impl Fn(&[Trade]) -> bool,
+) -> Result<(Vec<Trade>, bool), String> {
+    let mut got: BTreeMap<u64, Trade> = BTreeMap::new();
+    let mut since = (from_ms * 1_000_000).to_string();
+    for _ in 0..pages {
+        let url = format!(
+            "{}/0/public/Trades?pair={}&since={since}&count={PAGE}",
+            ex.config.rest_url,
+            rest_name(inst)
+        );
+        let (page, last) = parse_kraken_trades(&get(ex, &url).await?)?;
+        let done = page.len() < PAGE || far_enough(&page);
+        got.extend(page.into_iter().map(|t| (t.order(), t)));
+        match last {
+            Some(l) if !done && l != since => since = l,
+            _ => return Ok((got.into_values().collect(), true)),
+        }
+    }
+    Ok((got.into_values().collect(), false))
+}
+
+/// Coinbase's trades from `start_ms` to `end_ms`, oldest first, the newest `want` of them at
+/// least when there are that many: the market ticker answers newest first and perhaps fewer
+/// rows than asked (its cap is not documented), so the window is paged back by time until a
+/// page brings nothing new or `want` are had. Returns the trades and whether the window's start
+/// was reached (not the page cap).
 async fn coinbase_window(
     ex: &Exchange,
     inst: &Instrument,
     start_ms: i64,
     end_ms: i64,
+    want: usize,
 ) -> Result<(Vec<Trade>, bool), String> {
     let mut got: BTreeMap<u64, Trade> = BTreeMap::new();
     let start = start_ms / 1000;
     let mut end = end_ms / 1000 + 1;
+    let ask = want.min(PAGE);
     for _ in 0..MAX_PAGES {
+        if got.len() >= want {
+            return Ok((got.into_values().collect(), false));
+        }
         let url = format!(
-            "{}/api/v3/brokerage/market/products/{}/ticker?limit={PAGE}&start={start}&end={end}",
+            "{}/api/v3/brokerage/market/products/{}/ticker?limit={ask}&start={start}&end={end}",
             ex.config.rest_url, inst.native
         );
         let page = parse_coinbase_ticker(&get(ex, &url).await?)?;
@@ -574,37 +561,15 @@ async fn kraken_candles_from_trades(
     to: i64,
     now: i64,
 ) -> Result<Vec<Kline>, String> {
-    let mut trades: BTreeMap<u64, Trade> = BTreeMap::new();
-    let mut since = (from * 1_000_000).to_string();
-    let mut reached = false;
-    for _ in 0..MAX_PAGES {
-        let url = format!(
-            "{}/0/public/Trades?pair={}&since={since}&count={PAGE}",
-            ex.config.rest_url,
-            rest_name(inst)
-        );
-        let (page, last) = parse_kraken_trades(&get(ex, &url).await?)?;
-        let newest = page.iter().map(|t| t.time_ms).max();
-        let short = page.len() < PAGE;
-        trades.extend(page.into_iter().map(|t| (t.order(), t)));
-        match (newest, last) {
-            (Some(n), _) if n >= to => {
-                reached = true;
-                break;
-            }
-            (_, Some(l)) if !short && l != since => since = l,
-            // The exchange has nothing more (a quiet market up to now).
-            _ => {
-                reached = true;
-                break;
-            }
-        }
-    }
+    let (trades, reached) = kraken_trades_from(ex, inst, from, MAX_PAGES, |p| {
+        p.iter().any(|t| t.time_ms >= to)
+    })
+    .await?;
     if !reached {
         return Ok(Vec::new());
     }
     let inside: Vec<Trade> = trades
-        .into_values()
+        .into_iter()
         .filter(|t| t.time_ms >= from && t.time_ms < to)
         .collect();
     Ok(candles_from_trades(inside, interval, now, false))
