@@ -389,12 +389,14 @@ impl Hub {
                 self.stats.subscribed(held.channel.kind(), 1);
             }
             feed.idle_since = None;
-            let current = key
-                .as_ref()
-                .and_then(|k| current_frame(k, feed, last.as_ref()));
+            // The current value, rendered only where it is sent (a history carries its own).
+            let current = |feed: &ChannelFeed| {
+                key.as_ref()
+                    .and_then(|k| current_frame(k, feed, last.as_ref()))
+            };
             match (&join.since, join.history, &key) {
                 (Some(since), _, _) => {
-                    let frames = self.resume(client, feed, since, current, id, now);
+                    let frames = self.resume(client, feed, since, current(feed), id, now);
                     let tally = client.outbox.push_data(&feed.name, &frames);
                     self.count_tally(client, &held.channel, &feed.name, tally);
                     feed.join(client.clone(), held.throttle, now);
@@ -423,7 +425,7 @@ impl Hub {
                         client,
                         msg::subscribed(&feed.name, feed.position(), None, id),
                     );
-                    if let Some(frame) = current {
+                    if let Some(frame) = current(feed) {
                         let tally = client.outbox.push_data(&feed.name, &[frame]);
                         self.count_tally(client, &held.channel, &feed.name, tally);
                     }
