@@ -787,10 +787,11 @@ impl FeedSource for Upstreams {
                 .instruments()
                 .and_then(|set| set.by_symbol.get(&key.symbol).cloned())
                 .ok_or("the exchange's instrument list is not loaded")?;
-            // A few sizes, so that small and large requests share without over-fetching.
+            // A few sizes, so that small and large requests share; one above the limit, as
+            // the hub drops what is newer than its live stream when it joins the two.
             let size = [100, 300, 1000]
                 .into_iter()
-                .find(|s| *s >= request.limit)
+                .find(|s| *s > request.limit)
                 .unwrap_or(1000);
             let fetch = async {
                 let events: Vec<MarketEvent> = match key.feed {
@@ -814,8 +815,7 @@ impl FeedSource for Upstreams {
                 .try_get_with((key.clone(), size, request.end_ms), fetch)
                 .await
                 .map_err(|e| e.to_string())?;
-            let skip = events.len().saturating_sub(request.limit);
-            Ok(events[skip..].to_vec())
+            Ok(events.to_vec())
         })
     }
 }

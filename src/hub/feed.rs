@@ -41,7 +41,9 @@ pub trait FeedSource: Send + Sync + 'static {
     fn unwant(&self, key: &FeedKey);
     /// Whether data can be expected from `exchange` now.
     fn reachable(&self, exchange: ExchangeId) -> bool;
-    /// The recent candles or trades of a klines or trades feed (the exchange's REST API).
+    /// The recent candles or trades of a klines or trades feed (the exchange's REST API),
+    /// oldest first: at least the newest `limit` where the exchange has them, perhaps more (the
+    /// hub joins them to its live data and keeps the newest `limit`).
     fn history(&self, _key: &FeedKey, _request: HistoryRequest) -> HistoryFuture {
         Box::pin(async { Err("this source keeps no history".to_string()) })
     }
