@@ -25,6 +25,8 @@ pub struct AppInner {
     pub hub: Arc<Hub>,
     /// The exchange side, for health, readiness, stats and shutdown.
     pub upstreams: Arc<Upstreams>,
+    /// The cluster this relay is a node of (`[cluster] redis_url`), if any.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     pub stats: Arc<Stats>,
     /// `GET /metrics`: reads the same counters as `stats` at scrape time.
     pub metrics: crate::metrics::Metrics,

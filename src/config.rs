@@ -20,6 +20,7 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub exchanges: ExchangesConfig,
     pub recovery: RecoveryConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +186,36 @@ impl Default for RecoveryConfig {
             window_messages: 1_000,
             window_secs: 300,
         }
+    }
+}
+
+/// Several relays sharing one Redis (PROTOCOL.md `[cluster]`, README § Running a cluster).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Empty: one node on its own. `redis://host:6379/0` joins the cluster behind that Redis.
+    pub redis_url: String,
+    /// This node's name in the cluster; empty: hostname and process id.
+    pub node_id: String,
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.trim().is_empty()
+    }
+
+    /// The configured node id, or `<hostname>-<pid>`.
+    pub fn node_name(&self) -> String {
+        if !self.node_id.trim().is_empty() {
+            return self.node_id.trim().to_string();
+        }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "relay".to_string());
+        format!("{host}-{}", std::process::id())
     }
 }
 
@@ -424,6 +455,14 @@ impl Config {
                 ));
             }
         }
+        if self.cluster.enabled() {
+            if let Err(e) = redis::Client::open(self.cluster.redis_url.trim()) {
+                p.push(format!(
+                    "cluster.redis_url: '{}' is not a Redis URL like redis://localhost:6379/0 ({e})",
+                    self.cluster.redis_url
+                ));
+            }
+        }
         let a = &self.auth;
         if a.jwt_public_key_file.is_none() && a.jwt_secret.is_empty() {
             p.push("auth.jwt_secret: must not be empty (or set auth.jwt_public_key_file)".into());
@@ -517,6 +556,7 @@ fn check_keys(
             "auth" => check_each::<AuthConfig>(section, keys, raw_env, problems),
             "streams" => check_each::<StreamsConfig>(section, keys, raw_env, problems),
             "recovery" => check_each::<RecoveryConfig>(section, keys, raw_env, problems),
+            "cluster" => check_each::<ClusterConfig>(section, keys, raw_env, problems),
             "exchanges" => {
                 let mut bad = Vec::new();
                 for (key, value) in keys.iter_mut() {
@@ -551,7 +591,7 @@ fn check_keys(
             }
             other => {
                 problems.push(format!(
-                    "[{other}]: unknown section; expected server, auth, streams, exchanges or recovery"
+                    "[{other}]: unknown section; expected server, auth, streams, exchanges, recovery or cluster"
                 ));
                 bad_sections.push(section.clone());
             }

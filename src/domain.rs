@@ -279,6 +279,20 @@ impl FromStr for Interval {
     }
 }
 
+/// As written in channels (`1m`, `1M`): how a cluster's nodes pass candles to each other.
+impl serde::Serialize for Interval {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Interval {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Interval, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Candle boundaries; months follow the UTC calendar like Binance's `1M`.
 pub fn bucket(interval: Interval, t_ms: i64) -> (i64, i64) {
     match interval.fixed_millis() {

@@ -4,7 +4,7 @@
 //! Events carry no symbol or exchange: the [`FeedKey`] they arrive on says both, so an adapter
 //! cannot get them wrong and the renderer always prints the unified symbol.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::decimal::Dec;
 use crate::domain::{Channel, ExchangeId, Interval, Symbol};
@@ -43,7 +43,7 @@ pub struct FeedKey {
 
 /// 24-hour rolling statistics plus best bid/ask. Every amount is the exchange's own decimal
 /// (or exactly derived from them); `None` where the exchange gives no exact value.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ticker {
     pub price: Dec,
     pub bid: Dec,
@@ -65,7 +65,7 @@ pub struct Ticker {
     pub time_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Kline {
     pub interval: Interval,
     /// Open time, ms.
@@ -87,7 +87,7 @@ pub struct Kline {
 }
 
 /// The exchange's own trade id: numeric where the exchange's is.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TradeId {
     Number(u64),
@@ -105,14 +105,14 @@ impl TradeId {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
     Buy,
     Sell,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trade {
     pub trade_id: TradeId,
     pub price: Dec,
@@ -130,14 +130,14 @@ impl Trade {
 }
 
 /// Top of an order book, best level first on each side.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Book {
     pub bids: Vec<[Dec; 2]>,
     pub asks: Vec<[Dec; 2]>,
     pub time_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum MarketEvent {
     /// Boxed: a ticker is several times the size of the other events, which are the common ones.
     Ticker(Box<Ticker>),

@@ -293,6 +293,12 @@ pub struct HealthBody {
     /// `wantedConnections`, `streams`.
     #[schema(value_type = Object)]
     upstreams: serde_json::Map<String, Value>,
+    /// In a cluster: `nodeId`, `state` (`ok`, `degraded`), `redis` (`connected`,
+    /// `unreachable`), `nodes`, `members`, the streams this node wants and who reads each,
+    /// `leaseChanges`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    cluster: Option<crate::cluster::ClusterSnapshot>,
 }
 
 /// Liveness, with each exchange's upstream state.
@@ -315,6 +321,7 @@ async fn health(State(state): State<AppState>) -> Json<HealthBody> {
         uptime_seconds: state.stats.uptime_seconds(),
         connected_clients: state.hub.connected_clients(),
         upstreams,
+        cluster: state.cluster.as_ref().map(|c| c.snapshot()),
     })
 }
 
@@ -389,6 +396,10 @@ pub struct StatsData {
     rejected_connections: u64,
     total_connections: u64,
     recovery: RecoveryStatsData,
+    /// In a cluster, as in `/health`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    cluster: Option<crate::cluster::ClusterSnapshot>,
 }
 
 /// What the recovery windows hold, and how resumes and histories went.
@@ -500,6 +511,7 @@ async fn stats(State(state): State<AppState>) -> Json<StatsBody> {
                     .collect(),
             }
         },
+        cluster: state.cluster.as_ref().map(|c| c.snapshot()),
     };
     Json(StatsBody {
         success: true,
@@ -533,8 +545,13 @@ pub struct PublishBody {
 
 #[derive(Serialize, ToSchema)]
 pub struct Delivered {
-    /// Clients of this relay the message was queued for.
+    /// Clients of this relay the message was queued for (in a cluster too: each node counts
+    /// its own).
     delivered: usize,
+    /// In a cluster: the relays with subscribers to the channel that Redis handed it to (0
+    /// while Redis is unreachable: then it reached this relay's subscribers only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nodes: Option<usize>,
 }
 
 /// Pushes a message to a private (`portfolio:`, `orders:`) or `signals:` channel.
@@ -588,10 +605,16 @@ async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
             "only portfolio:, orders: and signals: channels can be published to",
         );
     }
-    let delivered = state.hub.publish(&channel, &data);
+    let (delivered, nodes) = match &state.cluster {
+        Some(cluster) => {
+            let posted = cluster.publish(&channel, &data, &state.hub).await;
+            (posted.delivered, Some(posted.nodes))
+        }
+        None => (state.hub.publish(&channel, &data), None),
+    };
     Json(PublishBody {
         success: true,
-        data: Delivered { delivered },
+        data: Delivered { delivered, nodes },
     })
     .into_response()
 }

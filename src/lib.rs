@@ -5,6 +5,7 @@
 pub mod api_error;
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod decimal;
@@ -111,9 +112,31 @@ pub async fn run(
     // the source, the source a weak handle on the hub.
     let upstreams =
         Arc::new(Upstreams::new(&config, stats.clone(), token.clone()).map_err(RunError::Config)?);
-    let hub = Hub::new(&config, stats.clone(), token.clone(), upstreams.clone());
-    let sink: std::sync::Weak<dyn FeedSink> = Arc::downgrade(&hub) as std::sync::Weak<dyn FeedSink>;
-    upstreams.start(sink);
+    // In a cluster the Redis side sits between the two: the hub's source, the exchanges' sink.
+    let cluster = if config.cluster.enabled() {
+        Some(
+            cluster::Cluster::new(&config, upstreams.clone(), token.clone())
+                .map_err(RunError::Config)?,
+        )
+    } else {
+        None
+    };
+    let source: Arc<dyn hub::FeedSource> = match &cluster {
+        Some(c) => c.clone(),
+        None => upstreams.clone(),
+    };
+    let hub = Hub::new(&config, stats.clone(), token.clone(), source);
+    let hub_sink: std::sync::Weak<dyn FeedSink> =
+        Arc::downgrade(&hub) as std::sync::Weak<dyn FeedSink>;
+    match &cluster {
+        Some(c) => {
+            tracing::info!(node = %c.node_id(), redis = %config.cluster.redis_url, "joining the cluster");
+            c.start(hub_sink);
+            let cluster_sink: Arc<dyn FeedSink> = c.clone();
+            upstreams.start(Arc::downgrade(&cluster_sink));
+        }
+        None => upstreams.start(hub_sink),
+    }
     let state = AppState::new(AppInner {
         conns: ConnTracker::new(
             config.server.max_connections,
@@ -122,6 +145,7 @@ pub async fn run(
         ),
         hub: hub.clone(),
         upstreams: upstreams.clone(),
+        cluster: cluster.clone(),
         metrics: metrics::Metrics::new(stats.clone(), hub.clone(), upstreams.clone()),
         stats,
         auth,
@@ -161,6 +185,9 @@ pub async fn run(
     let drained = tokio::time::timeout(grace, async {
         state.clients.wait().await;
         upstreams.tasks.wait().await;
+        if let Some(c) = &cluster {
+            c.tasks.wait().await;
+        }
     })
     .await;
     if drained.is_err() {

@@ -447,7 +447,7 @@ struct AuthenticatedData<'a> {
 }
 
 /// Why a `gap` was sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GapReason {
     /// The exchange produced data while the relay could not read it, and it could not be filled.

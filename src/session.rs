@@ -227,7 +227,7 @@ impl Session {
                                 Err(e) => &e.id,
                             };
                             match self.admit(id) {
-                                Admit::Yes => self.handle(parsed),
+                                Admit::Yes => self.handle(parsed).await,
                                 Admit::Refused => {}
                                 Admit::Close => reading = false,
                             }
@@ -321,7 +321,7 @@ impl Session {
         Admit::Close
     }
 
-    fn handle(&mut self, parsed: Result<(RequestId, Request), RequestError>) {
+    async fn handle(&mut self, parsed: Result<(RequestId, Request), RequestError>) {
         let (id, request) = match parsed {
             Ok(r) => r,
             Err(e) => return self.error(None, e.code, &e.message, &e.id),
@@ -329,7 +329,7 @@ impl Session {
         match request {
             Request::Subscribe(entries) => {
                 for entry in entries {
-                    self.subscribe(&entry, &id);
+                    self.subscribe(&entry, &id).await;
                 }
             }
             Request::Unsubscribe(names) => {
@@ -351,7 +351,7 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, entry: &SubEntry, id: &RequestId) {
+    async fn subscribe(&mut self, entry: &SubEntry, id: &RequestId) {
         let name = entry.name.as_str();
         let channel: Channel = match name.parse() {
             Ok(c) => c,
@@ -406,10 +406,18 @@ impl Session {
             channel,
             throttle: options.throttle_ms.map(Duration::from_millis),
         };
+        // In a cluster, the topic's shared sequence (and, for `since`, what the cluster keeps
+        // after it) comes first: one Redis round trip for a topic new to this node.
+        let prepared = self
+            .state
+            .hub
+            .prepare(&held.topic, options.since.as_ref())
+            .await;
         let join = Join {
             history: options.history.map(|n| n as usize),
             since: options.since,
             replace: entry.object,
+            prepared,
         };
         let exchange = match &held.topic {
             TopicKey::Feed(key) => key.exchange.to_string(),

@@ -585,12 +585,22 @@ impl Live<'_> {
             }
             return;
         }
-        let last = self.tape.last.get(&key).copied();
+        let mut last = self.tape.last.get(&key).copied();
+        let mut outage = self.outage;
+        if last.is_none() {
+            // A stream carrying on another relay's tape (a cluster's takeover): the trades
+            // since its last one come first, as after an outage of this connection.
+            if let Some(seen) = self.ex.take_resume(&key) {
+                self.tape.last.insert(key.clone(), seen);
+                self.resolved.remove(&stream);
+                last = Some(seen);
+                outage = Some(seen.time_ms);
+            }
+        }
         if last.is_some_and(|l| seen.id <= l.id) {
             return; // already dispatched (a resubscribe's snapshot, a resend)
         }
-        if let (Some(_), Some(after), false) = (self.outage, last, self.resolved.contains(&stream))
-        {
+        if let (Some(_), Some(after), false) = (outage, last, self.resolved.contains(&stream)) {
             if seen.id > after.id + 1 || !ids_are_consecutive(key.exchange) {
                 self.recovering.insert(
                     stream.clone(),

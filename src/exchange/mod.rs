@@ -383,6 +383,9 @@ pub struct Exchange {
     pub proxy: Arc<proxy::ProxyEnv>,
     /// History and backfill requests, paced under the exchange's REST limits (see [`rest`]).
     pub rest_pace: governor::DefaultDirectRateLimiter,
+    /// Trades streams that carry on a tape another relay read (a cluster's takeover): the
+    /// newest trade it had, so the first connection to carry the stream backfills after it.
+    resumes: Mutex<HashMap<FeedKey, rest::Seen>>,
 }
 
 /// An exchange's connections and which one carries each wanted stream.
@@ -450,6 +453,14 @@ impl Pool {
 }
 
 impl Exchange {
+    /// Where a resumed trades stream's tape ends (taken once, by the connection carrying it).
+    pub fn take_resume(&self, key: &FeedKey) -> Option<rest::Seen> {
+        self.resumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+    }
+
     fn pool(&self) -> MutexGuard<'_, Pool> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -608,6 +619,7 @@ impl Upstreams {
                     tls: websocket_tls.clone(),
                     proxy: proxy.clone(),
                     rest_pace: rest_pace(id),
+                    resumes: Mutex::new(HashMap::new()),
                 })
             })
             .collect();
@@ -773,7 +785,20 @@ impl FeedSource for Upstreams {
         let Some(ex) = self.get(key.exchange) else {
             return;
         };
+        ex.take_resume(key);
         ex.pool().remove(key);
+    }
+
+    fn resume(&self, key: &FeedKey, after_trade: Option<(u64, i64)>) {
+        if let (Some(ex), Some((id, time_ms)), Feed::Trades) =
+            (self.get(key.exchange), after_trade, key.feed)
+        {
+            ex.resumes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone(), rest::Seen { id, time_ms });
+        }
+        self.want(key);
     }
 
     /// Candles or trades from the exchange's REST API, shared by identical requests.
@@ -829,6 +854,17 @@ impl FeedSink for NoSink {
     fn refused(&self, _: &FeedKey, _: ErrorCode, _: &str) {}
     fn instruments_loaded(&self, _: ExchangeId) {}
     fn gap(&self, _: &FeedKey, _: crate::protocol::GapReason, _: i64, _: i64) {}
+    fn numbered(
+        &self,
+        _: &crate::hub::TopicKey,
+        _: &str,
+        _: Vec<(u64, crate::hub::Item)>,
+    ) -> usize {
+        0
+    }
+    fn position(&self, _: &crate::hub::TopicKey) -> Option<(Arc<str>, u64)> {
+        None
+    }
 }
 
 /// Quote currencies a symbol is most often mistaken between (a Binance `USDT` market asked of

@@ -15,7 +15,6 @@ use tokio::time::Instant;
 
 use super::Client;
 use crate::domain::Channel;
-use crate::events::Delivery;
 use crate::protocol::Position;
 use crate::ws::Wire;
 
@@ -122,12 +121,12 @@ impl Window {
         self.evicted_upto <= seq
     }
 
-    /// The held messages after `seq`, oldest first.
-    pub fn after(&self, seq: u64) -> Vec<(Wire, Delivery)> {
+    /// The held messages after `seq`, oldest first, with their seq.
+    pub fn after_numbered(&self, seq: u64) -> Vec<(u64, Wire)> {
         self.kept
             .iter()
             .filter(|k| k.seq > seq)
-            .map(|k| (k.wire.clone(), Delivery::Reliable))
+            .map(|k| (k.seq, k.wire.clone()))
             .collect()
     }
 }
@@ -270,7 +269,7 @@ impl ChannelFeed {
 }
 
 /// A short random name for a new sequence.
-fn new_epoch() -> Arc<str> {
+pub fn new_epoch() -> Arc<str> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
     let s: String = (0..8)

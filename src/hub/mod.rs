@@ -41,7 +41,9 @@ use crate::stats::Stats;
 pub use crate::ws::Close;
 use crate::ws::{Outbox, Pushed, Tally, Wire};
 use channel::{Awaiting, ChannelFeed, Pending, Window, WindowLimits, WindowMeter};
-pub use feed::{Check, FeedSink, FeedSource, HistoryFuture, HistoryRequest};
+pub use feed::{
+    Check, FeedSink, FeedSource, HistoryFuture, HistoryRequest, Item, PrepareFuture, Prepared,
+};
 
 /// Trades a trades topic remembers, to join a history to the live stream.
 const RECENT_TRADES: usize = 1_000;
@@ -87,6 +89,9 @@ pub struct Join {
     pub since: Option<Since>,
     /// The entry was an object: for a held channel, its options replace the old ones.
     pub replace: bool,
+    /// In a cluster: the topic's shared sequence, and what the cluster keeps after `since`
+    /// ([`Hub::prepare`]).
+    pub prepared: Option<Prepared>,
 }
 
 /// A connected client as the hub sees it.
@@ -171,6 +176,30 @@ struct TopicState {
     /// The newest trades (trades feeds) and final candles (klines feeds), oldest first.
     recent_trades: VecDeque<Trade>,
     recent_finals: VecDeque<Kline>,
+    /// In a cluster: the one sequence every channel of the topic follows, numbered by the
+    /// source. `None`: each channel numbers its own messages.
+    shared: Option<Shared>,
+}
+
+/// A topic's sequence when its source numbers it (see [`feed`]).
+struct Shared {
+    epoch: Arc<str>,
+    /// The last seq applied.
+    seq: u64,
+    /// The seq of the newest current value.
+    current_seq: u64,
+    started_ms: i64,
+}
+
+impl Shared {
+    fn new(epoch: &str, seq: u64) -> Shared {
+        Shared {
+            epoch: Arc::from(epoch),
+            seq,
+            current_seq: 0,
+            started_ms: now_millis(),
+        }
+    }
 }
 
 impl TopicState {
@@ -325,6 +354,9 @@ impl Hub {
             if st.removed {
                 continue;
             }
+            if let (None, Some(p)) = (&st.shared, &join.prepared) {
+                st.shared = Some(Shared::new(&p.epoch, p.seq));
+            }
             let holds = client.holds(&held.channel);
             if holds && !join.replace {
                 if let Some(i) = st.channel_index(&held.channel) {
@@ -365,7 +397,12 @@ impl Hub {
                         Window::new(self.window, self.windows.clone()),
                         now_millis(),
                     );
-                    if st.last.is_some() {
+                    if let Some(shared) = &st.shared {
+                        feed.epoch = shared.epoch.clone();
+                        feed.seq = shared.seq;
+                        feed.current_seq = shared.current_seq;
+                        feed.started_ms = shared.started_ms;
+                    } else if st.last.is_some() {
                         // The current value is this channel's first message.
                         feed.seq = 1;
                         feed.current_seq = 1;
@@ -396,7 +433,10 @@ impl Hub {
             };
             match (&join.since, join.history, &key) {
                 (Some(since), _, _) => {
-                    let frames = self.resume(client, feed, since, current(feed), id, now);
+                    let fetched = join.prepared.as_ref().and_then(|p| p.after.as_ref());
+                    let current = current(feed);
+                    let frames =
+                        self.resume(client, &held.topic, feed, since, fetched, current, id, now);
                     let tally = client.outbox.push_data(&feed.name, &frames);
                     self.count_tally(client, &held.channel, &feed.name, tally);
                     feed.join(client.clone(), held.throttle, now);
@@ -444,6 +484,11 @@ impl Hub {
             if st.refs == 1 {
                 st.generation += 1;
             }
+            if let (TopicKey::Published(channel), false) = (&held.topic, st.wanted) {
+                // A cluster delivers what other nodes publish to it from now on.
+                st.wanted = true;
+                self.source.follow(channel);
+            }
             if let (TopicKey::Feed(key), Attached::Live) = (&held.topic, &outcome) {
                 if !st.wanted {
                     st.wanted = true;
@@ -458,14 +503,29 @@ impl Hub {
         }
     }
 
+    /// What a subscription needs from a cluster before [`Hub::attach`]: the topic's shared
+    /// sequence when this node does not follow it yet, and for `since` what the cluster keeps
+    /// after it. `None` on a single relay, or when nothing is needed.
+    pub async fn prepare(&self, topic: &TopicKey, since: Option<&Since>) -> Option<Prepared> {
+        let numbered_here = self.topic(topic).is_some_and(|t| t.lock().shared.is_some());
+        if numbered_here && since.is_none() {
+            return None;
+        }
+        self.source.prepare(topic, since.map(|s| s.seq)).await
+    }
+
     /// Answers a subscribe with `since`: the ack says whether the client resumes where it left
     /// off; what follows is what it missed that the channel still holds (PROTOCOL.md §
     /// Recovery). Returns the frames to send after the ack, in order.
+    /// `fetched`: what the cluster keeps after `since` (another node's messages).
+    #[allow(clippy::too_many_arguments)]
     fn resume(
         &self,
         client: &Client,
+        topic: &TopicKey,
         feed: &mut ChannelFeed,
         since: &Since,
+        fetched: Option<&(Vec<(u64, Item)>, bool)>,
         current: Option<(Wire, Delivery)>,
         id: &RequestId,
         now: Instant,
@@ -473,7 +533,9 @@ impl Hub {
         let keeps = keeps_messages(&feed.channel);
         let same_epoch = since.epoch == *feed.epoch && since.seq <= feed.seq;
         feed.window.expire(now);
-        let recovered = same_epoch && (!keeps || feed.window.holds_after(since.seq));
+        let cluster_holds = fetched.is_some_and(|(_, complete)| *complete);
+        let recovered =
+            same_epoch && (!keeps || feed.window.holds_after(since.seq) || cluster_holds);
         self.stats.recovery(recovered);
         self.send(
             client,
@@ -493,7 +555,24 @@ impl Hub {
         }
         let after = if same_epoch { since.seq } else { 0 };
         let mut frames = if keeps {
-            feed.window.after(after)
+            // This node's window, completed by the cluster's where it reaches further back.
+            let mut by_seq: BTreeMap<u64, (Wire, Delivery)> = BTreeMap::new();
+            if let (true, Some((items, _))) = (same_epoch, fetched) {
+                for (seq, item) in items {
+                    if *seq <= after || *seq > feed.seq {
+                        continue;
+                    }
+                    if let Some(frame) = render_item(topic, feed, item, *seq) {
+                        if frame.1 == Delivery::Reliable {
+                            by_seq.insert(*seq, frame);
+                        }
+                    }
+                }
+            }
+            for (seq, wire) in feed.window.after_numbered(after) {
+                by_seq.insert(seq, (wire, Delivery::Reliable));
+            }
+            by_seq.into_values().collect()
         } else {
             Vec::new()
         };
@@ -710,8 +789,10 @@ impl Hub {
         }
         st.removed = true;
         topics.remove(key);
-        if let (TopicKey::Feed(feed), true) = (key, st.wanted) {
-            self.source.unwant(feed);
+        match (key, st.wanted) {
+            (TopicKey::Feed(feed), true) => self.source.unwant(feed),
+            (TopicKey::Published(channel), true) => self.source.unfollow(channel),
+            _ => {}
         }
     }
 
@@ -747,11 +828,44 @@ impl Hub {
             return;
         };
         let mut st = topic.lock();
+        // A topic the source numbers goes on with its sequence (the source's own numbers are
+        // handed in through `numbered`); otherwise each channel numbers its messages.
+        let events = match &st.shared {
+            Some(shared) => {
+                let next = shared.seq + 1;
+                (next..).map(Some).zip(events).collect()
+            }
+            None => events.into_iter().map(|e| (None, e)).collect(),
+        };
+        self.dispatch_locked(&topic_key, key, &mut st, events);
+    }
+
+    /// [`Hub::dispatch`] under the topic's lock; `events` with the seq each takes where the
+    /// topic has a shared sequence.
+    fn dispatch_locked(
+        &self,
+        topic_key: &TopicKey,
+        key: &FeedKey,
+        st: &mut TopicState,
+        events: Vec<(Option<u64>, MarketEvent)>,
+    ) {
         st.live = true;
         let mut events = events;
-        events.retain(|event| {
-            let MarketEvent::Kline(k) = event else {
-                return true;
+        let shared = st.shared.is_some();
+        let mut newest_trade = st.recent_trades.back().map(Trade::order);
+        events.retain(|(_, event)| {
+            let k = match event {
+                // From another node, a trade this one already had (it read the exchange
+                // itself while Redis was away) is not sent twice.
+                MarketEvent::Trade(t) if shared => {
+                    if newest_trade.is_some_and(|n| t.order() <= n) {
+                        return false;
+                    }
+                    newest_trade = Some(t.order());
+                    return true;
+                }
+                MarketEvent::Kline(k) => k,
+                _ => return true,
             };
             if st.last_final_kline.is_some_and(|t| k.open_time <= t) {
                 return false;
@@ -763,22 +877,35 @@ impl Hub {
         });
         let now = now_iso();
         let instant = Instant::now();
-        self.drop_idle_channels(&mut st, instant);
+        self.drop_idle_channels(st, instant);
         // Counted once per channel, not per client: the loop below is the hot path.
         let started = std::time::Instant::now();
         let mut conflated = 0;
         let mut frames = Vec::with_capacity(events.len());
         let mut opens = Vec::with_capacity(events.len());
+        let last_seq = events.last().and_then(|(n, _)| *n);
+        let current_seq = events
+            .iter()
+            .rev()
+            .find(|(_, e)| e.is_current_value())
+            .and_then(|(n, _)| *n);
+        if let (Some(shared), Some(last)) = (st.shared.as_mut(), last_seq) {
+            shared.seq = last;
+            if let Some(c) = current_seq {
+                shared.current_seq = c;
+            }
+        }
         for feed in &mut st.channels {
             frames.clear();
             opens.clear();
-            for event in &events {
+            for (n, event) in &events {
+                let seq = n.unwrap_or(feed.seq + 1);
                 let Some((frame, delivery)) =
-                    render(key, &feed.channel, &feed.name, event, feed.seq + 1, &now)
+                    render(key, &feed.channel, &feed.name, event, seq, &now)
                 else {
                     continue;
                 };
-                feed.seq += 1;
+                feed.seq = seq;
                 let wire = Wire::text(frame.as_str());
                 if delivery == Delivery::Reliable {
                     feed.window.push(feed.seq, &wire, instant);
@@ -791,6 +918,9 @@ impl Hub {
                     _ => None,
                 });
                 frames.push((wire, delivery));
+            }
+            if let Some(last) = last_seq {
+                feed.seq = last;
             }
             if frames.is_empty() {
                 continue;
@@ -831,7 +961,7 @@ impl Hub {
                                 if !group.armed {
                                     group.armed = true;
                                     self.schedule_flush(
-                                        &topic_key,
+                                        topic_key,
                                         &feed.channel,
                                         group.every,
                                         group.next_due,
@@ -858,6 +988,7 @@ impl Hub {
                 .messages_out_of(feed.channel.message_type(), queued);
         }
         let now_ms = now_millis();
+        let events: Vec<MarketEvent> = events.into_iter().map(|(_, e)| e).collect();
         for event in &events {
             self.stats
                 .event_delivered(key.exchange, (now_ms - event.time_ms()) as f64 / 1000.0);
@@ -891,7 +1022,6 @@ impl Hub {
         if let Some(last) = events.into_iter().rev().find(MarketEvent::is_current_value) {
             st.last = Some(last);
         }
-        drop(st);
         self.stats.conflated(conflated);
     }
 
@@ -951,11 +1081,24 @@ impl Hub {
             return 0;
         };
         let mut st = topic.lock();
+        let seq = st.shared.as_ref().map(|s| s.seq + 1);
+        self.publish_locked(&mut st, data, seq)
+    }
+
+    /// Whether `channel` has a topic on this node (someone holds it, or did a moment ago).
+    pub fn has_topic(&self, channel: &Channel) -> bool {
+        self.topic(&TopicKey::Published(channel.clone())).is_some()
+    }
+
+    fn publish_locked(&self, st: &mut TopicState, data: &Value, seq: Option<u64>) -> usize {
         let now = Instant::now();
-        self.drop_idle_channels(&mut st, now);
+        self.drop_idle_channels(st, now);
+        if let (Some(shared), Some(n)) = (st.shared.as_mut(), seq) {
+            shared.seq = n;
+        }
         let mut delivered = 0;
         for feed in &mut st.channels {
-            feed.seq += 1;
+            feed.seq = seq.unwrap_or(feed.seq + 1);
             let frame = msg::published(&feed.channel, &feed.name, data, feed.seq);
             let wire = Wire::text(frame.as_str());
             feed.window.push(feed.seq, &wire, now);
@@ -976,9 +1119,24 @@ impl Hub {
             return;
         };
         let mut st = topic.lock();
+        let seq = st.shared.as_ref().map(|s| s.seq + 1);
+        self.gap_locked(&mut st, reason, from_ms, to_ms, seq);
+    }
+
+    fn gap_locked(
+        &self,
+        st: &mut TopicState,
+        reason: GapReason,
+        from_ms: i64,
+        to_ms: i64,
+        seq: Option<u64>,
+    ) {
         let now = Instant::now();
+        if let (Some(shared), Some(n)) = (st.shared.as_mut(), seq) {
+            shared.seq = n;
+        }
         for feed in &mut st.channels {
-            feed.seq += 1;
+            feed.seq = seq.unwrap_or(feed.seq + 1);
             self.stats.gap(reason);
             let frame = msg::gap(
                 &feed.name,
@@ -995,6 +1153,81 @@ impl Hub {
                 self.count_tally(client, &feed.channel, &feed.name, tally);
             }
         }
+    }
+
+    /// Messages numbered by the source (a cluster), applied in order with their own seq.
+    fn apply_numbered(&self, topic_key: &TopicKey, epoch: &str, items: Vec<(u64, Item)>) -> usize {
+        let Some(topic) = self.topic(topic_key) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        let mut st = topic.lock();
+        if st.shared.as_ref().is_none_or(|s| &*s.epoch != epoch) {
+            let before = items.first().map_or(0, |(n, _)| n.saturating_sub(1));
+            self.restart_sequence(&mut st, epoch, before);
+        }
+        let applied = st.shared.as_ref().map_or(0, |s| s.seq);
+        let mut run: Vec<(Option<u64>, MarketEvent)> = Vec::new();
+        for (n, item) in items.into_iter().filter(|(n, _)| *n > applied) {
+            match (item, topic_key) {
+                (Item::Event(event), TopicKey::Feed(_)) => run.push((Some(n), event)),
+                (
+                    Item::Gap {
+                        reason,
+                        from_ms,
+                        to_ms,
+                    },
+                    _,
+                ) => {
+                    if let TopicKey::Feed(key) = topic_key {
+                        if !run.is_empty() {
+                            self.dispatch_locked(topic_key, key, &mut st, std::mem::take(&mut run));
+                        }
+                    }
+                    self.gap_locked(&mut st, reason, from_ms, to_ms, Some(n));
+                }
+                (Item::Published(data), TopicKey::Published(_)) => {
+                    delivered += self.publish_locked(&mut st, &data, Some(n));
+                }
+                (item, _) => {
+                    tracing::warn!(topic = ?topic_key, ?item, "a numbered message of another kind than its topic; skipped");
+                }
+            }
+        }
+        if let (TopicKey::Feed(key), false) = (topic_key, run.is_empty()) {
+            self.dispatch_locked(topic_key, key, &mut st, run);
+        }
+        delivered
+    }
+
+    /// The source numbers this topic anew (a new epoch): every channel follows, and its
+    /// subscribers are told their sequence restarted (`epoch_changed`).
+    fn restart_sequence(&self, st: &mut TopicState, epoch: &str, seq: u64) {
+        let had = st.shared.is_some();
+        let shared = Shared::new(epoch, seq);
+        for feed in &mut st.channels {
+            feed.epoch = shared.epoch.clone();
+            feed.seq = seq;
+            feed.current_seq = 0;
+            feed.started_ms = shared.started_ms;
+            feed.window = Window::new(self.window, self.windows.clone());
+            if !had {
+                continue;
+            }
+            let frame = msg::gap(
+                &feed.name,
+                GapReason::EpochChanged,
+                None,
+                Some(shared.started_ms),
+                feed.position(),
+            );
+            let receivers: Vec<Arc<Client>> = feed.receivers().cloned().collect();
+            for client in receivers {
+                self.stats.gap(GapReason::EpochChanged);
+                self.send(&client, frame.clone());
+            }
+        }
+        st.shared = Some(shared);
     }
 
     /// Called when an exchange's instrument list is (re)loaded: pending topics of that exchange
@@ -1121,6 +1354,16 @@ impl FeedSink for Hub {
     fn gap(&self, key: &FeedKey, reason: GapReason, from_ms: i64, to_ms: i64) {
         self.announce_gap(key, reason, from_ms, to_ms);
     }
+
+    fn numbered(&self, topic: &TopicKey, epoch: &str, items: Vec<(u64, Item)>) -> usize {
+        self.apply_numbered(topic, epoch, items)
+    }
+
+    fn position(&self, topic: &TopicKey) -> Option<(Arc<str>, u64)> {
+        let t = self.topic(topic)?;
+        let st = t.lock();
+        st.shared.as_ref().map(|s| (s.epoch.clone(), s.seq))
+    }
 }
 
 /// Whether a channel's messages are kept for `since` one by one (trades, final klines,
@@ -1130,6 +1373,41 @@ fn keeps_messages(channel: &Channel) -> bool {
         channel,
         Channel::Price(_) | Channel::Ticker(_) | Channel::Depth(..)
     )
+}
+
+/// A numbered message as it goes out on one channel of its topic.
+fn render_item(
+    topic: &TopicKey,
+    feed: &ChannelFeed,
+    item: &Item,
+    seq: u64,
+) -> Option<(Wire, Delivery)> {
+    let position = crate::protocol::Position {
+        epoch: &feed.epoch,
+        seq,
+    };
+    match (item, topic) {
+        (Item::Event(event), TopicKey::Feed(key)) => {
+            let (frame, delivery) = render(key, &feed.channel, &feed.name, event, seq, &now_iso())?;
+            Some((Wire::text(frame.as_str()), delivery))
+        }
+        (
+            Item::Gap {
+                reason,
+                from_ms,
+                to_ms,
+            },
+            _,
+        ) => {
+            let frame = msg::gap(&feed.name, *reason, Some(*from_ms), Some(*to_ms), position);
+            Some((Wire::text(frame.as_str()), Delivery::Reliable))
+        }
+        (Item::Published(data), TopicKey::Published(_)) => {
+            let frame = msg::published(&feed.channel, &feed.name, data, seq);
+            Some((Wire::text(frame.as_str()), Delivery::Reliable))
+        }
+        _ => None,
+    }
 }
 
 /// The topic's current value as it was sent on this channel (its seq), for a new subscriber.

@@ -1,0 +1,147 @@
+//! How a cluster's state is laid out in Redis, and the scripts that change it atomically.
+//!
+//! Per exchange stream (`<id>` = `binance:BTCUSDT:trades`):
+//! - `relay:lease:<id>`: `<node>|<token>`, set `NX` with a short expiry and renewed by its
+//!   holder; the token (`relay:fence:<id>`, incremented per grant) fences a stalled old owner
+//!   out: every publish checks that the lease is still its own.
+//! - `relay:pos:<id>`: hash `epoch`, `seq` (the last seq published), `trade` (the newest trade,
+//!   `<id>:<ms>`): where a new owner carries on.
+//! - `relay:win:<id>`: the recovery window, a stream with one entry per published batch, its id
+//!   the batch's last seq, bounded in length.
+//! - `relay:want:<id>`: sorted set of the nodes that want the stream, scored by expiry.
+//! - pub/sub `relay:feed:<id>`: every batch, as published.
+//!
+//! Per published channel (`<ch>` = `signals:alpha`): `relay:pos:<ch>`, `relay:win:<ch>`, pub/sub
+//! `relay:pub:<ch>`. Nodes: `relay:nodes`, scored by expiry. Control: pub/sub `relay:ctl`.
+
+use crate::domain::Channel;
+use crate::events::{Feed, FeedKey};
+use crate::hub::TopicKey;
+
+pub const NODES: &str = "relay:nodes";
+pub const CONTROL: &str = "relay:ctl";
+
+/// A topic's name inside the keys.
+pub fn topic_id(topic: &TopicKey) -> String {
+    match topic {
+        TopicKey::Feed(key) => feed_id(key),
+        TopicKey::Published(channel) => channel.to_string(),
+    }
+}
+
+pub fn feed_id(key: &FeedKey) -> String {
+    let feed = match key.feed {
+        Feed::Ticker => "ticker".to_string(),
+        Feed::Trades => "trades".to_string(),
+        Feed::Book => "book".to_string(),
+        Feed::Klines(iv) => format!("klines_{iv}"),
+    };
+    format!("{}:{}:{}", key.exchange, key.symbol.as_str(), feed)
+}
+
+pub fn lease(id: &str) -> String {
+    format!("relay:lease:{id}")
+}
+
+pub fn fence(id: &str) -> String {
+    format!("relay:fence:{id}")
+}
+
+pub fn pos(id: &str) -> String {
+    format!("relay:pos:{id}")
+}
+
+pub fn window(id: &str) -> String {
+    format!("relay:win:{id}")
+}
+
+pub fn want(id: &str) -> String {
+    format!("relay:want:{id}")
+}
+
+/// The pub/sub channel a topic's messages travel on.
+pub fn wire(topic: &TopicKey) -> String {
+    match topic {
+        TopicKey::Feed(key) => format!("relay:feed:{}", feed_id(key)),
+        TopicKey::Published(channel) => published_wire(channel),
+    }
+}
+
+pub fn published_wire(channel: &Channel) -> String {
+    format!("relay:pub:{channel}")
+}
+
+/// Whether the cluster keeps a topic's messages one by one for `since` (trades, klines and
+/// published channels; tickers and books resume to their current value).
+pub fn keeps(topic: &TopicKey) -> bool {
+    match topic {
+        TopicKey::Feed(key) => matches!(key.feed, Feed::Trades | Feed::Klines(_)),
+        TopicKey::Published(_) => true,
+    }
+}
+
+/// The topic's position, created (`seq` 0 in a new epoch) where none exists.
+/// KEYS: pos. ARGV: new epoch, ttl ms. Returns {epoch, seq}.
+pub const POSITION: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if not e then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', e, 'seq', 0)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {e, redis.call('HGET', KEYS[1], 'seq')}
+"#;
+
+/// A batch of a stream, published by its lease holder only.
+/// KEYS: lease, pos, window. ARGV: lease value, epoch, last seq, payload, pub/sub channel,
+/// keep (0/1), max entries, ttl ms, newest trade ('' if none). Returns 1, or 0 when the lease is
+/// not the caller's (it was fenced out).
+pub const PUBLISH_FEED: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'epoch', ARGV[2], 'seq', ARGV[3])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'trade', ARGV[9]) end
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
+if ARGV[6] == '1' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], ARGV[3] .. '-1', 'm', ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[8])
+end
+redis.call('PUBLISH', ARGV[5], ARGV[4])
+return 1
+"#;
+
+/// A message posted to a published channel: numbered by Redis, kept, published.
+/// KEYS: pos, window. ARGV: new epoch, item JSON, pub/sub channel, max entries, ttl ms, node
+/// (JSON string), message id (JSON string), lowest seq allowed. Returns {epoch, seq, receivers}.
+pub const PUBLISH_MESSAGE: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if not e then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', e, 'seq', 0)
+end
+local s = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+if s < tonumber(ARGV[8]) then
+  s = tonumber(ARGV[8])
+  redis.call('HSET', KEYS[1], 'seq', s)
+end
+local payload = '{"n":' .. ARGV[6] .. ',"e":"' .. e .. '","t":0,"m":' .. ARGV[7] .. ',"i":[[' .. s .. ',' .. ARGV[2] .. ']]}'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], s .. '-1', 'm', payload)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+local n = redis.call('PUBLISH', ARGV[3], payload)
+return {e, s, n}
+"#;
+
+/// Renews a lease held by the caller. KEYS: lease, pos, window. ARGV: value, lease ms, ttl ms.
+pub const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return 1
+"#;
+
+/// Gives a lease up if it is the caller's. KEYS: lease. ARGV: value.
+pub const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;

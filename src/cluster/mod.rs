@@ -1,0 +1,1575 @@
+//! Several relays as one, on Redis (PROTOCOL.md `[cluster]`; README § Running a cluster).
+//!
+//! The cluster sits at the hub's feed boundary ([`crate::hub::feed`]): to the hub it is the
+//! [`FeedSource`], to the exchange connections the [`FeedSink`]. For each exchange stream that
+//! any node wants, one node holds a lease in Redis and reads the exchange; it numbers each
+//! message (one sequence per topic, carried on from Redis by whoever holds the lease next),
+//! hands it to its own hub and publishes it. Every other node that wants the stream follows its
+//! pub/sub channel and hands the same numbered messages to its hub. Published channels are
+//! numbered by Redis itself. The recovery window of trades, klines and published channels is a
+//! bounded Redis stream, so `since` works on any node.
+//!
+//! When Redis is unreachable a node is *degraded*: it reads every stream it needs from the
+//! exchange itself, as a single relay would, and numbers it on its own. When Redis is back,
+//! one node takes each lease with a new epoch (the nodes' sequences diverged meanwhile); a node
+//! that read the stream itself keeps doing so until the owner's trades overlap its own, then
+//! follows the owner, so its clients miss no trade and see none twice.
+//!
+//! Every Redis call is bounded by a timeout and none is made under a lock the hub takes; the
+//! cluster's own state is changed by one task ([`Cluster::run`]), in order.
+
+pub mod keys;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::domain::{Channel, ExchangeId};
+use crate::events::{Feed, FeedKey, MarketEvent};
+use crate::hub::{
+    Check, FeedSink, FeedSource, HistoryFuture, HistoryRequest, Item, PrepareFuture, Prepared,
+    TopicKey,
+};
+use crate::protocol::{now_millis, ErrorCode, GapReason};
+
+/// How long a lease lives unless renewed: a dead owner's streams move within about this.
+const LEASE: Duration = Duration::from_millis(3_000);
+/// How often leases are renewed, free ones tried, and the node's heartbeat written.
+const TICK: Duration = Duration::from_millis(500);
+/// The longest any Redis call may take before Redis counts as unreachable.
+const CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// How long positions outlive their last use (a stream nobody reads starts a new epoch).
+const POSITION_TTL: Duration = Duration::from_secs(600);
+/// A degraded node following an owner again waits at most this long for the owner's trades
+/// to overlap its own.
+const SWITCH_WAIT: Duration = Duration::from_secs(10);
+/// How long `POST /api/v1/publish` waits for its own message to come back from Redis.
+const ECHO_WAIT: Duration = Duration::from_secs(1);
+
+/// What this node does with a stream it wants.
+#[derive(Debug, Clone)]
+enum Role {
+    /// It holds the lease, reads the exchange and publishes.
+    Owner { token: u64 },
+    /// Another node does; this one applies its messages.
+    Follower,
+    /// Redis is away: it reads the exchange itself.
+    Local,
+    /// Redis is back and another node got the lease: it reads the exchange itself until the
+    /// owner's messages overlap its own.
+    Switching {
+        since: Instant,
+        /// The owner's batches seen meanwhile, in order.
+        held: Vec<Batch>,
+    },
+}
+
+/// A topic's sequence where this node numbers it (owner, or reading on its own).
+#[derive(Debug, Clone)]
+struct Pos {
+    epoch: Arc<str>,
+    seq: u64,
+}
+
+struct Stream {
+    role: Role,
+    /// The node holding the lease, as last seen.
+    owner: Option<String>,
+    pos: Option<Pos>,
+    /// The newest trade applied here (id, ms): where a new owner's backfill starts.
+    last_trade: Option<(u64, i64)>,
+}
+
+/// A topic's epoch and seq in Redis, what its window holds after a seq, and whether that is
+/// all of it.
+type Recalled = (Arc<str>, u64, Vec<(u64, Item)>, bool);
+
+/// An entry of a window stream as XRANGE returns it: id, then field/value pairs.
+type WindowEntry = (String, Vec<String>);
+
+/// One numbered batch as it travels through Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Batch {
+    /// The publishing node.
+    n: String,
+    e: String,
+    /// The lease token it published under (0 for published channels).
+    t: u64,
+    /// For a posted message: the id its poster waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    m: Option<String>,
+    i: Vec<(u64, Item)>,
+}
+
+enum Cmd {
+    Want(FeedKey),
+    Unwant(FeedKey),
+    Follow(Channel),
+    Unfollow(Channel),
+    /// Another node gave a lease up: try it now.
+    Free(String),
+}
+
+enum Sub {
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
+#[derive(Default)]
+struct State {
+    streams: BTreeMap<FeedKey, Stream>,
+    published: HashSet<Channel>,
+    /// Numbering for published topics while Redis is away.
+    local_pos: HashMap<TopicKey, Pos>,
+    redis_up: bool,
+    members: Vec<String>,
+    lease_changes: u64,
+    /// Posted messages waiting for their echo, by message id.
+    echoes: HashMap<String, oneshot::Sender<usize>>,
+}
+
+/// What `/health` and the stats endpoint show of the cluster.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSnapshot {
+    pub node_id: String,
+    pub state: &'static str,
+    pub redis: &'static str,
+    pub nodes: usize,
+    pub members: Vec<String>,
+    /// Streams this node wants, with the node that reads each.
+    pub streams: BTreeMap<String, StreamView>,
+    pub lease_changes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamView {
+    pub owner: Option<String>,
+    pub role: &'static str,
+    pub epoch: Option<String>,
+    pub seq: Option<u64>,
+}
+
+/// A posted message's outcome.
+pub struct Posted {
+    /// This node's subscribers that got it.
+    pub delivered: usize,
+    /// The relays subscribed to the channel that Redis handed it to (0 when Redis is away:
+    /// then it reached this node only).
+    pub nodes: usize,
+}
+
+/// A batch on its way to Redis (see [`Cluster::publisher`]).
+struct Outgoing {
+    id: String,
+    keys: [String; 3],
+    lease_value: String,
+    epoch: String,
+    last: u64,
+    payload: String,
+    wire: String,
+    keep: bool,
+    trade: String,
+}
+
+pub struct Cluster {
+    me: Weak<Cluster>,
+    node: Arc<str>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    outgoing_rx: Mutex<Option<mpsc::UnboundedReceiver<Outgoing>>>,
+    /// The exchange connections.
+    exchange: Arc<dyn FeedSource>,
+    /// The hub, set once by [`Cluster::start`].
+    hub: OnceLock<Weak<dyn FeedSink>>,
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    state: Mutex<State>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    cmd_rx: Mutex<Option<mpsc::UnboundedReceiver<Cmd>>>,
+    subs: mpsc::UnboundedSender<Sub>,
+    sub_rx: Mutex<Option<mpsc::UnboundedReceiver<Sub>>>,
+    window_messages: usize,
+    shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+impl Cluster {
+    pub fn new(
+        config: &Config,
+        exchange: Arc<dyn FeedSource>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Cluster>, String> {
+        let client = redis::Client::open(config.cluster.redis_url.trim())
+            .map_err(|e| format!("cluster.redis_url: {e}"))?;
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let (subs, sub_rx) = mpsc::unbounded_channel();
+        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
+        Ok(Arc::new_cyclic(|me| Cluster {
+            me: me.clone(),
+            outgoing,
+            outgoing_rx: Mutex::new(Some(outgoing_rx)),
+            node: Arc::from(config.cluster.node_name()),
+            exchange,
+            hub: OnceLock::new(),
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            state: Mutex::new(State::default()),
+            cmds,
+            cmd_rx: Mutex::new(Some(cmd_rx)),
+            subs,
+            sub_rx: Mutex::new(Some(sub_rx)),
+            window_messages: config.recovery.window_messages.max(1),
+            shutdown,
+            tasks: TaskTracker::new(),
+        }))
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hub(&self) -> Option<Arc<dyn FeedSink>> {
+        self.hub.get().and_then(Weak::upgrade)
+    }
+
+    /// Starts the cluster's tasks, handing messages to `hub`.
+    pub fn start(self: &Arc<Self>, hub: Weak<dyn FeedSink>) {
+        let _ = self.hub.set(hub);
+        let cmd_rx = self.cmd_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let sub_rx = self.sub_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let out_rx = self
+            .outgoing_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (Some(cmd_rx), Some(sub_rx), Some(out_rx)) = (cmd_rx, sub_rx, out_rx) {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.run(cmd_rx).await });
+            let me = self.clone();
+            self.tasks.spawn(async move { me.listen(sub_rx).await });
+            let me = self.clone();
+            self.tasks.spawn(async move { me.publisher(out_rx).await });
+        }
+        self.tasks.close();
+    }
+
+    /// A connection for one call; `None` when Redis cannot be reached now.
+    async fn connection(&self) -> Option<MultiplexedConnection> {
+        let mut conn = self.conn.lock().await;
+        if let Some(c) = conn.as_ref() {
+            return Some(c.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(CALL_TIMEOUT)
+            .set_response_timeout(CALL_TIMEOUT);
+        match tokio::time::timeout(
+            CALL_TIMEOUT * 2,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        {
+            Ok(Ok(c)) => {
+                *conn = Some(c.clone());
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs one Redis call; a failure drops the connection (the next call reconnects).
+    async fn call<T, Fut>(
+        &self,
+        what: &str,
+        build: impl FnOnce(MultiplexedConnection) -> Fut,
+    ) -> Option<T>
+    where
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        match tokio::time::timeout(CALL_TIMEOUT, build(conn)).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                tracing::debug!(what, error = %e, "redis call failed");
+                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+                    *self.conn.lock().await = None;
+                }
+                None
+            }
+            Err(_) => {
+                tracing::debug!(what, "redis call timed out");
+                *self.conn.lock().await = None;
+                None
+            }
+        }
+    }
+
+    /// The cluster's one state-changing task: commands from the hub, and every [`TICK`] the
+    /// heartbeat, lease renewals and attempts.
+    async fn run(self: Arc<Self>, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.subs.send(Sub::Subscribe(keys::CONTROL.into())).ok();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => self.command(cmd).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.beat().await,
+            }
+        }
+        self.leave().await;
+    }
+
+    async fn command(&self, cmd: Cmd) {
+        match cmd {
+            Cmd::Want(key) => {
+                {
+                    let mut st = self.state();
+                    if st.streams.contains_key(&key) {
+                        return;
+                    }
+                    st.streams.insert(
+                        key.clone(),
+                        Stream {
+                            role: Role::Local,
+                            owner: None,
+                            pos: None,
+                            last_trade: None,
+                        },
+                    );
+                }
+                if self.state().redis_up {
+                    // Followed first, so nothing the owner publishes from now on is missed.
+                    self.state_set_role(&key, Role::Follower);
+                    self.subs
+                        .send(Sub::Subscribe(keys::wire(&TopicKey::Feed(key.clone()))))
+                        .ok();
+                    if !self.try_lease(&key, false).await {
+                        self.note_owner(&key, &keys::feed_id(&key)).await;
+                    }
+                    if matches!(self.role(&key), Some(Role::Follower)) {
+                        self.catch_up(&TopicKey::Feed(key.clone())).await;
+                    }
+                } else {
+                    self.read_locally(&key);
+                }
+            }
+            Cmd::Unwant(key) => {
+                let Some(stream) = self.state().streams.remove(&key) else {
+                    return;
+                };
+                let id = keys::feed_id(&key);
+                let id = id.as_str();
+                self.subs
+                    .send(Sub::Unsubscribe(keys::wire(&TopicKey::Feed(key.clone()))))
+                    .ok();
+                if !matches!(stream.role, Role::Follower) {
+                    self.exchange.unwant(&key);
+                }
+                let (me, want) = (self.node.to_string(), keys::want(id));
+                let (me, want) = (me.as_str(), want.as_str());
+                let _: Option<i64> = self
+                    .call("zrem want", |mut c| async move {
+                        redis::cmd("ZREM")
+                            .arg(want)
+                            .arg(me)
+                            .query_async(&mut c)
+                            .await
+                    })
+                    .await;
+                if let Role::Owner { token } = stream.role {
+                    self.give_up(id, token).await;
+                }
+            }
+            Cmd::Follow(channel) => {
+                if self.state().published.insert(channel.clone()) {
+                    self.subs
+                        .send(Sub::Subscribe(keys::published_wire(&channel)))
+                        .ok();
+                    self.catch_up(&TopicKey::Published(channel)).await;
+                }
+            }
+            Cmd::Unfollow(channel) => {
+                if self.state().published.remove(&channel) {
+                    self.subs
+                        .send(Sub::Unsubscribe(keys::published_wire(&channel)))
+                        .ok();
+                }
+            }
+            Cmd::Free(id) => {
+                let key = self
+                    .state()
+                    .streams
+                    .keys()
+                    .find(|k| keys::feed_id(k) == id)
+                    .cloned();
+                if let Some(key) = key {
+                    if matches!(self.role(&key), Some(Role::Follower)) {
+                        self.try_lease(&key, false).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn role(&self, key: &FeedKey) -> Option<Role> {
+        self.state().streams.get(key).map(|s| s.role.clone())
+    }
+
+    fn state_set_role(&self, key: &FeedKey, role: Role) {
+        if let Some(s) = self.state().streams.get_mut(key) {
+            s.role = role;
+        }
+    }
+
+    /// Reads `key` from the exchange on this node alone (Redis away), numbering on from where
+    /// this node's hub is.
+    fn read_locally(&self, key: &FeedKey) {
+        let topic = TopicKey::Feed(key.clone());
+        let position = self.hub().and_then(|h| h.position(&topic));
+        let seed = {
+            let mut st = self.state();
+            let Some(s) = st.streams.get_mut(key) else {
+                return;
+            };
+            s.role = Role::Local;
+            s.owner = None;
+            if s.pos.is_none() {
+                s.pos = Some(match position {
+                    Some((epoch, seq)) => Pos { epoch, seq },
+                    None => Pos {
+                        epoch: new_epoch(),
+                        seq: 0,
+                    },
+                });
+            }
+            s.last_trade
+        };
+        self.exchange.resume(key, seed);
+    }
+
+    /// Tries to take the lease of `key`. `fresh`: this node read the stream on its own while
+    /// Redis was away, so it starts a new epoch (the nodes' numbers diverged meanwhile).
+    async fn try_lease(&self, key: &FeedKey, fresh: bool) -> bool {
+        let id = keys::feed_id(key);
+        let id = id.as_str();
+        let Some(token) = self
+            .call("incr fence", |mut c| {
+                let fence = keys::fence(id);
+                async move {
+                    redis::cmd("INCR")
+                        .arg(fence)
+                        .query_async::<u64>(&mut c)
+                        .await
+                }
+            })
+            .await
+        else {
+            return false;
+        };
+        let value = format!("{}|{token}", self.node);
+        let value = value.as_str();
+        let got: Option<Option<String>> = self
+            .call("set lease", |mut c| async move {
+                redis::cmd("SET")
+                    .arg(keys::lease(id))
+                    .arg(value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(LEASE.as_millis() as u64)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        if !matches!(got, Some(Some(_))) {
+            return false;
+        }
+        // The lease is ours: carry the sequence on from Redis (or start one).
+        let topic = TopicKey::Feed(key.clone());
+        let pos = if fresh {
+            let epoch = new_epoch();
+            let pos_key = keys::pos(id);
+            let pos_key = pos_key.as_str();
+            let window = keys::window(id);
+            let window = window.as_str();
+            let e = epoch.to_string();
+            let _: Option<()> = self
+                .call("new epoch", |mut c| async move {
+                    redis::pipe()
+                        .atomic()
+                        .cmd("DEL")
+                        .arg(window)
+                        .ignore()
+                        .cmd("HSET")
+                        .arg(pos_key)
+                        .arg("epoch")
+                        .arg(&e)
+                        .arg("seq")
+                        .arg(0)
+                        .ignore()
+                        .query_async(&mut c)
+                        .await
+                })
+                .await;
+            Some((Pos { epoch, seq: 0 }, None))
+        } else {
+            self.read_position(id).await
+        };
+        let Some((pos, trade)) = pos else {
+            self.give_up(id, token).await;
+            return false;
+        };
+        tracing::info!(node = %self.node, stream = %id, epoch = %pos.epoch, seq = pos.seq, "took the lease; reading the exchange");
+        let (was, seed) = {
+            let mut st = self.state();
+            st.lease_changes += 1;
+            let Some(s) = st.streams.get_mut(key) else {
+                return false;
+            };
+            let was = std::mem::replace(&mut s.role, Role::Owner { token });
+            s.owner = Some(self.node.to_string());
+            // The newest trade this node or Redis knows: the backfill starts after it.
+            let seed = match (s.last_trade, trade) {
+                (Some(a), Some(b)) => Some(if a.0 >= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            s.last_trade = seed;
+            s.pos = Some(pos.clone());
+            (was, seed)
+        };
+        if fresh {
+            if let Some(hub) = self.hub() {
+                hub.numbered(&topic, &pos.epoch, Vec::new());
+            }
+        }
+        if !matches!(was, Role::Local | Role::Switching { .. }) {
+            self.exchange.resume(key, seed);
+        }
+        true
+    }
+
+    /// A stream's position and newest trade in Redis (created where missing).
+    async fn read_position(&self, id: &str) -> Option<(Pos, Option<(u64, i64)>)> {
+        let pos_key = keys::pos(id);
+        let pos_key = pos_key.as_str();
+        let epoch = new_epoch().to_string();
+        let epoch = epoch.as_str();
+        let (e, seq): (String, u64) = self
+            .call("position", |mut c| async move {
+                Script::new(keys::POSITION)
+                    .key(pos_key)
+                    .arg(epoch)
+                    .arg(POSITION_TTL.as_millis() as u64)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        let trade: Option<String> = self
+            .call("trade", |mut c| async move {
+                redis::cmd("HGET")
+                    .arg(pos_key)
+                    .arg("trade")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let trade = trade.and_then(|t| {
+            let (id, ms) = t.split_once(':')?;
+            Some((id.parse().ok()?, ms.parse().ok()?))
+        });
+        Some((
+            Pos {
+                epoch: Arc::from(e),
+                seq,
+            },
+            trade,
+        ))
+    }
+
+    /// Gives a lease up, and tells the others so one takes it at once.
+    async fn give_up(&self, id: &str, token: u64) {
+        let value = format!("{}|{token}", self.node);
+        let value = value.as_str();
+        let lease = keys::lease(id);
+        let lease = lease.as_str();
+        let released: Option<i64> = self
+            .call("release", |mut c| async move {
+                Script::new(keys::RELEASE)
+                    .key(lease)
+                    .arg(value)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        if released == Some(1) {
+            let msg = format!("free {id}");
+            let msg = msg.as_str();
+            let _: Option<i64> = self
+                .call("free", |mut c| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(keys::CONTROL)
+                        .arg(msg)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await;
+            // Nobody else wants it: the stream is released cluster-wide, a new epoch next time.
+            let now = now_millis();
+            let want = keys::want(id);
+            let want = want.as_str();
+            let others: Option<i64> = self
+                .call("zcount", |mut c| async move {
+                    redis::cmd("ZCOUNT")
+                        .arg(want)
+                        .arg(now)
+                        .arg("+inf")
+                        .query_async(&mut c)
+                        .await
+                })
+                .await;
+            if others == Some(0) {
+                let (p, w) = (keys::pos(id), keys::window(id));
+                let (p, w) = (p.as_str(), w.as_str());
+                let _: Option<i64> = self
+                    .call("forget", |mut c| async move {
+                        redis::cmd("DEL")
+                            .arg(p)
+                            .arg(w)
+                            .arg(want)
+                            .query_async(&mut c)
+                            .await
+                    })
+                    .await;
+            }
+        }
+    }
+
+    /// Every [`TICK`]: the heartbeat (which also tells whether Redis is up), then each wanted
+    /// stream's lease.
+    async fn beat(&self) {
+        let now = now_millis();
+        let expiry = now + LEASE.as_millis() as i64;
+        let me = self.node.to_string();
+        let me = me.as_str();
+        let wanted: Vec<String> = self.state().streams.keys().map(keys::feed_id).collect();
+        let members: Option<Vec<String>> = self
+            .call("heartbeat", |mut c| {
+                let mut p = redis::pipe();
+                p.cmd("ZADD").arg(keys::NODES).arg(expiry).arg(me).ignore();
+                p.cmd("ZREMRANGEBYSCORE")
+                    .arg(keys::NODES)
+                    .arg("-inf")
+                    .arg(now)
+                    .ignore();
+                for id in &wanted {
+                    p.cmd("ZADD")
+                        .arg(keys::want(id))
+                        .arg(expiry)
+                        .arg(me)
+                        .ignore();
+                    p.cmd("PEXPIRE")
+                        .arg(keys::want(id))
+                        .arg(POSITION_TTL.as_millis() as u64)
+                        .ignore();
+                }
+                p.cmd("ZRANGE").arg(keys::NODES).arg(0).arg(-1);
+                async move {
+                    let (m,): (Vec<String>,) = p.query_async(&mut c).await?;
+                    Ok(m)
+                }
+            })
+            .await;
+        let Some(members) = members else {
+            self.degrade();
+            return;
+        };
+        let was_up = {
+            let mut st = self.state();
+            st.members = members;
+            std::mem::replace(&mut st.redis_up, true)
+        };
+        if !was_up {
+            tracing::info!(node = %self.node, "redis reachable: joining the cluster");
+        }
+        let streams: Vec<(FeedKey, Role)> = self
+            .state()
+            .streams
+            .iter()
+            .map(|(k, s)| (k.clone(), s.role.clone()))
+            .collect();
+        for (key, role) in streams {
+            let id = keys::feed_id(&key);
+            let id = id.as_str();
+            match role {
+                Role::Owner { token } => {
+                    let value = format!("{}|{token}", self.node);
+                    let value = value.as_str();
+                    let (l, p, w) = (keys::lease(id), keys::pos(id), keys::window(id));
+                    let (l, p, w) = (l.as_str(), p.as_str(), w.as_str());
+                    let renewed: Option<i64> = self
+                        .call("renew", |mut c| async move {
+                            Script::new(keys::RENEW)
+                                .key(l)
+                                .key(p)
+                                .key(w)
+                                .arg(value)
+                                .arg(LEASE.as_millis() as u64)
+                                .arg(POSITION_TTL.as_millis() as u64)
+                                .invoke_async(&mut c)
+                                .await
+                        })
+                        .await;
+                    if renewed == Some(0) {
+                        // Another node holds it now (this one stalled past the lease).
+                        tracing::warn!(node = %self.node, stream = %id, "lease lost; following its new owner");
+                        self.exchange.unwant(&key);
+                        {
+                            let mut st = self.state();
+                            st.lease_changes += 1;
+                            if let Some(s) = st.streams.get_mut(&key) {
+                                s.role = Role::Follower;
+                                s.pos = None;
+                            }
+                        }
+                        self.catch_up(&TopicKey::Feed(key.clone())).await;
+                    }
+                }
+                Role::Follower => {
+                    if !self.try_lease(&key, false).await {
+                        self.note_owner(&key, id).await;
+                    }
+                }
+                Role::Local => {
+                    // Redis is back. Whoever takes the lease starts a new epoch; the others
+                    // keep reading until its messages overlap theirs.
+                    self.subs
+                        .send(Sub::Subscribe(keys::wire(&TopicKey::Feed(key.clone()))))
+                        .ok();
+                    if !self.try_lease(&key, true).await {
+                        self.state_set_role(
+                            &key,
+                            Role::Switching {
+                                since: Instant::now(),
+                                held: Vec::new(),
+                            },
+                        );
+                        self.note_owner(&key, id).await;
+                    }
+                }
+                Role::Switching { since, .. } => {
+                    if since.elapsed() >= SWITCH_WAIT {
+                        self.switch(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn note_owner(&self, key: &FeedKey, id: &str) {
+        let lease = keys::lease(id);
+        let lease = lease.as_str();
+        let holder: Option<Option<String>> = self
+            .call("get lease", |mut c| async move {
+                redis::cmd("GET").arg(lease).query_async(&mut c).await
+            })
+            .await;
+        if let Some(holder) = holder {
+            let owner = holder.map(|h| h.split('|').next().unwrap_or_default().to_string());
+            if let Some(s) = self.state().streams.get_mut(key) {
+                s.owner = owner;
+            }
+        }
+    }
+
+    /// Redis did not answer: every stream this node wants is read here until it is back.
+    fn degrade(&self) {
+        let followed: Vec<FeedKey> = {
+            let mut st = self.state();
+            if st.redis_up {
+                tracing::warn!(node = %self.node, "redis unreachable: reading the exchanges on this node alone");
+            }
+            st.redis_up = false;
+            st.members.clear();
+            st.streams
+                .iter()
+                .filter(|(_, s)| !matches!(s.role, Role::Local))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for key in followed {
+            match self.role(&key) {
+                Some(Role::Follower) => self.read_locally(&key),
+                Some(_) => {
+                    // An owner (or one switching) already reads the exchange.
+                    let mut st = self.state();
+                    if let Some(s) = st.streams.get_mut(&key) {
+                        s.role = Role::Local;
+                        s.owner = None;
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// A switching node follows the owner from now on: its own reading stops, and the owner's
+    /// batches held meanwhile are applied (the hub skips the trades it already sent).
+    fn switch(&self, key: &FeedKey) {
+        let held = {
+            let mut st = self.state();
+            let Some(s) = st.streams.get_mut(key) else {
+                return;
+            };
+            let Role::Switching { held, .. } = std::mem::replace(&mut s.role, Role::Follower)
+            else {
+                return;
+            };
+            s.pos = None;
+            held
+        };
+        self.exchange.unwant(key);
+        tracing::info!(node = %self.node, stream = %keys::feed_id(key), "following the stream's owner again");
+        let topic = TopicKey::Feed(key.clone());
+        for batch in held {
+            self.apply(&topic, batch);
+        }
+    }
+
+    /// After (re)subscribing to a topic: what was published before the subscription took,
+    /// from the window, so the topic goes on without a hole.
+    async fn catch_up(&self, topic: &TopicKey) {
+        let Some(hub) = self.hub() else {
+            return;
+        };
+        let id = keys::topic_id(topic);
+        let id = id.as_str();
+        let Some((epoch, seq)) = hub.position(topic) else {
+            return;
+        };
+        if !keys::keeps(topic) {
+            return;
+        }
+        let Some((e, _, items, _)) = self.recall(id, seq).await else {
+            return;
+        };
+        if *e == *epoch && !items.is_empty() {
+            hub.numbered(topic, &e, items);
+        }
+    }
+
+    /// The topic's position in Redis and what its window holds after `after`, and whether that
+    /// is everything after it.
+    async fn recall(&self, id: &str, after: u64) -> Option<Recalled> {
+        let (pos_key, window) = (keys::pos(id), keys::window(id));
+        let (pos_key, window) = (pos_key.as_str(), window.as_str());
+        let epoch = new_epoch().to_string();
+        let epoch = epoch.as_str();
+        let (pos, entries): ((String, u64), Vec<WindowEntry>) = self
+            .call("recall", |mut c| {
+                let start = format!("{}-0", after.saturating_add(1));
+                async move {
+                    let script = Script::new(keys::POSITION);
+                    let mut inv = script.prepare_invoke();
+                    inv.key(pos_key)
+                        .arg(epoch)
+                        .arg(POSITION_TTL.as_millis() as u64);
+                    let pos: (String, u64) = inv.invoke_async(&mut c).await?;
+                    let entries: Vec<WindowEntry> = redis::cmd("XRANGE")
+                        .arg(window)
+                        .arg(start)
+                        .arg("+")
+                        .query_async(&mut c)
+                        .await?;
+                    Ok((pos, entries))
+                }
+            })
+            .await?;
+        let (e, seq) = pos;
+        let mut items: Vec<(u64, Item)> = Vec::new();
+        for (_, fields) in entries {
+            let Some(raw) = fields.get(1) else { continue };
+            match serde_json::from_str::<Batch>(raw) {
+                Ok(b) if b.e == e => items.extend(b.i.into_iter().filter(|(n, _)| *n > after)),
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(stream = %id, error = %err, "unreadable window entry in redis; skipped")
+                }
+            }
+        }
+        items.sort_by_key(|(n, _)| *n);
+        items.dedup_by_key(|(n, _)| *n);
+        let complete = seq <= after
+            || items
+                .iter()
+                .enumerate()
+                .all(|(i, (n, _))| *n == after + 1 + i as u64)
+                && items.last().is_some_and(|(n, _)| *n >= seq);
+        Some((Arc::from(e), seq, items, complete))
+    }
+
+    /// The pub/sub side: one subscriber connection, re-established (and every subscription
+    /// with it) whenever it drops.
+    async fn listen(self: Arc<Self>, mut subs: mpsc::UnboundedReceiver<Sub>) {
+        let mut names: HashSet<String> = HashSet::new();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let pubsub =
+                tokio::time::timeout(CALL_TIMEOUT * 2, self.client.get_async_pubsub()).await;
+            let Ok(Ok(pubsub)) = pubsub else {
+                // Take what the hub asked meanwhile, then wait.
+                while let Ok(s) = subs.try_recv() {
+                    track(&mut names, s);
+                }
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            };
+            backoff = Duration::from_millis(200);
+            let (mut sink, mut stream) = pubsub.split();
+            let mut ok = true;
+            for name in &names {
+                if sink.subscribe(name).await.is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok {
+                continue;
+            }
+            // What was published while the subscriber was away comes from the windows.
+            self.resync().await;
+            loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    s = subs.recv() => {
+                        let Some(s) = s else { return };
+                        let result = match &s {
+                            Sub::Subscribe(n) if !names.contains(n) => sink.subscribe(n).await,
+                            Sub::Unsubscribe(n) if names.contains(n) => sink.unsubscribe(n).await,
+                            _ => Ok(()),
+                        };
+                        track(&mut names, s);
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    msg = stream.next() => {
+                        let Some(msg) = msg else { break };
+                        self.received(msg.get_channel_name(), msg.get_payload_bytes()).await;
+                    }
+                }
+            }
+            tracing::warn!(node = %self.node, "redis subscriber connection lost; reconnecting");
+        }
+    }
+
+    /// Fills every followed topic from its window (after the subscriber reconnected).
+    async fn resync(&self) {
+        let topics: Vec<TopicKey> = {
+            let st = self.state();
+            st.streams
+                .iter()
+                .filter(|(_, s)| matches!(s.role, Role::Follower))
+                .map(|(k, _)| TopicKey::Feed(k.clone()))
+                .chain(st.published.iter().cloned().map(TopicKey::Published))
+                .collect()
+        };
+        for topic in topics {
+            self.catch_up(&topic).await;
+        }
+    }
+
+    /// A pub/sub message.
+    async fn received(&self, channel: &str, payload: &[u8]) {
+        if channel == keys::CONTROL {
+            if let Some(id) = std::str::from_utf8(payload)
+                .ok()
+                .and_then(|s| s.strip_prefix("free "))
+            {
+                self.cmds.send(Cmd::Free(id.to_string())).ok();
+            }
+            return;
+        }
+        let batch: Batch = match serde_json::from_slice(payload) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "unreadable message from redis; skipped");
+                return;
+            }
+        };
+        let topic = if let Some(name) = channel.strip_prefix("relay:pub:") {
+            match name.parse::<Channel>() {
+                Ok(c) => TopicKey::Published(c),
+                Err(_) => return,
+            }
+        } else {
+            let key = {
+                let st = self.state();
+                st.streams
+                    .keys()
+                    .find(|k| keys::wire(&TopicKey::Feed((*k).clone())) == channel)
+                    .cloned()
+            };
+            let Some(key) = key else { return };
+            let role = self.role(&key);
+            match role {
+                Some(Role::Follower) => {}
+                Some(Role::Switching { .. }) => {
+                    self.hold(&key, batch);
+                    return;
+                }
+                // This node's own batch (it applied it already), or one it reads itself.
+                _ => return,
+            }
+            TopicKey::Feed(key)
+        };
+        // A hole (a message lost on the way): fill it from the window first.
+        if let (Some(hub), Some((n, _))) = (self.hub(), batch.i.first()) {
+            if let Some((epoch, seq)) = hub.position(&topic) {
+                if *epoch == *batch.e && *n > seq + 1 {
+                    self.catch_up(&topic).await;
+                }
+            }
+        }
+        self.apply(&topic, batch);
+    }
+
+    /// Holds an owner's batch while this node still reads the stream itself; switches once
+    /// the owner's trades reach back to this node's newest (or at once, for other feeds).
+    fn hold(&self, key: &FeedKey, batch: Batch) {
+        let ready = {
+            let mut st = self.state();
+            let Some(s) = st.streams.get_mut(key) else {
+                return;
+            };
+            let mine = s.last_trade.map(|t| t.0);
+            let Role::Switching { held, .. } = &mut s.role else {
+                return;
+            };
+            let oldest_theirs = batch.i.iter().find_map(|(_, item)| match item {
+                Item::Event(MarketEvent::Trade(t)) => Some(t.order()),
+                _ => None,
+            });
+            held.push(batch);
+            key.feed != Feed::Trades
+                || match (mine, oldest_theirs) {
+                    (None, _) => true,
+                    (Some(m), Some(o)) => o <= m,
+                    (Some(_), None) => false,
+                }
+                || held
+                    .iter()
+                    .flat_map(|b| b.i.iter())
+                    .any(|(_, item)| matches!(item, Item::Event(MarketEvent::Trade(t)) if mine.is_some_and(|m| t.order() <= m)))
+        };
+        if ready {
+            self.switch(key);
+        }
+    }
+
+    fn apply(&self, topic: &TopicKey, batch: Batch) {
+        let Some(hub) = self.hub() else {
+            return;
+        };
+        if let TopicKey::Feed(key) = topic {
+            let newest = batch.i.iter().rev().find_map(|(_, item)| match item {
+                Item::Event(MarketEvent::Trade(t)) => Some((t.order(), t.time_ms)),
+                _ => None,
+            });
+            if let (Some(t), Some(s)) = (newest, self.state().streams.get_mut(key)) {
+                s.last_trade = Some(t);
+            }
+        }
+        let echo = batch.m.clone();
+        let delivered = hub.numbered(topic, &batch.e, batch.i);
+        if let Some(m) = echo {
+            if let Some(tx) = self.state().echoes.remove(&m) {
+                let _ = tx.send(delivered);
+            }
+        }
+    }
+
+    /// Numbers what this node reads from the exchange, hands it to the hub and, as the
+    /// stream's owner, publishes it.
+    fn own(&self, key: &FeedKey, items: Vec<Item>) {
+        let topic = TopicKey::Feed(key.clone());
+        let (epoch, numbered, publish) = {
+            let mut st = self.state();
+            let Some(s) = st.streams.get_mut(key) else {
+                return;
+            };
+            let publish = match s.role {
+                Role::Owner { token } => Some(token),
+                Role::Local | Role::Switching { .. } => None,
+                // Not this node's to read (a message of a stream just handed over).
+                Role::Follower => return,
+            };
+            let pos = s.pos.get_or_insert_with(|| Pos {
+                epoch: new_epoch(),
+                seq: 0,
+            });
+            let numbered: Vec<(u64, Item)> = items
+                .into_iter()
+                .map(|item| {
+                    pos.seq += 1;
+                    (pos.seq, item)
+                })
+                .collect();
+            if let Some(t) = numbered.iter().rev().find_map(|(_, item)| match item {
+                Item::Event(MarketEvent::Trade(t)) => Some((t.order(), t.time_ms)),
+                _ => None,
+            }) {
+                s.last_trade = Some(t);
+            }
+            (pos.epoch.clone(), numbered, publish)
+        };
+        if let Some(token) = publish {
+            self.publish_batch(key, token, &epoch, &numbered);
+        }
+        if let Some(hub) = self.hub() {
+            hub.numbered(&topic, &epoch, numbered);
+        }
+    }
+
+    /// Publishes an owner's batch, in order with the others (one task per node would reorder
+    /// nothing: the calls are pipelined on one connection in the order they are made).
+    fn publish_batch(&self, key: &FeedKey, token: u64, epoch: &str, items: &[(u64, Item)]) {
+        let Some(last) = items.last().map(|(n, _)| *n) else {
+            return;
+        };
+        let batch = Batch {
+            n: self.node.to_string(),
+            e: epoch.to_string(),
+            t: token,
+            m: None,
+            i: items.to_vec(),
+        };
+        let Ok(payload) = serde_json::to_string(&batch) else {
+            return;
+        };
+        let trade = items
+            .iter()
+            .rev()
+            .find_map(|(_, item)| match item {
+                Item::Event(MarketEvent::Trade(t)) => Some(format!("{}:{}", t.order(), t.time_ms)),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let id = keys::feed_id(key);
+        let id = id.as_str();
+        let topic = TopicKey::Feed(key.clone());
+        let out = Outgoing {
+            keys: [keys::lease(id), keys::pos(id), keys::window(id)],
+            id: id.to_string(),
+            lease_value: format!("{}|{token}", self.node),
+            epoch: epoch.to_string(),
+            last,
+            payload,
+            wire: keys::wire(&topic),
+            keep: keys::keeps(&topic),
+            trade,
+        };
+        self.outgoing.send(out).ok();
+    }
+
+    /// Sends the owners' batches to Redis one after the other, in the order they were read.
+    /// With Redis away they are dropped (the node reads on its own then).
+    async fn publisher(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+        let script = Script::new(keys::PUBLISH_FEED);
+        loop {
+            let out = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                out = rx.recv() => match out { Some(o) => o, None => return },
+            };
+            if !self.state().redis_up {
+                continue;
+            }
+            let refused: Option<i64> = self
+                .call("publish", |mut c| {
+                    let mut inv = script.prepare_invoke();
+                    inv.key(&out.keys[0]).key(&out.keys[1]).key(&out.keys[2]);
+                    inv.arg(&out.lease_value)
+                        .arg(&out.epoch)
+                        .arg(out.last)
+                        .arg(&out.payload)
+                        .arg(&out.wire)
+                        .arg(if out.keep { "1" } else { "0" })
+                        .arg(self.window_messages)
+                        .arg(POSITION_TTL.as_millis() as u64)
+                        .arg(&out.trade);
+                    async move { inv.invoke_async(&mut c).await }
+                })
+                .await;
+            if refused == Some(0) {
+                tracing::warn!(node = %self.node, stream = %out.id, "publish refused: the lease is no longer this node's");
+            }
+        }
+    }
+
+    /// `POST /api/v1/publish`: numbered by Redis and sent to every node that has subscribers;
+    /// this node's are counted when the message comes back from Redis. With Redis away, this
+    /// node's subscribers only.
+    pub async fn publish(&self, channel: &Channel, data: &Value, hub: &crate::hub::Hub) -> Posted {
+        let topic = TopicKey::Published(channel.clone());
+        let local = hub.has_topic(channel);
+        let floor = hub.position(&topic).map_or(0, |(_, s)| s + 1);
+        let message_id = format!("{}-{}", self.node, rand::random::<u64>());
+        let (tx, rx) = oneshot::channel();
+        if local {
+            self.state().echoes.insert(message_id.clone(), tx);
+        }
+        let id = keys::topic_id(&topic);
+        let id = id.as_str();
+        let item = serde_json::to_string(&Item::Published(data.clone())).unwrap_or_default();
+        let node = serde_json::to_string(&*self.node).unwrap_or_default();
+        let mid = serde_json::to_string(&message_id).unwrap_or_default();
+        let epoch = new_epoch().to_string();
+        let epoch = epoch.as_str();
+        let (pos, window, wire) = (
+            keys::pos(id),
+            keys::window(id),
+            keys::published_wire(channel),
+        );
+        let (pos, window, wire) = (pos.as_str(), window.as_str(), wire.as_str());
+        let published: Option<(String, u64, usize)> = if self.state().redis_up {
+            self.call("publish", |mut c| async move {
+                Script::new(keys::PUBLISH_MESSAGE)
+                    .key(pos)
+                    .key(window)
+                    .arg(epoch)
+                    .arg(&item)
+                    .arg(wire)
+                    .arg(self.window_messages)
+                    .arg(POSITION_TTL.as_millis() as u64 * 144)
+                    .arg(&node)
+                    .arg(&mid)
+                    .arg(floor)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await
+        } else {
+            None
+        };
+        match published {
+            Some((_, _, nodes)) => {
+                let delivered = if local {
+                    tokio::time::timeout(ECHO_WAIT, rx)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
+                self.state().echoes.remove(&message_id);
+                Posted { delivered, nodes }
+            }
+            None => {
+                self.state().echoes.remove(&message_id);
+                let delivered = self.publish_locally(channel, data, hub);
+                Posted {
+                    delivered,
+                    nodes: 0,
+                }
+            }
+        }
+    }
+
+    /// A posted message while Redis is away: numbered on from this node's sequence.
+    fn publish_locally(&self, channel: &Channel, data: &Value, hub: &crate::hub::Hub) -> usize {
+        let topic = TopicKey::Published(channel.clone());
+        let (epoch, seq) = {
+            let position = hub.position(&topic);
+            let mut st = self.state();
+            let pos = st
+                .local_pos
+                .entry(topic.clone())
+                .or_insert_with(|| match &position {
+                    Some((e, s)) => Pos {
+                        epoch: e.clone(),
+                        seq: *s,
+                    },
+                    None => Pos {
+                        epoch: new_epoch(),
+                        seq: 0,
+                    },
+                });
+            if let Some((e, s)) = &position {
+                if *e == pos.epoch {
+                    pos.seq = pos.seq.max(*s);
+                }
+            }
+            pos.seq += 1;
+            (pos.epoch.clone(), pos.seq)
+        };
+        hub.numbered(&topic, &epoch, vec![(seq, Item::Published(data.clone()))])
+    }
+
+    /// On shutdown (SIGTERM): every lease this node holds is handed over at once.
+    async fn leave(&self) {
+        let owned: Vec<(String, u64)> = self
+            .state()
+            .streams
+            .iter()
+            .filter_map(|(k, s)| match s.role {
+                Role::Owner { token } => Some((keys::feed_id(k), token)),
+                _ => None,
+            })
+            .collect();
+        for (id, token) in owned {
+            let value = format!("{}|{token}", self.node);
+            let value = value.as_str();
+            let lease = keys::lease(&id);
+            let lease = lease.as_str();
+            let released: Option<i64> = self
+                .call("release", |mut c| async move {
+                    Script::new(keys::RELEASE)
+                        .key(lease)
+                        .arg(value)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await;
+            if released == Some(1) {
+                let msg = format!("free {id}");
+                let msg = msg.as_str();
+                let _: Option<i64> = self
+                    .call("free", |mut c| async move {
+                        redis::cmd("PUBLISH")
+                            .arg(keys::CONTROL)
+                            .arg(msg)
+                            .query_async(&mut c)
+                            .await
+                    })
+                    .await;
+                tracing::info!(node = %self.node, stream = %id, "lease handed over (shutting down)");
+            }
+        }
+        let me = self.node.to_string();
+        let me = me.as_str();
+        let _: Option<i64> = self
+            .call("leave", |mut c| async move {
+                redis::cmd("ZREM")
+                    .arg(keys::NODES)
+                    .arg(me)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        let st = self.state();
+        let streams = st
+            .streams
+            .iter()
+            .map(|(k, s)| {
+                let role = match s.role {
+                    Role::Owner { .. } => "owner",
+                    Role::Follower => "follower",
+                    Role::Local => "local",
+                    Role::Switching { .. } => "switching",
+                };
+                let owner = match s.role {
+                    Role::Owner { .. } | Role::Local | Role::Switching { .. } => {
+                        Some(self.node.to_string())
+                    }
+                    Role::Follower => s.owner.clone(),
+                };
+                (
+                    keys::feed_id(k),
+                    StreamView {
+                        owner,
+                        role,
+                        epoch: s.pos.as_ref().map(|p| p.epoch.to_string()),
+                        seq: s.pos.as_ref().map(|p| p.seq),
+                    },
+                )
+            })
+            .collect();
+        ClusterSnapshot {
+            node_id: self.node.to_string(),
+            state: if st.redis_up { "ok" } else { "degraded" },
+            redis: if st.redis_up {
+                "connected"
+            } else {
+                "unreachable"
+            },
+            nodes: st.members.len().max(1),
+            members: st.members.clone(),
+            streams,
+            lease_changes: st.lease_changes,
+        }
+    }
+}
+
+fn track(names: &mut HashSet<String>, s: Sub) {
+    match s {
+        Sub::Subscribe(n) => {
+            names.insert(n);
+        }
+        Sub::Unsubscribe(n) => {
+            names.remove(&n);
+        }
+    }
+}
+
+fn new_epoch() -> Arc<str> {
+    crate::hub::channel::new_epoch()
+}
+
+impl FeedSource for Cluster {
+    fn check(&self, key: &FeedKey) -> Check {
+        self.exchange.check(key)
+    }
+
+    fn want(&self, key: &FeedKey) {
+        self.cmds.send(Cmd::Want(key.clone())).ok();
+    }
+
+    fn unwant(&self, key: &FeedKey) {
+        self.cmds.send(Cmd::Unwant(key.clone())).ok();
+    }
+
+    fn reachable(&self, exchange: ExchangeId) -> bool {
+        self.exchange.reachable(exchange)
+    }
+
+    fn history(&self, key: &FeedKey, request: HistoryRequest) -> HistoryFuture {
+        self.exchange.history(key, request)
+    }
+
+    fn prepare(&self, topic: &TopicKey, since: Option<u64>) -> PrepareFuture {
+        let Some(me) = self.hub_cluster() else {
+            return Box::pin(async { None });
+        };
+        let topic = topic.clone();
+        Box::pin(async move { me.prepared(&topic, since).await })
+    }
+
+    fn follow(&self, channel: &Channel) {
+        self.cmds.send(Cmd::Follow(channel.clone())).ok();
+    }
+
+    fn unfollow(&self, channel: &Channel) {
+        self.cmds.send(Cmd::Unfollow(channel.clone())).ok();
+    }
+}
+
+impl Cluster {
+    fn hub_cluster(&self) -> Option<Arc<Cluster>> {
+        self.me.upgrade()
+    }
+
+    /// [`FeedSource::prepare`]: the topic's position in Redis (created where none exists) and,
+    /// for `since`, what its window holds after it. With Redis away: this node's own.
+    async fn prepared(&self, topic: &TopicKey, since: Option<u64>) -> Option<Prepared> {
+        let id = keys::topic_id(topic);
+        let id = id.as_str();
+        if self.state().redis_up {
+            let found = match since {
+                Some(after) if keys::keeps(topic) => self
+                    .recall(id, after)
+                    .await
+                    .map(|(epoch, seq, items, complete)| (epoch, seq, Some((items, complete)))),
+                _ => self
+                    .read_position(id)
+                    .await
+                    .map(|(pos, _)| (pos.epoch, pos.seq, None)),
+            };
+            if let Some((epoch, seq, after)) = found {
+                return Some(Prepared { epoch, seq, after });
+            }
+        }
+        let mut st = self.state();
+        let pos = match topic {
+            TopicKey::Feed(key) => st.streams.get(key).and_then(|s| s.pos.clone()),
+            TopicKey::Published(_) => st.local_pos.get(topic).cloned(),
+        };
+        let pos = pos.unwrap_or_else(|| {
+            let pos = Pos {
+                epoch: new_epoch(),
+                seq: 0,
+            };
+            if let TopicKey::Published(_) = topic {
+                st.local_pos.insert(topic.clone(), pos.clone());
+            }
+            pos
+        });
+        Some(Prepared {
+            epoch: pos.epoch,
+            seq: pos.seq,
+            after: None,
+        })
+    }
+}
+
+/// What the exchange connections read, on the way to the hub.
+impl FeedSink for Cluster {
+    fn events(&self, key: &FeedKey, events: Vec<MarketEvent>) {
+        self.own(key, events.into_iter().map(Item::Event).collect());
+    }
+
+    fn invalidated(&self, key: &FeedKey) {
+        if let Some(hub) = self.hub() {
+            hub.invalidated(key);
+        }
+    }
+
+    fn refused(&self, key: &FeedKey, code: ErrorCode, message: &str) {
+        if let Some(hub) = self.hub() {
+            hub.refused(key, code, message);
+        }
+    }
+
+    fn instruments_loaded(&self, exchange: ExchangeId) {
+        if let Some(hub) = self.hub() {
+            hub.instruments_loaded(exchange);
+        }
+    }
+
+    fn gap(&self, key: &FeedKey, reason: GapReason, from_ms: i64, to_ms: i64) {
+        self.own(
+            key,
+            vec![Item::Gap {
+                reason,
+                from_ms,
+                to_ms,
+            }],
+        );
+    }
+
+    fn numbered(&self, topic: &TopicKey, epoch: &str, items: Vec<(u64, Item)>) -> usize {
+        self.hub().map_or(0, |h| h.numbered(topic, epoch, items))
+    }
+
+    fn position(&self, topic: &TopicKey) -> Option<(Arc<str>, u64)> {
+        self.hub().and_then(|h| h.position(topic))
+    }
+}

@@ -1,0 +1,396 @@
+//! A cluster of relays on a real `redis-server` (PROTOCOL.md `[cluster]`): published messages
+//! reach every node, one upstream per stream for the whole cluster, the same `seq` on every
+//! node, recovery on another node, failover after `kill -9`, and Redis going away and back.
+//! `.ci/run` installs `redis-server`; each test starts its own on a free port.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use exchange_relay::config::Config;
+use exchange_relay::sim::SimBinance;
+use serde_json::{json, Value};
+
+/// A `redis-server` of the test's own, on a free port, without persistence.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        Redis::start_on(free_port()).await
+    }
+
+    async fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed for the cluster tests (apt-get install redis-server; .ci/run installs it)");
+        let redis = Redis { port, child };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn node_config(sim: &SimBinance, redis: &Redis, node: &str) -> Config {
+    let mut c = config_for(sim);
+    c.cluster.redis_url = redis.url();
+    c.cluster.node_id = node.into();
+    c
+}
+
+async fn publish(relay: &Relay, channel: &str, data: Value) -> Value {
+    reqwest::Client::new()
+        .post(relay.http("/api/v1/publish"))
+        .bearer_auth(PUBLISH_KEY)
+        .json(&json!({"channel": channel, "data": data}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until every node's `/health` says the cluster is ok with `nodes` members.
+async fn until_cluster(relays: &[&Relay], nodes: u64) {
+    for relay in relays {
+        until("the cluster to form", || async {
+            let h = health(relay).await;
+            (h["cluster"]["state"] == "ok" && h["cluster"]["nodes"] == nodes).then_some(())
+        })
+        .await;
+    }
+}
+
+async fn subscribed(client: &mut Client, channel: &'static str) -> Value {
+    client.subscribe(&[channel]).await;
+    client.recv_until(is_msg("subscribed", channel)).await
+}
+
+/// Trades on `channel` until `n` have arrived: (tradeId, seq) each.
+async fn trades(client: &mut Client, n: usize) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let v = client.recv_until(is_type("trade")).await;
+        out.push((
+            v["data"]["tradeId"].as_u64().unwrap(),
+            v["seq"].as_u64().unwrap(),
+        ));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_message_published_on_one_node_reaches_subscribers_on_every_node_once() {
+    let redis = Redis::start().await;
+    let sim = start_sim().await;
+    let a = start_relay(node_config(&sim, &redis, "a")).await;
+    let b = start_relay(node_config(&sim, &redis, "b")).await;
+    until_cluster(&[&a, &b], 2).await;
+    let mut on_a = Client::connect(&a).await;
+    let mut on_b = Client::connect(&b).await;
+    let ack_a = subscribed(&mut on_a, "signals:ALPHA").await;
+    let ack_b = subscribed(&mut on_b, "signals:ALPHA").await;
+    assert_eq!(
+        ack_a["epoch"], ack_b["epoch"],
+        "one sequence for the cluster"
+    );
+
+    let posted = publish(&a, "signals:ALPHA", json!({"n": 1})).await;
+    assert_eq!(posted["data"]["delivered"], 1, "{posted}");
+    assert_eq!(posted["data"]["nodes"], 2, "{posted}");
+    let posted = publish(&b, "signals:ALPHA", json!({"n": 2})).await;
+    assert_eq!(posted["data"]["delivered"], 1, "{posted}");
+
+    for client in [&mut on_a, &mut on_b] {
+        let first = client.recv_until(is_type("signal")).await;
+        let second = client.recv_until(is_type("signal")).await;
+        assert_eq!(first["data"]["n"], 1);
+        assert_eq!(second["data"]["n"], 2);
+        assert_eq!(
+            second["seq"].as_u64().unwrap(),
+            first["seq"].as_u64().unwrap() + 1
+        );
+    }
+    // Once: nothing else arrives on either node.
+    for client in [&mut on_a, &mut on_b] {
+        client.send(json!({"type": "ping"})).await;
+        let next = client.recv_until(|v| v["type"] != "ping").await;
+        assert_eq!(next["type"], "pong", "a message arrived twice: {next}");
+    }
+    // A node without subscribers is not counted, and gets nothing it did not ask for.
+    let c = start_relay(node_config(&sim, &redis, "c")).await;
+    until_cluster(&[&a, &b, &c], 3).await;
+    let posted = publish(&c, "signals:ALPHA", json!({"n": 3})).await;
+    assert_eq!(posted["data"]["delivered"], 0, "{posted}");
+    assert_eq!(posted["data"]["nodes"], 2, "{posted}");
+    assert_eq!(on_b.recv_until(is_type("signal")).await["data"]["n"], 3);
+}
+
+#[tokio::test]
+async fn three_nodes_share_one_upstream_stream_with_the_same_sequence() {
+    let redis = Redis::start().await;
+    let sim = start_sim().await;
+    let nodes = [
+        start_relay(node_config(&sim, &redis, "n1")).await,
+        start_relay(node_config(&sim, &redis, "n2")).await,
+        start_relay(node_config(&sim, &redis, "n3")).await,
+    ];
+    until_cluster(&[&nodes[0], &nodes[1], &nodes[2]], 3).await;
+    let mut clients = Vec::new();
+    for relay in &nodes {
+        let mut c = Client::connect(relay).await;
+        subscribed(&mut c, "trades:BTCUSDT").await;
+        clients.push(c);
+    }
+    let mut seen = Vec::new();
+    for c in &mut clients {
+        seen.push(trades(c, 20).await);
+    }
+    // Exactly one subscription to the stream at the exchange, for the whole cluster.
+    let subs = sim.subscriptions();
+    assert_eq!(subs.get("btcusdt@trade"), Some(&1), "{subs:?}");
+    assert_eq!(sim.connections(), 1, "one exchange connection in all");
+    // Every node sends each trade with the same seq.
+    let mut by_trade = std::collections::BTreeMap::new();
+    for list in &seen {
+        for (id, seq) in list {
+            if let Some(other) = by_trade.insert(*id, *seq) {
+                assert_eq!(other, *seq, "trade {id} numbered differently on two nodes");
+            }
+        }
+    }
+    // Every node names the same owner.
+    let mut owners = BTreeSet::new();
+    for relay in &nodes {
+        let h = health(relay).await;
+        owners.insert(h["cluster"]["streams"]["binance:BTCUSDT:trades"]["owner"].to_string());
+    }
+    assert_eq!(owners.len(), 1, "{owners:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_moves_to_another_node_recovers_there() {
+    let redis = Redis::start().await;
+    let sim = start_sim().await;
+    let a = start_relay(node_config(&sim, &redis, "a")).await;
+    let b = start_relay(node_config(&sim, &redis, "b")).await;
+    until_cluster(&[&a, &b], 2).await;
+    // Another user keeps the channel open on A meanwhile (else it is released, and with it
+    // the sequence).
+    let mut stays = Client::connect(&a).await;
+    subscribed(&mut stays, "trades:BTCUSDT").await;
+    let mut client = Client::connect(&a).await;
+    let ack = subscribed(&mut client, "trades:BTCUSDT").await;
+    let epoch = ack["epoch"].as_str().unwrap().to_string();
+    let got = trades(&mut client, 5).await;
+    let (last_id, last_seq) = *got.last().unwrap();
+    drop(client);
+    // Trades go on while the client is away; node B has never carried the channel.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut moved = Client::connect(&b).await;
+    moved
+        .send(json!({"type": "subscribe", "channels": [
+            {"channel": "trades:BTCUSDT", "since": {"epoch": epoch, "seq": last_seq}}
+        ]}))
+        .await;
+    let ack = moved
+        .recv_until(is_msg("subscribed", "trades:BTCUSDT"))
+        .await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(ack["epoch"], epoch.as_str());
+    let resumed = trades(&mut moved, 10).await;
+    for (i, (id, seq)) in resumed.into_iter().enumerate() {
+        assert_eq!(seq, last_seq + 1 + i as u64, "seq continues without a hole");
+        assert_eq!(id, last_id + 1 + i as u64, "no trade missed or repeated");
+    }
+}
+
+/// A relay in its own process, so that it can be killed with SIGKILL.
+struct Process(Child, u16);
+
+impl Process {
+    fn start(sim: &SimBinance, redis: &Redis, node: &str) -> Process {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_exchange-relay"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RELAY_EXCHANGES__BINANCE__WS_URL", sim.ws_url())
+            .env("RELAY_EXCHANGES__BINANCE__REST_URL", sim.rest_url())
+            .env("RELAY_EXCHANGES__COINBASE__ENABLED", "false")
+            .env("RELAY_EXCHANGES__KRAKEN__ENABLED", "false")
+            .env("RELAY_STREAMS__CLOSE_DELAY_MS", "300")
+            .env("RELAY_CLUSTER__REDIS_URL", redis.url())
+            .env("RELAY_CLUSTER__NODE_ID", node)
+            .env("RUST_LOG", "warn")
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Process(child, port)
+    }
+
+    fn health_url(&self) -> String {
+        format!("http://127.0.0.1:{}/health", self.1)
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.1)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn killing_the_owner_moves_the_stream_and_no_trade_id_is_missed() {
+    let redis = Redis::start().await;
+    let sim = start_sim().await;
+    let mut owner = Process::start(&sim, &redis, "doomed");
+    until("the process node to join", || async {
+        let h: Value = reqwest::get(owner.health_url())
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (h["cluster"]["state"] == "ok").then_some(())
+    })
+    .await;
+    // The process node subscribes first, so it takes the lease.
+    let mut early = Client::connect_url(&owner.ws_url(), None).await;
+    subscribed(&mut early, "trades:BTCUSDT").await;
+    trades(&mut early, 3).await;
+    let survivor = start_relay(node_config(&sim, &redis, "survivor")).await;
+    let mut client = Client::connect(&survivor).await;
+    let ack = subscribed(&mut client, "trades:BTCUSDT").await;
+    let before = trades(&mut client, 10).await;
+    let h = health(&survivor).await;
+    assert_eq!(
+        h["cluster"]["streams"]["binance:BTCUSDT:trades"]["owner"], "doomed",
+        "{h}"
+    );
+
+    let _ = owner.0.kill(); // SIGKILL: no handover
+    let killed = std::time::Instant::now();
+    let after = trades(&mut client, 40).await;
+    let h = until("the survivor to own the stream", || async {
+        let h = health(&survivor).await;
+        (h["cluster"]["streams"]["binance:BTCUSDT:trades"]["owner"] == "survivor").then_some(h)
+    })
+    .await;
+    let takeover = killed.elapsed();
+    println!("takeover after kill -9: {} ms", takeover.as_millis());
+    assert!(h["cluster"]["leaseChanges"].as_u64().unwrap() >= 1, "{h}");
+    let all: Vec<(u64, u64)> = before.into_iter().chain(after).collect();
+    for pair in all.windows(2) {
+        assert_eq!(
+            pair[1].0,
+            pair[0].0 + 1,
+            "trade ids in order, none missing: {pair:?}"
+        );
+        assert_eq!(
+            pair[1].1,
+            pair[0].1 + 1,
+            "seq continues in the same epoch: {pair:?}"
+        );
+    }
+    let again = subscribed(&mut client, "trades:BTCUSDT").await;
+    assert_eq!(again["epoch"], ack["epoch"], "the sequence carried on");
+}
+
+#[tokio::test]
+async fn with_redis_gone_each_node_reads_alone_and_the_cluster_converges_when_it_is_back() {
+    let mut redis = Redis::start().await;
+    let port = redis.port;
+    let sim = start_sim().await;
+    let a = start_relay(node_config(&sim, &redis, "a")).await;
+    let b = start_relay(node_config(&sim, &redis, "b")).await;
+    until_cluster(&[&a, &b], 2).await;
+    let mut on_a = Client::connect(&a).await;
+    let mut on_b = Client::connect(&b).await;
+    subscribed(&mut on_a, "trades:BTCUSDT").await;
+    subscribed(&mut on_b, "trades:BTCUSDT").await;
+    let mut ids_a: Vec<u64> = trades(&mut on_a, 5).await.iter().map(|t| t.0).collect();
+    let mut ids_b: Vec<u64> = trades(&mut on_b, 5).await.iter().map(|t| t.0).collect();
+
+    redis.kill();
+    for relay in [&a, &b] {
+        until("the node to say it is degraded", || async {
+            let h = health(relay).await;
+            (h["cluster"]["state"] == "degraded" && h["cluster"]["redis"] == "unreachable")
+                .then_some(())
+        })
+        .await;
+    }
+    // Both keep serving, each reading the exchange itself.
+    ids_a.extend(trades(&mut on_a, 20).await.iter().map(|t| t.0));
+    ids_b.extend(trades(&mut on_b, 20).await.iter().map(|t| t.0));
+    assert_eq!(sim.subscriptions().get("btcusdt@trade"), Some(&2));
+    // A publish still reaches this node's own subscribers.
+    let mut sig = Client::connect(&a).await;
+    subscribed(&mut sig, "signals:DEGRADED").await;
+    let posted = publish(&a, "signals:DEGRADED", json!({"k": 1})).await;
+    assert_eq!(posted["data"]["delivered"], 1, "{posted}");
+    assert_eq!(posted["data"]["nodes"], 0, "{posted}");
+
+    let _redis = Redis::start_on(port).await;
+    until_cluster(&[&a, &b], 2).await;
+    until("one reader again", || async {
+        (sim.subscriptions().get("btcusdt@trade") == Some(&1)).then_some(())
+    })
+    .await;
+    ids_a.extend(trades(&mut on_a, 30).await.iter().map(|t| t.0));
+    ids_b.extend(trades(&mut on_b, 30).await.iter().map(|t| t.0));
+    for ids in [&ids_a, &ids_b] {
+        for pair in ids.windows(2) {
+            assert_eq!(pair[1], pair[0] + 1, "no trade lost or repeated: {pair:?}");
+        }
+    }
+}
