@@ -104,6 +104,16 @@ async fn until_cluster(relays: &[&Relay], nodes: u64) {
     }
 }
 
+/// A Redis, a simulated Binance, and nodes `a` and `b` of one cluster, formed.
+async fn two_nodes() -> (Redis, SimBinance, Relay, Relay) {
+    let redis = Redis::start().await;
+    let sim = start_sim().await;
+    let a = start_relay(node_config(&sim, &redis, "a")).await;
+    let b = start_relay(node_config(&sim, &redis, "b")).await;
+    until_cluster(&[&a, &b], 2).await;
+    (redis, sim, a, b)
+}
+
 async fn subscribed(client: &mut Client, channel: &'static str) -> Value {
     client.subscribe(&[channel]).await;
     client.recv_until(is_msg("subscribed", channel)).await
@@ -124,11 +134,7 @@ async fn trades(client: &mut Client, n: usize) -> Vec<(u64, u64)> {
 
 #[tokio::test]
 async fn a_message_published_on_one_node_reaches_subscribers_on_every_node_once() {
-    let redis = Redis::start().await;
-    let sim = start_sim().await;
-    let a = start_relay(node_config(&sim, &redis, "a")).await;
-    let b = start_relay(node_config(&sim, &redis, "b")).await;
-    until_cluster(&[&a, &b], 2).await;
+    let (redis, sim, a, b) = two_nodes().await;
     let mut on_a = Client::connect(&a).await;
     let mut on_b = Client::connect(&b).await;
     let ack_a = subscribed(&mut on_a, "signals:ALPHA").await;
@@ -213,11 +219,7 @@ async fn three_nodes_share_one_upstream_stream_with_the_same_sequence() {
 
 #[tokio::test]
 async fn a_client_that_moves_to_another_node_recovers_there() {
-    let redis = Redis::start().await;
-    let sim = start_sim().await;
-    let a = start_relay(node_config(&sim, &redis, "a")).await;
-    let b = start_relay(node_config(&sim, &redis, "b")).await;
-    until_cluster(&[&a, &b], 2).await;
+    let (_redis, _sim, a, b) = two_nodes().await;
     // Another user keeps the channel open on A meanwhile (else it is released, and with it
     // the sequence).
     let mut stays = Client::connect(&a).await;
@@ -347,12 +349,8 @@ async fn killing_the_owner_moves_the_stream_and_no_trade_id_is_missed() {
 
 #[tokio::test]
 async fn with_redis_gone_each_node_reads_alone_and_the_cluster_converges_when_it_is_back() {
-    let mut redis = Redis::start().await;
+    let (mut redis, sim, a, b) = two_nodes().await;
     let port = redis.port;
-    let sim = start_sim().await;
-    let a = start_relay(node_config(&sim, &redis, "a")).await;
-    let b = start_relay(node_config(&sim, &redis, "b")).await;
-    until_cluster(&[&a, &b], 2).await;
     let mut on_a = Client::connect(&a).await;
     let mut on_b = Client::connect(&b).await;
     subscribed(&mut on_a, "trades:BTCUSDT").await;

@@ -14,6 +14,10 @@
 //! Per published channel (`<ch>` = `signals:alpha`): `relay:pos:<ch>`, `relay:win:<ch>`, pub/sub
 //! `relay:pub:<ch>`. Nodes: `relay:nodes`, scored by expiry. Control: pub/sub `relay:ctl`.
 
+use std::sync::LazyLock;
+
+use redis::Script;
+
 use crate::domain::Channel;
 use crate::events::{Feed, FeedKey};
 use crate::hub::TopicKey;
@@ -62,13 +66,21 @@ pub fn want(id: &str) -> String {
 /// The pub/sub channel a topic's messages travel on.
 pub fn wire(topic: &TopicKey) -> String {
     match topic {
-        TopicKey::Feed(key) => format!("relay:feed:{}", feed_id(key)),
+        TopicKey::Feed(key) => feed_wire(&feed_id(key)),
         TopicKey::Published(channel) => published_wire(channel),
     }
 }
 
+/// The pub/sub channel of the stream `id` (see [`feed_id`]).
+pub fn feed_wire(id: &str) -> String {
+    format!("relay:feed:{id}")
+}
+
+/// What the pub/sub channels of published channels start with.
+pub const PUBLISHED_WIRE: &str = "relay:pub:";
+
 pub fn published_wire(channel: &Channel) -> String {
-    format!("relay:pub:{channel}")
+    format!("{PUBLISHED_WIRE}{channel}")
 }
 
 /// Whether the cluster keeps a topic's messages one by one for `since` (trades, klines and
@@ -80,23 +92,50 @@ pub fn keeps(topic: &TopicKey) -> bool {
     }
 }
 
-/// The topic's position, created (`seq` 0 in a new epoch) where none exists.
-/// KEYS: pos. ARGV: new epoch, ttl ms. Returns {epoch, seq}.
-pub const POSITION: &str = r#"
-local e = redis.call('HGET', KEYS[1], 'epoch')
-if not e then
-  e = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', e, 'seq', 0)
-end
+/// The start of every script that reads a topic's position: the epoch, created (with `seq` 0)
+/// where none exists. KEYS[1] is the position, ARGV[1] the epoch to create.
+macro_rules! with_position {
+    ($rest:literal) => {
+        concat!(
+            "local e = redis.call('HGET', KEYS[1], 'epoch')\n",
+            "if not e then\n",
+            "  e = ARGV[1]\n",
+            "  redis.call('HSET', KEYS[1], 'epoch', e, 'seq', 0)\n",
+            "end\n",
+            $rest
+        )
+    };
+}
+
+/// The topic's position (see [`with_position!`]) and its newest trade ('' if none).
+/// KEYS: pos. ARGV: new epoch, ttl ms. Returns {epoch, seq, trade}.
+pub static POSITION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(with_position!(
+        r#"
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {e, redis.call('HGET', KEYS[1], 'seq')}
-"#;
+return {e, redis.call('HGET', KEYS[1], 'seq'), redis.call('HGET', KEYS[1], 'trade') or ''}
+"#
+    ))
+});
+
+/// The topic's position and, in the same moment, its window from a seq on.
+/// KEYS: pos, window. ARGV: new epoch, ttl ms, first entry id. Returns {epoch, seq, entries}.
+pub static RECALL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(with_position!(
+        r#"
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {e, redis.call('HGET', KEYS[1], 'seq'), redis.call('XRANGE', KEYS[2], ARGV[3], '+')}
+"#
+    ))
+});
 
 /// A batch of a stream, published by its lease holder only.
 /// KEYS: lease, pos, window. ARGV: lease value, epoch, last seq, payload, pub/sub channel,
 /// keep (0/1), max entries, ttl ms, newest trade ('' if none). Returns 1, or 0 when the lease is
 /// not the caller's (it was fenced out).
-pub const PUBLISH_FEED: &str = r#"
+pub static PUBLISH_FEED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[2], 'epoch', ARGV[2], 'seq', ARGV[3])
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'trade', ARGV[9]) end
@@ -107,17 +146,16 @@ if ARGV[6] == '1' then
 end
 redis.call('PUBLISH', ARGV[5], ARGV[4])
 return 1
-"#;
+"#,
+    )
+});
 
 /// A message posted to a published channel: numbered by Redis, kept, published.
 /// KEYS: pos, window. ARGV: new epoch, item JSON, pub/sub channel, max entries, ttl ms, node
 /// (JSON string), message id (JSON string), lowest seq allowed. Returns {epoch, seq, receivers}.
-pub const PUBLISH_MESSAGE: &str = r#"
-local e = redis.call('HGET', KEYS[1], 'epoch')
-if not e then
-  e = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', e, 'seq', 0)
-end
+pub static PUBLISH_MESSAGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(with_position!(
+        r#"
 local s = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 if s < tonumber(ARGV[8]) then
   s = tonumber(ARGV[8])
@@ -129,19 +167,29 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 local n = redis.call('PUBLISH', ARGV[3], payload)
 return {e, s, n}
-"#;
+"#
+    ))
+});
 
 /// Renews a lease held by the caller. KEYS: lease, pos, window. ARGV: value, lease ms, ttl ms.
-pub const RENEW: &str = r#"
+pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 1
-"#;
+"#,
+    )
+});
 
 /// Gives a lease up if it is the caller's. KEYS: lease. ARGV: value.
-pub const RELEASE: &str = r#"
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"#;
+"#,
+    )
+});

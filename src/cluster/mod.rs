@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Script};
+use redis::AsyncConnectionConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -51,6 +51,8 @@ const TICK: Duration = Duration::from_millis(500);
 const CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// How long positions outlive their last use (a stream nobody reads starts a new epoch).
 const POSITION_TTL: Duration = Duration::from_secs(600);
+/// How long a published channel's sequence and window outlive its last message.
+const PUBLISHED_TTL: Duration = Duration::from_secs(86_400);
 /// A degraded node following an owner again waits at most this long for the owner's trades
 /// to overlap its own.
 const SWITCH_WAIT: Duration = Duration::from_secs(10);
@@ -129,6 +131,8 @@ enum Sub {
 #[derive(Default)]
 struct State {
     streams: BTreeMap<FeedKey, Stream>,
+    /// The wanted streams by their pub/sub channel (`relay:feed:<id>`).
+    wires: HashMap<String, FeedKey>,
     published: HashSet<Channel>,
     /// Numbering for published topics while Redis is away.
     local_pos: HashMap<TopicKey, Pos>,
@@ -320,6 +324,32 @@ impl Cluster {
         }
     }
 
+    async fn query<T: redis::FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Option<T> {
+        self.call(what, |mut c| async move { cmd.query_async(&mut c).await })
+            .await
+    }
+
+    async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        pipe: &redis::Pipeline,
+    ) -> Option<T> {
+        self.call(what, |mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Option<T> {
+        self.call(
+            what,
+            |mut c| async move { script.invoke_async(&mut c).await },
+        )
+        .await
+    }
+
     /// The cluster's one state-changing task: commands from the hub, and every [`TICK`] the
     /// heartbeat, lease renewals and attempts.
     async fn run(self: Arc<Self>, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
@@ -356,6 +386,8 @@ impl Cluster {
                             last_trade: None,
                         },
                     );
+                    st.wires
+                        .insert(keys::wire(&TopicKey::Feed(key.clone())), key.clone());
                 }
                 if self.state().redis_up {
                     // Followed first, so nothing the owner publishes from now on is missed.
@@ -374,30 +406,27 @@ impl Cluster {
                 }
             }
             Cmd::Unwant(key) => {
-                let Some(stream) = self.state().streams.remove(&key) else {
+                let stream = {
+                    let mut st = self.state();
+                    st.wires.remove(&keys::wire(&TopicKey::Feed(key.clone())));
+                    st.streams.remove(&key)
+                };
+                let Some(stream) = stream else {
                     return;
                 };
                 let id = keys::feed_id(&key);
-                let id = id.as_str();
                 self.subs
                     .send(Sub::Unsubscribe(keys::wire(&TopicKey::Feed(key.clone()))))
                     .ok();
                 if !matches!(stream.role, Role::Follower) {
                     self.exchange.unwant(&key);
                 }
-                let (me, want) = (self.node.to_string(), keys::want(id));
-                let (me, want) = (me.as_str(), want.as_str());
+                let (me, want) = (self.node.to_string(), keys::want(&id));
                 let _: Option<i64> = self
-                    .call("zrem want", |mut c| async move {
-                        redis::cmd("ZREM")
-                            .arg(want)
-                            .arg(me)
-                            .query_async(&mut c)
-                            .await
-                    })
+                    .query("zrem want", redis::cmd("ZREM").arg(want).arg(me))
                     .await;
                 if let Role::Owner { token } = stream.role {
-                    self.give_up(id, token).await;
+                    self.give_up(&id, token).await;
                 }
             }
             Cmd::Follow(channel) => {
@@ -416,12 +445,7 @@ impl Cluster {
                 }
             }
             Cmd::Free(id) => {
-                let key = self
-                    .state()
-                    .streams
-                    .keys()
-                    .find(|k| keys::feed_id(k) == id)
-                    .cloned();
+                let key = self.state().wires.get(&keys::feed_wire(&id)).cloned();
                 if let Some(key) = key {
                     if matches!(self.role(&key), Some(Role::Follower)) {
                         self.try_lease(&key, false).await;
@@ -471,34 +495,23 @@ impl Cluster {
     /// Redis was away, so it starts a new epoch (the nodes' numbers diverged meanwhile).
     async fn try_lease(&self, key: &FeedKey, fresh: bool) -> bool {
         let id = keys::feed_id(key);
-        let id = id.as_str();
-        let Some(token) = self
-            .call("incr fence", |mut c| {
-                let fence = keys::fence(id);
-                async move {
-                    redis::cmd("INCR")
-                        .arg(fence)
-                        .query_async::<u64>(&mut c)
-                        .await
-                }
-            })
+        let Some(token): Option<u64> = self
+            .query("incr fence", redis::cmd("INCR").arg(keys::fence(&id)))
             .await
         else {
             return false;
         };
-        let value = format!("{}|{token}", self.node);
-        let value = value.as_str();
+        let value = self.lease_value(token);
         let got: Option<Option<String>> = self
-            .call("set lease", |mut c| async move {
+            .query(
+                "set lease",
                 redis::cmd("SET")
-                    .arg(keys::lease(id))
+                    .arg(keys::lease(&id))
                     .arg(value)
                     .arg("NX")
                     .arg("PX")
-                    .arg(LEASE.as_millis() as u64)
-                    .query_async(&mut c)
-                    .await
-            })
+                    .arg(LEASE.as_millis() as u64),
+            )
             .await;
         if !matches!(got, Some(Some(_))) {
             return false;
@@ -507,13 +520,12 @@ impl Cluster {
         let topic = TopicKey::Feed(key.clone());
         let pos = if fresh {
             let epoch = new_epoch();
-            let pos_key = keys::pos(id);
-            let pos_key = pos_key.as_str();
-            let window = keys::window(id);
-            let window = window.as_str();
+            let pos_key = keys::pos(&id);
+            let window = keys::window(&id);
             let e = epoch.to_string();
             let _: Option<()> = self
-                .call("new epoch", |mut c| async move {
+                .pipeline(
+                    "new epoch",
                     redis::pipe()
                         .atomic()
                         .cmd("DEL")
@@ -525,17 +537,15 @@ impl Cluster {
                         .arg(&e)
                         .arg("seq")
                         .arg(0)
-                        .ignore()
-                        .query_async(&mut c)
-                        .await
-                })
+                        .ignore(),
+                )
                 .await;
             Some((Pos { epoch, seq: 0 }, None))
         } else {
-            self.read_position(id).await
+            self.read_position(&id).await
         };
         let Some((pos, trade)) = pos else {
-            self.give_up(id, token).await;
+            self.give_up(&id, token).await;
             return false;
         };
         tracing::info!(node = %self.node, stream = %id, epoch = %pos.epoch, seq = pos.seq, "took the lease; reading the exchange");
@@ -570,29 +580,17 @@ impl Cluster {
     /// A stream's position and newest trade in Redis (created where missing).
     async fn read_position(&self, id: &str) -> Option<(Pos, Option<(u64, i64)>)> {
         let pos_key = keys::pos(id);
-        let pos_key = pos_key.as_str();
         let epoch = new_epoch().to_string();
-        let epoch = epoch.as_str();
-        let (e, seq): (String, u64) = self
-            .call("position", |mut c| async move {
-                Script::new(keys::POSITION)
-                    .key(pos_key)
+        let (e, seq, trade): (String, u64, String) = self
+            .eval(
+                "position",
+                keys::POSITION
+                    .key(&pos_key)
                     .arg(epoch)
-                    .arg(POSITION_TTL.as_millis() as u64)
-                    .invoke_async(&mut c)
-                    .await
-            })
+                    .arg(POSITION_TTL.as_millis() as u64),
+            )
             .await?;
-        let trade: Option<String> = self
-            .call("trade", |mut c| async move {
-                redis::cmd("HGET")
-                    .arg(pos_key)
-                    .arg("trade")
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        let trade = trade.and_then(|t| {
+        let trade = Some(trade).and_then(|t| {
             let (id, ms) = t.split_once(':')?;
             Some((id.parse().ok()?, ms.parse().ok()?))
         });
@@ -605,59 +603,52 @@ impl Cluster {
         ))
     }
 
+    /// What this node writes into a lease it holds under `token`.
+    fn lease_value(&self, token: u64) -> String {
+        format!("{}|{token}", self.node)
+    }
+
+    /// Drops the lease if it is still this node's, and says so on the control channel so an
+    /// interested node takes it at once; whether it was this node's.
+    async fn release(&self, id: &str, token: u64) -> bool {
+        let released: Option<i64> = self
+            .eval(
+                "release",
+                keys::RELEASE
+                    .key(keys::lease(id))
+                    .arg(self.lease_value(token)),
+            )
+            .await;
+        if released != Some(1) {
+            return false;
+        }
+        let _: Option<i64> = self
+            .query(
+                "free",
+                redis::cmd("PUBLISH")
+                    .arg(keys::CONTROL)
+                    .arg(format!("free {id}")),
+            )
+            .await;
+        true
+    }
+
     /// Gives a lease up, and tells the others so one takes it at once.
     async fn give_up(&self, id: &str, token: u64) {
-        let value = format!("{}|{token}", self.node);
-        let value = value.as_str();
-        let lease = keys::lease(id);
-        let lease = lease.as_str();
-        let released: Option<i64> = self
-            .call("release", |mut c| async move {
-                Script::new(keys::RELEASE)
-                    .key(lease)
-                    .arg(value)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await;
-        if released == Some(1) {
-            let msg = format!("free {id}");
-            let msg = msg.as_str();
-            let _: Option<i64> = self
-                .call("free", |mut c| async move {
-                    redis::cmd("PUBLISH")
-                        .arg(keys::CONTROL)
-                        .arg(msg)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await;
+        if self.release(id, token).await {
             // Nobody else wants it: the stream is released cluster-wide, a new epoch next time.
             let now = now_millis();
             let want = keys::want(id);
-            let want = want.as_str();
             let others: Option<i64> = self
-                .call("zcount", |mut c| async move {
-                    redis::cmd("ZCOUNT")
-                        .arg(want)
-                        .arg(now)
-                        .arg("+inf")
-                        .query_async(&mut c)
-                        .await
-                })
+                .query(
+                    "zcount",
+                    redis::cmd("ZCOUNT").arg(&want).arg(now).arg("+inf"),
+                )
                 .await;
             if others == Some(0) {
                 let (p, w) = (keys::pos(id), keys::window(id));
-                let (p, w) = (p.as_str(), w.as_str());
                 let _: Option<i64> = self
-                    .call("forget", |mut c| async move {
-                        redis::cmd("DEL")
-                            .arg(p)
-                            .arg(w)
-                            .arg(want)
-                            .query_async(&mut c)
-                            .await
-                    })
+                    .query("forget", redis::cmd("DEL").arg(p).arg(w).arg(want))
                     .await;
             }
         }
@@ -669,36 +660,25 @@ impl Cluster {
         let now = now_millis();
         let expiry = now + LEASE.as_millis() as i64;
         let me = self.node.to_string();
-        let me = me.as_str();
         let wanted: Vec<String> = self.state().streams.keys().map(keys::feed_id).collect();
-        let members: Option<Vec<String>> = self
-            .call("heartbeat", |mut c| {
-                let mut p = redis::pipe();
-                p.cmd("ZADD").arg(keys::NODES).arg(expiry).arg(me).ignore();
-                p.cmd("ZREMRANGEBYSCORE")
-                    .arg(keys::NODES)
-                    .arg("-inf")
-                    .arg(now)
-                    .ignore();
-                for id in &wanted {
-                    p.cmd("ZADD")
-                        .arg(keys::want(id))
-                        .arg(expiry)
-                        .arg(me)
-                        .ignore();
-                    p.cmd("PEXPIRE")
-                        .arg(keys::want(id))
-                        .arg(POSITION_TTL.as_millis() as u64)
-                        .ignore();
-                }
-                p.cmd("ZRANGE").arg(keys::NODES).arg(0).arg(-1);
-                async move {
-                    let (m,): (Vec<String>,) = p.query_async(&mut c).await?;
-                    Ok(m)
-                }
-            })
-            .await;
-        let Some(members) = members else {
+        let mut p = redis::pipe();
+        p.cmd("ZADD").arg(keys::NODES).arg(expiry).arg(&me).ignore();
+        p.cmd("ZREMRANGEBYSCORE")
+            .arg(keys::NODES)
+            .arg("-inf")
+            .arg(now)
+            .ignore();
+        for id in &wanted {
+            let want = keys::want(id);
+            p.cmd("ZADD").arg(&want).arg(expiry).arg(&me).ignore();
+            p.cmd("PEXPIRE")
+                .arg(&want)
+                .arg(POSITION_TTL.as_millis() as u64)
+                .ignore();
+        }
+        p.cmd("ZRANGE").arg(keys::NODES).arg(0).arg(-1);
+        let members: Option<(Vec<String>,)> = self.pipeline("heartbeat", &p).await;
+        let Some((members,)) = members else {
             self.degrade();
             return;
         };
@@ -718,25 +698,21 @@ impl Cluster {
             .collect();
         for (key, role) in streams {
             let id = keys::feed_id(&key);
-            let id = id.as_str();
             match role {
                 Role::Owner { token } => {
-                    let value = format!("{}|{token}", self.node);
-                    let value = value.as_str();
-                    let (l, p, w) = (keys::lease(id), keys::pos(id), keys::window(id));
-                    let (l, p, w) = (l.as_str(), p.as_str(), w.as_str());
+                    let value = self.lease_value(token);
+                    let (l, p, w) = (keys::lease(&id), keys::pos(&id), keys::window(&id));
                     let renewed: Option<i64> = self
-                        .call("renew", |mut c| async move {
-                            Script::new(keys::RENEW)
+                        .eval(
+                            "renew",
+                            keys::RENEW
                                 .key(l)
                                 .key(p)
                                 .key(w)
                                 .arg(value)
                                 .arg(LEASE.as_millis() as u64)
-                                .arg(POSITION_TTL.as_millis() as u64)
-                                .invoke_async(&mut c)
-                                .await
-                        })
+                                .arg(POSITION_TTL.as_millis() as u64),
+                        )
                         .await;
                     if renewed == Some(0) {
                         // Another node holds it now (this one stalled past the lease).
@@ -755,7 +731,7 @@ impl Cluster {
                 }
                 Role::Follower => {
                     if !self.try_lease(&key, false).await {
-                        self.note_owner(&key, id).await;
+                        self.note_owner(&key, &id).await;
                     }
                 }
                 Role::Local => {
@@ -772,7 +748,7 @@ impl Cluster {
                                 held: Vec::new(),
                             },
                         );
-                        self.note_owner(&key, id).await;
+                        self.note_owner(&key, &id).await;
                     }
                 }
                 Role::Switching { since, .. } => {
@@ -786,12 +762,8 @@ impl Cluster {
 
     async fn note_owner(&self, key: &FeedKey, id: &str) {
         let lease = keys::lease(id);
-        let lease = lease.as_str();
-        let holder: Option<Option<String>> = self
-            .call("get lease", |mut c| async move {
-                redis::cmd("GET").arg(lease).query_async(&mut c).await
-            })
-            .await;
+        let holder: Option<Option<String>> =
+            self.query("get lease", redis::cmd("GET").arg(lease)).await;
         if let Some(holder) = holder {
             let owner = holder.map(|h| h.split('|').next().unwrap_or_default().to_string());
             if let Some(s) = self.state().streams.get_mut(key) {
@@ -861,14 +833,13 @@ impl Cluster {
             return;
         };
         let id = keys::topic_id(topic);
-        let id = id.as_str();
         let Some((epoch, seq)) = hub.position(topic) else {
             return;
         };
         if !keys::keeps(topic) {
             return;
         }
-        let Some((e, _, items, _)) = self.recall(id, seq).await else {
+        let Some((e, _, items, _)) = self.recall(&id, seq).await else {
             return;
         };
         if *e == *epoch && !items.is_empty() {
@@ -880,30 +851,19 @@ impl Cluster {
     /// is everything after it.
     async fn recall(&self, id: &str, after: u64) -> Option<Recalled> {
         let (pos_key, window) = (keys::pos(id), keys::window(id));
-        let (pos_key, window) = (pos_key.as_str(), window.as_str());
         let epoch = new_epoch().to_string();
-        let epoch = epoch.as_str();
-        let (pos, entries): ((String, u64), Vec<WindowEntry>) = self
-            .call("recall", |mut c| {
-                let start = format!("{}-0", after.saturating_add(1));
-                async move {
-                    let script = Script::new(keys::POSITION);
-                    let mut inv = script.prepare_invoke();
-                    inv.key(pos_key)
-                        .arg(epoch)
-                        .arg(POSITION_TTL.as_millis() as u64);
-                    let pos: (String, u64) = inv.invoke_async(&mut c).await?;
-                    let entries: Vec<WindowEntry> = redis::cmd("XRANGE")
-                        .arg(window)
-                        .arg(start)
-                        .arg("+")
-                        .query_async(&mut c)
-                        .await?;
-                    Ok((pos, entries))
-                }
-            })
+        let start = format!("{}-0", after.saturating_add(1));
+        let (e, seq, entries): (String, u64, Vec<WindowEntry>) = self
+            .eval(
+                "recall",
+                keys::RECALL
+                    .key(&pos_key)
+                    .key(&window)
+                    .arg(epoch)
+                    .arg(POSITION_TTL.as_millis() as u64)
+                    .arg(start),
+            )
             .await?;
-        let (e, seq) = pos;
         let mut items: Vec<(u64, Item)> = Vec::new();
         for (_, fields) in entries {
             let Some(raw) = fields.get(1) else { continue };
@@ -1015,38 +975,42 @@ impl Cluster {
             }
             return;
         }
-        let batch: Batch = match serde_json::from_slice(payload) {
-            Ok(b) => b,
+        let batch = || match serde_json::from_slice::<Batch>(payload) {
+            Ok(b) => Some(b),
             Err(e) => {
                 tracing::warn!(%channel, error = %e, "unreadable message from redis; skipped");
-                return;
+                None
             }
         };
-        let topic = if let Some(name) = channel.strip_prefix("relay:pub:") {
+        let topic = if let Some(name) = channel.strip_prefix(keys::PUBLISHED_WIRE) {
             match name.parse::<Channel>() {
                 Ok(c) => TopicKey::Published(c),
                 Err(_) => return,
             }
         } else {
-            let key = {
+            let (key, role) = {
                 let st = self.state();
-                st.streams
-                    .keys()
-                    .find(|k| keys::wire(&TopicKey::Feed((*k).clone())) == channel)
-                    .cloned()
+                let Some(key) = st.wires.get(channel) else {
+                    return;
+                };
+                (key.clone(), st.streams.get(key).map(|s| s.role.clone()))
             };
-            let Some(key) = key else { return };
-            let role = self.role(&key);
             match role {
                 Some(Role::Follower) => {}
                 Some(Role::Switching { .. }) => {
-                    self.hold(&key, batch);
+                    if let Some(batch) = batch() {
+                        self.hold(&key, batch);
+                    }
                     return;
                 }
-                // This node's own batch (it applied it already), or one it reads itself.
+                // This node's own batch (it applied it already), or one it reads itself:
+                // not even parsed.
                 _ => return,
             }
             TopicKey::Feed(key)
+        };
+        let Some(batch) = batch() else {
+            return;
         };
         // A hole (a message lost on the way): fill it from the window first.
         if let (Some(hub), Some((n, _))) = (self.hub(), batch.i.first()) {
@@ -1071,21 +1035,19 @@ impl Cluster {
             let Role::Switching { held, .. } = &mut s.role else {
                 return;
             };
-            let oldest_theirs = batch.i.iter().find_map(|(_, item)| match item {
-                Item::Event(MarketEvent::Trade(t)) => Some(t.order()),
-                _ => None,
-            });
             held.push(batch);
+            // The held batches are in order: their first trade is the owner's oldest.
+            let oldest_theirs = held
+                .iter()
+                .flat_map(|b| &b.i)
+                .find_map(|(_, item)| trade_of(item))
+                .map(|t| t.0);
             key.feed != Feed::Trades
                 || match (mine, oldest_theirs) {
                     (None, _) => true,
                     (Some(m), Some(o)) => o <= m,
                     (Some(_), None) => false,
                 }
-                || held
-                    .iter()
-                    .flat_map(|b| b.i.iter())
-                    .any(|(_, item)| matches!(item, Item::Event(MarketEvent::Trade(t)) if mine.is_some_and(|m| t.order() <= m)))
         };
         if ready {
             self.switch(key);
@@ -1097,10 +1059,7 @@ impl Cluster {
             return;
         };
         if let TopicKey::Feed(key) = topic {
-            let newest = batch.i.iter().rev().find_map(|(_, item)| match item {
-                Item::Event(MarketEvent::Trade(t)) => Some((t.order(), t.time_ms)),
-                _ => None,
-            });
+            let newest = newest_trade(&batch.i);
             if let (Some(t), Some(s)) = (newest, self.state().streams.get_mut(key)) {
                 s.last_trade = Some(t);
             }
@@ -1140,10 +1099,7 @@ impl Cluster {
                     (pos.seq, item)
                 })
                 .collect();
-            if let Some(t) = numbered.iter().rev().find_map(|(_, item)| match item {
-                Item::Event(MarketEvent::Trade(t)) => Some((t.order(), t.time_ms)),
-                _ => None,
-            }) {
+            if let Some(t) = newest_trade(&numbered) {
                 s.last_trade = Some(t);
             }
             (pos.epoch.clone(), numbered, publish)
@@ -1172,21 +1128,15 @@ impl Cluster {
         let Ok(payload) = serde_json::to_string(&batch) else {
             return;
         };
-        let trade = items
-            .iter()
-            .rev()
-            .find_map(|(_, item)| match item {
-                Item::Event(MarketEvent::Trade(t)) => Some(format!("{}:{}", t.order(), t.time_ms)),
-                _ => None,
-            })
+        let trade = newest_trade(items)
+            .map(|(id, ms)| format!("{id}:{ms}"))
             .unwrap_or_default();
         let id = keys::feed_id(key);
-        let id = id.as_str();
         let topic = TopicKey::Feed(key.clone());
         let out = Outgoing {
-            keys: [keys::lease(id), keys::pos(id), keys::window(id)],
+            keys: [keys::lease(&id), keys::pos(&id), keys::window(&id)],
             id: id.to_string(),
-            lease_value: format!("{}|{token}", self.node),
+            lease_value: self.lease_value(token),
             epoch: epoch.to_string(),
             last,
             payload,
@@ -1200,7 +1150,6 @@ impl Cluster {
     /// Sends the owners' batches to Redis one after the other, in the order they were read.
     /// With Redis away they are dropped (the node reads on its own then).
     async fn publisher(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-        let script = Script::new(keys::PUBLISH_FEED);
         loop {
             let out = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -1210,10 +1159,13 @@ impl Cluster {
                 continue;
             }
             let refused: Option<i64> = self
-                .call("publish", |mut c| {
-                    let mut inv = script.prepare_invoke();
-                    inv.key(&out.keys[0]).key(&out.keys[1]).key(&out.keys[2]);
-                    inv.arg(&out.lease_value)
+                .eval(
+                    "publish",
+                    keys::PUBLISH_FEED
+                        .key(&out.keys[0])
+                        .key(&out.keys[1])
+                        .key(&out.keys[2])
+                        .arg(&out.lease_value)
                         .arg(&out.epoch)
                         .arg(out.last)
                         .arg(&out.payload)
@@ -1221,9 +1173,8 @@ impl Cluster {
                         .arg(if out.keep { "1" } else { "0" })
                         .arg(self.window_messages)
                         .arg(POSITION_TTL.as_millis() as u64)
-                        .arg(&out.trade);
-                    async move { inv.invoke_async(&mut c).await }
-                })
+                        .arg(&out.trade),
+                )
                 .await;
             if refused == Some(0) {
                 tracing::warn!(node = %self.node, stream = %out.id, "publish refused: the lease is no longer this node's");
@@ -1244,34 +1195,30 @@ impl Cluster {
             self.state().echoes.insert(message_id.clone(), tx);
         }
         let id = keys::topic_id(&topic);
-        let id = id.as_str();
         let item = serde_json::to_string(&Item::Published(data.clone())).unwrap_or_default();
         let node = serde_json::to_string(&*self.node).unwrap_or_default();
         let mid = serde_json::to_string(&message_id).unwrap_or_default();
         let epoch = new_epoch().to_string();
-        let epoch = epoch.as_str();
         let (pos, window, wire) = (
-            keys::pos(id),
-            keys::window(id),
+            keys::pos(&id),
+            keys::window(&id),
             keys::published_wire(channel),
         );
-        let (pos, window, wire) = (pos.as_str(), window.as_str(), wire.as_str());
         let published: Option<(String, u64, usize)> = if self.state().redis_up {
-            self.call("publish", |mut c| async move {
-                Script::new(keys::PUBLISH_MESSAGE)
+            self.eval(
+                "publish",
+                keys::PUBLISH_MESSAGE
                     .key(pos)
                     .key(window)
                     .arg(epoch)
                     .arg(&item)
                     .arg(wire)
                     .arg(self.window_messages)
-                    .arg(POSITION_TTL.as_millis() as u64 * 144)
+                    .arg(PUBLISHED_TTL.as_millis() as u64)
                     .arg(&node)
                     .arg(&mid)
-                    .arg(floor)
-                    .invoke_async(&mut c)
-                    .await
-            })
+                    .arg(floor),
+            )
             .await
         } else {
             None
@@ -1343,44 +1290,13 @@ impl Cluster {
             })
             .collect();
         for (id, token) in owned {
-            let value = format!("{}|{token}", self.node);
-            let value = value.as_str();
-            let lease = keys::lease(&id);
-            let lease = lease.as_str();
-            let released: Option<i64> = self
-                .call("release", |mut c| async move {
-                    Script::new(keys::RELEASE)
-                        .key(lease)
-                        .arg(value)
-                        .invoke_async(&mut c)
-                        .await
-                })
-                .await;
-            if released == Some(1) {
-                let msg = format!("free {id}");
-                let msg = msg.as_str();
-                let _: Option<i64> = self
-                    .call("free", |mut c| async move {
-                        redis::cmd("PUBLISH")
-                            .arg(keys::CONTROL)
-                            .arg(msg)
-                            .query_async(&mut c)
-                            .await
-                    })
-                    .await;
+            if self.release(&id, token).await {
                 tracing::info!(node = %self.node, stream = %id, "lease handed over (shutting down)");
             }
         }
         let me = self.node.to_string();
-        let me = me.as_str();
         let _: Option<i64> = self
-            .call("leave", |mut c| async move {
-                redis::cmd("ZREM")
-                    .arg(keys::NODES)
-                    .arg(me)
-                    .query_async(&mut c)
-                    .await
-            })
+            .query("leave", redis::cmd("ZREM").arg(keys::NODES).arg(me))
             .await;
     }
 
@@ -1427,6 +1343,19 @@ impl Cluster {
             lease_changes: st.lease_changes,
         }
     }
+}
+
+/// A trade's place in its tape and time (id, ms).
+fn trade_of(item: &Item) -> Option<(u64, i64)> {
+    match item {
+        Item::Event(MarketEvent::Trade(t)) => Some((t.order(), t.time_ms)),
+        _ => None,
+    }
+}
+
+/// The newest trade among numbered messages.
+fn newest_trade(items: &[(u64, Item)]) -> Option<(u64, i64)> {
+    items.iter().rev().find_map(|(_, item)| trade_of(item))
 }
 
 fn track(names: &mut HashSet<String>, s: Sub) {
@@ -1491,15 +1420,14 @@ impl Cluster {
     /// for `since`, what its window holds after it. With Redis away: this node's own.
     async fn prepared(&self, topic: &TopicKey, since: Option<u64>) -> Option<Prepared> {
         let id = keys::topic_id(topic);
-        let id = id.as_str();
         if self.state().redis_up {
             let found = match since {
                 Some(after) if keys::keeps(topic) => self
-                    .recall(id, after)
+                    .recall(&id, after)
                     .await
                     .map(|(epoch, seq, items, complete)| (epoch, seq, Some((items, complete)))),
                 _ => self
-                    .read_position(id)
+                    .read_position(&id)
                     .await
                     .map(|(pos, _)| (pos.epoch, pos.seq, None)),
             };

@@ -988,15 +988,14 @@ impl Hub {
                 .messages_out_of(feed.channel.message_type(), queued);
         }
         let now_ms = now_millis();
-        let events: Vec<MarketEvent> = events.into_iter().map(|(_, e)| e).collect();
-        for event in &events {
+        for (_, event) in &events {
             self.stats
                 .event_delivered(key.exchange, (now_ms - event.time_ms()) as f64 / 1000.0);
         }
         self.stats.fanned_out(started.elapsed().as_secs_f64());
         match key.feed {
             Feed::Trades => {
-                for event in &events {
+                for (_, event) in &events {
                     if let MarketEvent::Trade(t) = event {
                         if st.recent_trades.len() == RECENT_TRADES {
                             st.recent_trades.pop_front();
@@ -1006,7 +1005,7 @@ impl Hub {
                 }
             }
             Feed::Klines(_) => {
-                for event in &events {
+                for (_, event) in &events {
                     if let MarketEvent::Kline(k) = event {
                         if k.is_final {
                             if st.recent_finals.len() == RECENT_FINALS {
@@ -1019,7 +1018,7 @@ impl Hub {
             }
             Feed::Ticker | Feed::Book => {}
         }
-        if let Some(last) = events.into_iter().rev().find(MarketEvent::is_current_value) {
+        if let Some((_, last)) = events.into_iter().rev().find(|(_, e)| e.is_current_value()) {
             st.last = Some(last);
         }
         self.stats.conflated(conflated);
