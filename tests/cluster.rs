@@ -392,3 +392,132 @@ async fn with_redis_gone_each_node_reads_alone_and_the_cluster_converges_when_it
         }
     }
 }
+
+/// A TCP proxy between the relays and Redis that can pass, stall (hold every byte, keep the
+/// connections) or cut (close them, refuse new ones).
+struct FaultProxy {
+    port: u16,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+}
+
+const PASS: u8 = 0;
+const STALL: u8 = 1;
+const CUT: u8 = 2;
+
+impl FaultProxy {
+    async fn start(to: u16) -> FaultProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let m = mode.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if m.load(Ordering::SeqCst) == CUT {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, m.clone()));
+                tokio::spawn(pump(sr, cw, m.clone()));
+            }
+        });
+        FaultProxy { port, mode }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies one direction; holds what it read while stalled, ends (closing both) when cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => n,
+            Err(_) => 0,
+        };
+        loop {
+            match mode.load(Ordering::SeqCst) {
+                CUT => return,
+                STALL => tokio::time::sleep(Duration::from_millis(20)).await,
+                _ => break,
+            }
+        }
+        if n > 0 && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_stalled_or_cut_behind_a_proxy_degrades_the_nodes_and_they_converge_after() {
+    let redis = Redis::start().await;
+    let proxy = FaultProxy::start(redis.port).await;
+    let sim = start_sim().await;
+    let config = |node: &str| {
+        let mut c = config_for(&sim);
+        c.cluster.redis_url = proxy.url();
+        c.cluster.node_id = node.into();
+        c
+    };
+    let a = start_relay(config("a")).await;
+    let b = start_relay(config("b")).await;
+    until_cluster(&[&a, &b], 2).await;
+    let mut on_a = Client::connect(&a).await;
+    let mut on_b = Client::connect(&b).await;
+    subscribed(&mut on_a, "trades:BTCUSDT").await;
+    subscribed(&mut on_b, "trades:BTCUSDT").await;
+    let mut ids = [Vec::new(), Vec::new()];
+    for (ids, c) in ids.iter_mut().zip([&mut on_a, &mut on_b]) {
+        ids.extend(trades(c, 5).await.iter().map(|t| t.0));
+    }
+    // The last round heals at once: the owner's lease from before is still alive then.
+    for (fault, brief) in [(STALL, false), (CUT, false), (STALL, true)] {
+        proxy.set(fault);
+        for relay in [&a, &b] {
+            until("the node to say it is degraded", || async {
+                (health(relay).await["cluster"]["state"] == "degraded").then_some(())
+            })
+            .await;
+        }
+        // Clients are not stalled with Redis: each node reads the exchange itself.
+        for (ids, c) in ids.iter_mut().zip([&mut on_a, &mut on_b]) {
+            ids.extend(
+                trades(c, if brief { 1 } else { 20 })
+                    .await
+                    .iter()
+                    .map(|t| t.0),
+            );
+        }
+        proxy.set(PASS);
+        until_cluster(&[&a, &b], 2).await;
+        until("one reader again", || async {
+            (sim.subscriptions().get("btcusdt@trade") == Some(&1)).then_some(())
+        })
+        .await;
+        for (ids, c) in ids.iter_mut().zip([&mut on_a, &mut on_b]) {
+            ids.extend(trades(c, 20).await.iter().map(|t| t.0));
+        }
+    }
+    for ids in &ids {
+        for pair in ids.windows(2) {
+            assert_eq!(pair[1], pair[0] + 1, "no trade lost or repeated: {pair:?}");
+        }
+    }
+}

@@ -1,8 +1,8 @@
 //! How a cluster's state is laid out in Redis, and the scripts that change it atomically.
 //!
 //! Per exchange stream (`<id>` = `binance:BTCUSDT:trades`):
-//! - `relay:lease:<id>`: `<node>|<token>`, set `NX` with a short expiry and renewed by its
-//!   holder; the token (`relay:fence:<id>`, incremented per grant) fences a stalled old owner
+//! - `relay:lease:<id>`: `<node>|<token>`, taken when free (or still this node's, [`TAKE`])
+//!   with a short expiry, renewed by its holder; the token (`relay:fence:<id>`, incremented per grant) fences a stalled old owner
 //!   out: every publish checks that the lease is still its own.
 //! - `relay:pos:<id>`: hash `epoch`, `seq` (the last seq published), `trade` (the newest trade,
 //!   `<id>:<ms>`): where a new owner carries on.
@@ -169,6 +169,20 @@ local n = redis.call('PUBLISH', ARGV[3], payload)
 return {e, s, n}
 "#
     ))
+});
+
+/// Takes a lease that is free, or still this node's from before (a lease it held when Redis
+/// went away and that has not expired yet: it is taken anew, with the new token).
+/// KEYS: lease. ARGV: value, the node's prefix (`<node>|`), lease ms. Returns 1 or 0.
+pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"#,
+    )
 });
 
 /// Renews a lease held by the caller. KEYS: lease, pos, window. ARGV: value, lease ms, ttl ms.

@@ -501,19 +501,17 @@ impl Cluster {
         else {
             return false;
         };
-        let value = self.lease_value(token);
-        let got: Option<Option<String>> = self
-            .query(
-                "set lease",
-                redis::cmd("SET")
-                    .arg(keys::lease(&id))
-                    .arg(value)
-                    .arg("NX")
-                    .arg("PX")
+        let got: Option<i64> = self
+            .eval(
+                "take lease",
+                keys::TAKE
+                    .key(keys::lease(&id))
+                    .arg(self.lease_value(token))
+                    .arg(format!("{}|", self.node))
                     .arg(LEASE.as_millis() as u64),
             )
             .await;
-        if !matches!(got, Some(Some(_))) {
+        if got != Some(1) {
             return false;
         }
         // The lease is ours: carry the sequence on from Redis (or start one).
@@ -752,7 +750,9 @@ impl Cluster {
                     }
                 }
                 Role::Switching { since, .. } => {
-                    if since.elapsed() >= SWITCH_WAIT {
+                    // Nobody took the lease (its holder died meanwhile): this node, which
+                    // reads the stream already, does.
+                    if !self.try_lease(&key, true).await && since.elapsed() >= SWITCH_WAIT {
                         self.switch(&key);
                     }
                 }
