@@ -56,6 +56,27 @@ fn fanout_delivers_every_trade_of_the_window_to_every_client() {
 }
 
 #[test]
+fn cluster_delivers_through_redis_from_the_owner_to_the_follower() {
+    let text = loadgen(&["cluster", "--clients", "20", "--rates", "20"]);
+    let point = text
+        .lines()
+        .find(|l| l.starts_with("B: 20c x 20 msg/s"))
+        .unwrap_or_else(|| panic!("no result line in:\n{text}"));
+    let (got, expected) = delivered(point);
+    assert!(expected > 0.0, "{point}");
+    assert_eq!(got, expected, "every client on B gets every trade: {point}");
+    assert!(
+        text.contains("B says the stream's owner is \"a\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("after the run, the stream's owner is \"a\""),
+        "{text}"
+    );
+    assert!(text.contains("us CPU per published trade"), "{text}");
+}
+
+#[test]
 fn breadth_delivers_every_channel() {
     let text = loadgen(&[
         "breadth",

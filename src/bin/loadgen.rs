@@ -102,6 +102,15 @@ enum Scenario {
         #[arg(long, value_delimiter = ',', default_value = "0,1000")]
         throttle_ms: Vec<u64>,
     },
+    /// (g) two relays of one cluster on a redis-server of its own: node A reads the exchange,
+    /// every client is on node B, so each trade goes exchange -> A -> Redis -> B -> client.
+    /// Compare with `fanout` at the same clients and rates for what the Redis hop costs.
+    Cluster {
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        rates: Vec<f64>,
+    },
     /// (d) connected clients, no traffic: memory per connection.
     Idle {
         #[arg(long, default_value_t = 10_000)]
@@ -407,6 +416,11 @@ fn relay_bin(args: &Args) -> Result<String> {
 }
 
 async fn start_relay(args: &Args, feed: SocketAddr) -> Result<RelayProcess> {
+    start_relay_with(args, feed, "").await
+}
+
+/// A relay whose config ends with `extra` (TOML sections).
+async fn start_relay_with(args: &Args, feed: SocketAddr, extra: &str) -> Result<RelayProcess> {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
@@ -417,9 +431,10 @@ async fn start_relay(args: &Args, feed: SocketAddr) -> Result<RelayProcess> {
          client_requests_per_second = 1000\nclient_request_burst = 1000\nmax_connects_per_ip_per_second = 100000\n\
          [streams]\nclose_delay_ms = 1000\n\
          [exchanges.binance]\nws_url = \"ws://{feed}\"\nrest_url = \"http://{feed}\"\n\
-         [exchanges.coinbase]\nenabled = false\n[exchanges.kraken]\nenabled = false\n"
+         [exchanges.coinbase]\nenabled = false\n[exchanges.kraken]\nenabled = false\n{extra}"
     );
-    let path = std::env::temp_dir().join(format!("loadgen-relay-{}.toml", std::process::id()));
+    let path =
+        std::env::temp_dir().join(format!("loadgen-relay-{}-{port}.toml", std::process::id()));
     std::fs::write(&path, config)?;
     let child = Command::new("taskset")
         .arg("-c")
@@ -749,6 +764,10 @@ struct Point {
     relay_rss_mib: f64,
     relay_peak_mib: f64,
     loadgen_cpu_share: f64,
+    /// Trades the feed emitted in the window.
+    emitted: u64,
+    /// CPU seconds in the window of the other processes measured (cluster: owner, Redis).
+    others_cpu_s: Vec<f64>,
 }
 
 impl Point {
@@ -773,6 +792,7 @@ async fn measure(
     meter: &Rc<RefCell<Meter>>,
     rates: Vec<(usize, f64)>,
     fanout: f64,
+    others: &[u32],
 ) -> Point {
     let total = Duration::from_secs(args.warmup + args.duration);
     let emitter = tokio::task::spawn_local(emit_loop(feed.clone(), rates, Instant::now() + total));
@@ -790,7 +810,13 @@ async fn measure(
         Instant::now(),
     );
     let emitted0 = feed.routed();
+    let others0: Vec<f64> = others.iter().map(|p| cpu_seconds(*p)).collect();
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    let others_cpu_s: Vec<f64> = others
+        .iter()
+        .zip(&others0)
+        .map(|(p, c0)| cpu_seconds(*p) - c0)
+        .collect();
     let (cpu1, me1, secs) = (
         cpu_seconds(relay.pid()),
         cpu_seconds(std::process::id()),
@@ -822,6 +848,8 @@ async fn measure(
         relay_rss_mib: rss as f64 / 1024.0,
         relay_peak_mib: peak as f64 / 1024.0,
         loadgen_cpu_share: (me1 - me0) / secs,
+        emitted,
+        others_cpu_s,
     }
 }
 
@@ -895,7 +923,16 @@ async fn fanout(args: &Args, clients: usize, rates: &[f64], slow_percent: f64) -
     for &rate in rates {
         let mut points = Vec::new();
         for _ in 0..args.repeat {
-            let p = measure(args, &relay, &feed, &meter, vec![(0, rate)], readers as f64).await;
+            let p = measure(
+                args,
+                &relay,
+                &feed,
+                &meter,
+                vec![(0, rate)],
+                readers as f64,
+                &[],
+            )
+            .await;
             print_point(&format!("{clients}c x {rate} msg/s"), &p);
             points.push(p);
         }
@@ -912,6 +949,133 @@ async fn fanout(args: &Args, clients: usize, rates: &[f64], slow_percent: f64) -
         stats["data"]["conflatedMessages"]
     );
     drop(stalled);
+    Ok(())
+}
+
+/// A redis-server of the benchmark's own, pinned beside the relays, without persistence.
+struct RedisProcess {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_redis(args: &Args) -> Result<RedisProcess> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new("taskset")
+        .arg("-c")
+        .arg(args.relay_cpu.to_string())
+        .args([
+            "redis-server",
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting redis-server (apt-get install redis-server)")?;
+    let redis = RedisProcess { child, port };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("redis-server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(redis)
+}
+
+async fn cluster(args: &Args, clients: usize, rates: &[f64]) -> Result<()> {
+    let times = SendTimes::new();
+    let (feed, feed_addr) = start_feed(vec!["BTCUSDT".into()], times.clone()).await?;
+    let redis = start_redis(args).await?;
+    let node = |id: &str| {
+        format!(
+            "[cluster]\nredis_url = \"redis://127.0.0.1:{}/0\"\nnode_id = \"{id}\"\n",
+            redis.port
+        )
+    };
+    let owner = start_relay_with(args, feed_addr, &node("a")).await?;
+    let follower = start_relay_with(args, feed_addr, &node("b")).await?;
+    // One client on A first: A takes the stream's lease and reads the exchange.
+    // It reads (into a meter of its own), or A would drop it as a slow consumer and hand over.
+    for ws in connect_clients(owner.addr, 1, |_| vec!["trades:BTCUSDT".into()], |_| false).await? {
+        tokio::task::spawn_local(ws.read_loop(new_meter(), times.clone()));
+    }
+    feed.wait_for_streams(1).await?;
+    let meter = new_meter();
+    let sockets = connect_clients(
+        follower.addr,
+        clients,
+        |_| vec!["trades:BTCUSDT".into()],
+        |_| false,
+    )
+    .await?;
+    for ws in sockets {
+        tokio::task::spawn_local(ws.read_loop(meter.clone(), times.clone()));
+    }
+    let health: serde_json::Value = reqwest::get(format!("http://{}/health", follower.addr))
+        .await?
+        .json()
+        .await?;
+    println!(
+        "cluster: exchange -> node A (pid {}) -> redis (pid {}) -> node B (pid {}) -> {clients} clients, all on cpu {}; B says the stream's owner is {}",
+        owner.pid(),
+        redis.child.id(),
+        follower.pid(),
+        args.relay_cpu,
+        health["cluster"]["streams"]["binance:BTCUSDT:trades"]["owner"]
+    );
+    for &rate in rates {
+        let mut points = Vec::new();
+        for _ in 0..args.repeat {
+            let p = measure(
+                args,
+                &follower,
+                &feed,
+                &meter,
+                vec![(0, rate)],
+                clients as f64,
+                &[owner.pid(), redis.child.id()],
+            )
+            .await;
+            print_point(&format!("B: {clients}c x {rate} msg/s"), &p);
+            let per_event = |cpu: f64| {
+                if p.emitted > 0 {
+                    cpu * 1e6 / p.emitted as f64
+                } else {
+                    0.0
+                }
+            };
+            println!(
+                "{:<28} {} trades: owner A {:.1} us CPU per trade, redis {:.1} us CPU per published trade",
+                "",
+                p.emitted,
+                per_event(p.others_cpu_s[0]),
+                per_event(p.others_cpu_s[1])
+            );
+            points.push(p);
+        }
+        summarize(&format!("B: {clients}c x {rate} msg/s"), &points);
+    }
+    let health: serde_json::Value = reqwest::get(format!("http://{}/health", follower.addr))
+        .await?
+        .json()
+        .await?;
+    println!(
+        "after the run, the stream's owner is {}",
+        health["cluster"]["streams"]["binance:BTCUSDT:trades"]["owner"]
+    );
     Ok(())
 }
 
@@ -1020,6 +1184,7 @@ async fn breadth(args: &Args, channels: usize, per_channel: usize, mean_rate: f6
             &meter,
             rates.clone(),
             per_channel as f64,
+            &[],
         )
         .await;
         print_point(&format!("{channels}ch x {per_channel}c"), &p);
@@ -1181,6 +1346,7 @@ fn main() -> Result<()> {
                 ops_per_client,
             } => churn(&args, clients, channels, ops_per_client).await,
             Scenario::Idle { clients } => idle(&args, clients).await,
+            Scenario::Cluster { clients, rates } => cluster(&args, clients, &rates).await,
             Scenario::Throttle {
                 clients,
                 rate,
