@@ -132,6 +132,7 @@ pub async fn run(
         Some(c) => {
             tracing::info!(node = %c.node_id(), redis = %config.cluster.redis_url, "joining the cluster");
             c.start(hub_sink);
+            upstreams.share_budget(c.clone());
             let cluster_sink: Arc<dyn FeedSink> = c.clone();
             upstreams.start(Arc::downgrade(&cluster_sink));
         }

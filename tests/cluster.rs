@@ -521,3 +521,49 @@ async fn redis_stalled_or_cut_behind_a_proxy_degrades_the_nodes_and_they_converg
         }
     }
 }
+
+#[tokio::test]
+async fn connection_attempts_spent_by_other_nodes_count_against_this_one() {
+    let redis = Redis::start().await;
+    let sim = start_sim().await;
+    // Other relays of the cluster made Binance's whole budget of attempts (250 per 5 min) in
+    // the last moments; the oldest of them leaves the window in about 2 s.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let window = 300_000;
+    for i in 0..250i64 {
+        let _: () = redis::cmd("ZADD")
+            .arg("relay:attempts:binance")
+            .arg(now - window + 2_000 + i * 10)
+            .arg(format!("other-{i}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let a = start_relay(node_config(&sim, &redis, "a")).await;
+    until_cluster(&[&a], 1).await;
+    let mut c = Client::connect(&a).await;
+    subscribed(&mut c, "trades:BTCUSDT").await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        sim.connects(),
+        0,
+        "the cluster's budget is spent: no attempt yet"
+    );
+    // Once the oldest attempt leaves the window, this node's goes, and is counted.
+    trades(&mut c, 3).await;
+    assert_eq!(sim.connects(), 1);
+    let spent: i64 = redis::cmd("ZCARD")
+        .arg("relay:attempts:binance")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        spent, 250,
+        "one left the window, this node's took its place"
+    );
+}

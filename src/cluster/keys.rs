@@ -43,6 +43,11 @@ pub fn feed_id(key: &FeedKey) -> String {
     format!("{}:{}:{}", key.exchange, key.symbol.as_str(), feed)
 }
 
+/// The cluster's connection attempts at an exchange (see [`ATTEMPT`]).
+pub fn attempts(exchange: crate::domain::ExchangeId) -> String {
+    format!("relay:attempts:{exchange}")
+}
+
 pub fn lease(id: &str) -> String {
     format!("relay:lease:{id}")
 }
@@ -181,6 +186,25 @@ local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[2]) ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return 1
+"#,
+    )
+});
+
+/// One connection attempt at an exchange, for every relay of the cluster: a sliding window of
+/// attempts. KEYS: the exchange's attempts. ARGV: now ms, window ms, max, a unique member.
+/// Returns 0 (taken) or how many ms until one is free.
+pub static ATTEMPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(oldest[2]) + tonumber(ARGV[2]) - now)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 0
 "#,
     )
 });

@@ -1458,6 +1458,36 @@ impl Cluster {
     }
 }
 
+/// Connection attempts at an exchange count for the whole cluster: nodes behind one egress IP
+/// share the exchange's limit. With Redis away each node keeps to its own budget alone.
+impl crate::exchange::SharedBudget for Cluster {
+    fn take(
+        &self,
+        exchange: ExchangeId,
+        max: usize,
+        window: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Duration>> + Send + '_>> {
+        Box::pin(async move {
+            if !self.state().redis_up {
+                return None;
+            }
+            let member = format!("{}-{}", self.node, rand::random::<u64>());
+            let wait: i64 = self
+                .eval(
+                    "attempt",
+                    keys::ATTEMPT
+                        .key(keys::attempts(exchange))
+                        .arg(now_millis())
+                        .arg(window.as_millis() as u64)
+                        .arg(max)
+                        .arg(member),
+                )
+                .await?;
+            (wait > 0).then(|| Duration::from_millis(wait as u64))
+        })
+    }
+}
+
 /// What the exchange connections read, on the way to the hub.
 impl FeedSink for Cluster {
     fn events(&self, key: &FeedKey, events: Vec<MarketEvent>) {

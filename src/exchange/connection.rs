@@ -170,6 +170,8 @@ pub struct Link {
     pub sink: Weak<dyn FeedSink>,
     pub stats: Arc<Stats>,
     pub shutdown: CancellationToken,
+    /// The cluster's attempt budget, asked before this relay's own.
+    pub budget: Option<Arc<dyn super::SharedBudget>>,
 }
 
 impl Link {
@@ -256,6 +258,16 @@ pub async fn run(ex: &Arc<Exchange>, conn: &Conn, link: Link) {
 /// reconnect too often, however many connections fail). False when the relay shuts down.
 async fn take_attempt(ex: &Exchange, conn: &Conn, link: &Link) -> bool {
     loop {
+        if let Some(budget) = &link.budget {
+            let (max, window) = ex.adapter.limits().connect_budget;
+            if let Some(wait) = budget.take(ex.adapter.id(), max, window).await {
+                tracing::warn!(exchange = %ex.adapter.id(), conn = conn.id, wait_ms = wait.as_millis() as u64, "the cluster's connection attempt budget is spent; waiting");
+                if !link.pause(wait).await {
+                    return false;
+                }
+                continue;
+            }
+        }
         let reserved = ex
             .attempts
             .lock()

@@ -170,6 +170,20 @@ pub struct Limits {
     pub connect_budget: (usize, Duration),
 }
 
+/// A connection-attempt budget shared with other relays (a cluster's, kept in Redis), so an
+/// exchange's limit holds for every relay behind one egress IP, not for each.
+pub trait SharedBudget: Send + Sync + 'static {
+    /// Takes one of `max` attempts per `window` at `exchange`; `Some(wait)` when they are
+    /// spent, `None` when the attempt may go (or the shared budget cannot be asked: then the
+    /// relay's own budget alone applies).
+    fn take(
+        &self,
+        exchange: ExchangeId,
+        max: usize,
+        window: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Duration>> + Send + '_>>;
+}
+
 /// A sliding-window budget of connection attempts.
 #[derive(Debug)]
 pub struct AttemptBudget {
@@ -544,6 +558,8 @@ pub struct Upstreams {
     /// Where events go: the hub, set once by [`Upstreams::start`]. Weak: the hub owns the
     /// source, not the other way round.
     sink: OnceLock<Weak<dyn FeedSink>>,
+    /// Connection attempts shared with the other relays of a cluster, if any.
+    budget: OnceLock<Arc<dyn SharedBudget>>,
     /// Relay-wide counters (messages in).
     stats: Arc<Stats>,
     http: reqwest::Client,
@@ -626,6 +642,7 @@ impl Upstreams {
         Ok(Upstreams {
             exchanges,
             sink: OnceLock::new(),
+            budget: OnceLock::new(),
             stats,
             http,
             shutdown,
@@ -691,6 +708,11 @@ impl Upstreams {
 
     /// Starts one instrument loader per enabled exchange; events go to `sink` from now on.
     /// Connections open on demand.
+    /// Connection attempts count against `budget` too (a cluster's).
+    pub fn share_budget(&self, budget: Arc<dyn SharedBudget>) {
+        let _ = self.budget.set(budget);
+    }
+
     pub fn start(&self, sink: Weak<dyn FeedSink>) {
         let _ = self.sink.set(sink);
         for ex in &self.exchanges {
@@ -772,6 +794,7 @@ impl FeedSource for Upstreams {
             sink: self.sink(),
             stats: self.stats.clone(),
             shutdown: self.shutdown.clone(),
+            budget: self.budget.get().cloned(),
         };
         let ex = ex.clone();
         self.tasks.spawn(async move {
