@@ -290,11 +290,10 @@ impl Drop for Process {
     }
 }
 
-#[tokio::test]
-async fn killing_the_owner_moves_the_stream_and_no_trade_id_is_missed() {
-    let redis = Redis::start().await;
-    let sim = start_sim().await;
-    let mut owner = Process::start(&sim, &redis, "doomed");
+/// A relay process that joined the cluster and reads trades:BTCUSDT for a client of its own
+/// (so it holds the stream's lease); the client is returned to keep it so.
+async fn owning_process(sim: &SimBinance, redis: &Redis, node: &str) -> (Process, Client) {
+    let owner = Process::start(sim, redis, node);
     until("the process node to join", || async {
         let h: Value = reqwest::get(owner.health_url())
             .await
@@ -305,10 +304,61 @@ async fn killing_the_owner_moves_the_stream_and_no_trade_id_is_missed() {
         (h["cluster"]["state"] == "ok").then_some(())
     })
     .await;
-    // The process node subscribes first, so it takes the lease.
     let mut early = Client::connect_url(&owner.ws_url(), None).await;
     subscribed(&mut early, "trades:BTCUSDT").await;
     trades(&mut early, 3).await;
+    (owner, early)
+}
+
+async fn lease_holder(redis: &Redis) -> Option<String> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("GET")
+        .arg("relay:lease:binance:BTCUSDT:trades")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_hands_the_owners_leases_over_before_it_exits() {
+    let redis = Redis::start().await;
+    let sim = start_sim().await;
+    let (mut owner, _early) = owning_process(&sim, &redis, "leaving").await;
+    let survivor = start_relay(node_config(&sim, &redis, "survivor")).await;
+    let mut client = Client::connect(&survivor).await;
+    subscribed(&mut client, "trades:BTCUSDT").await;
+    let before = trades(&mut client, 5).await;
+    assert!(lease_holder(&redis).await.unwrap().starts_with("leaving|"));
+
+    let pid = owner.0.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    assert!(owner.0.wait().unwrap().success(), "a clean exit on SIGTERM");
+    // Gone with the process, not left to expire: free, or already the survivor's.
+    let holder = lease_holder(&redis).await;
+    assert!(
+        holder.as_deref().is_none_or(|h| h.starts_with("survivor|")),
+        "the lease outlived its holder: {holder:?}"
+    );
+    let after = trades(&mut client, 30).await;
+    let h = health(&survivor).await;
+    assert_eq!(
+        h["cluster"]["streams"]["binance:BTCUSDT:trades"]["owner"], "survivor",
+        "{h}"
+    );
+    let all: Vec<(u64, u64)> = before.into_iter().chain(after).collect();
+    for pair in all.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1, "no trade id missed: {pair:?}");
+        assert_eq!(pair[1].1, pair[0].1 + 1, "seq continues: {pair:?}");
+    }
+}
+
+#[tokio::test]
+async fn killing_the_owner_moves_the_stream_and_no_trade_id_is_missed() {
+    let redis = Redis::start().await;
+    let sim = start_sim().await;
+    let (mut owner, _early) = owning_process(&sim, &redis, "doomed").await;
     let survivor = start_relay(node_config(&sim, &redis, "survivor")).await;
     let mut client = Client::connect(&survivor).await;
     let ack = subscribed(&mut client, "trades:BTCUSDT").await;
