@@ -147,7 +147,12 @@ pub async fn run(
         hub: hub.clone(),
         upstreams: upstreams.clone(),
         cluster: cluster.clone(),
-        metrics: metrics::Metrics::new(stats.clone(), hub.clone(), upstreams.clone()),
+        metrics: metrics::Metrics::new(
+            stats.clone(),
+            hub.clone(),
+            upstreams.clone(),
+            cluster.clone(),
+        ),
         stats,
         auth,
         clients: TaskTracker::new(),

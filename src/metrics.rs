@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::cluster::Cluster;
 use crate::exchange::Upstreams;
 use crate::hub::Hub;
 use crate::stats::{HistogramSnapshot, Stats};
@@ -25,6 +26,7 @@ struct Sources {
     stats: Arc<Stats>,
     hub: Arc<Hub>,
     upstreams: Arc<Upstreams>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -39,12 +41,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(stats: Arc<Stats>, hub: Arc<Hub>, upstreams: Arc<Upstreams>) -> Metrics {
+    pub fn new(
+        stats: Arc<Stats>,
+        hub: Arc<Hub>,
+        upstreams: Arc<Upstreams>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Sources {
             stats,
             hub,
             upstreams,
+            cluster,
         }));
         Metrics { registry }
     }
@@ -434,6 +442,49 @@ impl Collector for Sources {
             "From losing an upstream connection to the next one open",
             &reconnect,
         )?;
+        if let Some(cluster) = &self.cluster {
+            let snap = cluster.snapshot();
+            gauge(
+                &mut e,
+                "relay_cluster_nodes",
+                "Relays of the cluster alive now (as this node last read them from Redis)",
+                None,
+                &[(none(), snap.nodes as i64)],
+            )?;
+            gauge(
+                &mut e,
+                "relay_cluster_redis_connected",
+                "1 while this node reaches Redis; 0: degraded, it reads the exchanges itself",
+                None,
+                &[(none(), i64::from(snap.redis == "connected"))],
+            )?;
+            let roles: Vec<(Labels, i64)> = ["owner", "follower", "local", "switching"]
+                .into_iter()
+                .map(|role| {
+                    let n = snap.streams.values().filter(|s| s.role == role).count();
+                    (vec![("role", role.to_string())], n as i64)
+                })
+                .collect();
+            gauge(
+                &mut e,
+                "relay_cluster_streams",
+                "Streams this node wants, by what it does with each (owner: holds the lease)",
+                None,
+                &roles,
+            )?;
+            counter(
+                &mut e,
+                "relay_cluster_lease_changes",
+                "Leases this node took or lost",
+                &[(none(), snap.lease_changes)],
+            )?;
+            counter(
+                &mut e,
+                "relay_cluster_redis_errors",
+                "Redis calls of this node that failed or timed out",
+                &[(none(), cluster.redis_errors())],
+            )?;
+        }
         Ok(())
     }
 }

@@ -21,6 +21,7 @@
 pub mod keys;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
@@ -205,6 +206,8 @@ pub struct Cluster {
     subs: mpsc::UnboundedSender<Sub>,
     sub_rx: Mutex<Option<mpsc::UnboundedReceiver<Sub>>>,
     window_messages: usize,
+    /// Redis calls that failed or timed out (`/metrics`).
+    redis_errors: AtomicU64,
     shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -235,6 +238,7 @@ impl Cluster {
             subs,
             sub_rx: Mutex::new(Some(sub_rx)),
             window_messages: config.recovery.window_messages.max(1),
+            redis_errors: AtomicU64::new(0),
             shutdown,
             tasks: TaskTracker::new(),
         }))
@@ -242,6 +246,10 @@ impl Cluster {
 
     pub fn node_id(&self) -> &str {
         &self.node
+    }
+
+    pub fn redis_errors(&self) -> u64 {
+        self.redis_errors.load(Ordering::Relaxed)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -306,8 +314,15 @@ impl Cluster {
     where
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.connection().await?;
-        match tokio::time::timeout(CALL_TIMEOUT, build(conn)).await {
+        let Some(conn) = self.connection().await else {
+            self.redis_errors.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let result = tokio::time::timeout(CALL_TIMEOUT, build(conn)).await;
+        if !matches!(result, Ok(Ok(_))) {
+            self.redis_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        match result {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 tracing::debug!(what, error = %e, "redis call failed");
@@ -438,7 +453,13 @@ impl Cluster {
                 }
             }
             Cmd::Unfollow(channel) => {
-                if self.state().published.remove(&channel) {
+                let followed = {
+                    let mut st = self.state();
+                    // Released here: used again, it starts anew (as a single relay's would).
+                    st.local_pos.remove(&TopicKey::Published(channel.clone()));
+                    st.published.remove(&channel)
+                };
+                if followed {
                     self.subs
                         .send(Sub::Unsubscribe(keys::published_wire(&channel)))
                         .ok();
