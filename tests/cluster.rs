@@ -648,3 +648,60 @@ async fn connection_attempts_spent_by_other_nodes_count_against_this_one() {
         "one left the window, this node's took its place"
     );
 }
+
+#[tokio::test]
+async fn a_stream_lives_while_any_node_wants_it_and_is_released_when_none_does() {
+    let (redis, sim, a, b) = two_nodes().await;
+    let mut on_a = Client::connect(&a).await;
+    subscribed(&mut on_a, "trades:BTCUSDT").await;
+    trades(&mut on_a, 2).await; // A reads the stream
+    let mut on_b = Client::connect(&b).await;
+    subscribed(&mut on_b, "trades:BTCUSDT").await;
+    let mut ids: Vec<u64> = trades(&mut on_b, 5).await.iter().map(|t| t.0).collect();
+    assert_eq!(
+        health(&b).await["cluster"]["streams"]["binance:BTCUSDT:trades"]["owner"],
+        "a"
+    );
+
+    // A's last client leaves: A lets the stream go after close_delay_ms, B still wants it and
+    // takes it over; B's client misses nothing.
+    drop(on_a);
+    until("B to read the stream itself", || async {
+        let h = health(&b).await;
+        (h["cluster"]["streams"]["binance:BTCUSDT:trades"]["owner"] == "b").then_some(())
+    })
+    .await;
+    ids.extend(trades(&mut on_b, 20).await.iter().map(|t| t.0));
+    for pair in ids.windows(2) {
+        assert_eq!(
+            pair[1],
+            pair[0] + 1,
+            "no trade lost in the handover: {pair:?}"
+        );
+    }
+    assert_eq!(sim.subscriptions().get("btcusdt@trade"), Some(&1));
+
+    // The last client of the cluster leaves: the stream is closed at the exchange, and its
+    // sequence is forgotten (a new epoch next time).
+    drop(on_b);
+    until("the exchange stream to close", || async {
+        (sim.subscriptions()
+            .get("btcusdt@trade")
+            .copied()
+            .unwrap_or(0)
+            == 0)
+            .then_some(())
+    })
+    .await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    until("the stream's position to go", || async {
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg("relay:pos:binance:BTCUSDT:trades")
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        (exists == 0).then_some(())
+    })
+    .await;
+}
