@@ -15,64 +15,6 @@ use exchange_relay::config::Config;
 use exchange_relay::sim::SimBinance;
 use serde_json::{json, Value};
 
-/// A `redis-server` of the test's own, on a free port, without persistence.
-struct Redis {
-    port: u16,
-    child: Child,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Redis {
-    async fn start() -> Redis {
-        Redis::start_on(free_port()).await
-    }
-
-    async fn start_on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is needed for the cluster tests (apt-get install redis-server; .ci/run installs it)");
-        let redis = Redis { port, child };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 fn node_config(sim: &SimBinance, redis: &Redis, node: &str) -> Config {
     let mut c = config_for(sim);
     c.cluster.redis_url = redis.url();

@@ -163,7 +163,16 @@ fn every_metric_the_dashboard_queries_is_exported() {
     // What the relay exports: every series name of a live scrape (histograms' _bucket/_sum/_count).
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let exported: BTreeSet<String> = runtime.block_on(async {
-        let (_sim, relay) = start().await;
+        // A node of a cluster, so that the cluster's metrics are there too.
+        let redis = Redis::start().await;
+        let sim = start_sim().await;
+        let mut config = config_for(&sim);
+        config.cluster.redis_url = redis.url();
+        let relay = start_relay(config).await;
+        until("the node to join its cluster", || async {
+            (health(&relay).await["cluster"]["state"] == "ok").then_some(())
+        })
+        .await;
         let (series, _) = scrape(&relay).await;
         series
             .keys()

@@ -562,3 +562,61 @@ pub fn config_through_tls(sim: &SimBinance, front: &TlsFront, name: &str) -> Con
     cfg.exchanges.ca_file = Some(ca_file);
     cfg
 }
+
+/// A `redis-server` of the test's own, on a free port, without persistence.
+pub struct Redis {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        Redis::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Redis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is needed for the cluster tests (apt-get install redis-server; .ci/run installs it)");
+        let redis = Redis { port, child };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
