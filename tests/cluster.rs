@@ -647,3 +647,45 @@ async fn a_stream_lives_while_any_node_wants_it_and_is_released_when_none_does()
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_book_the_owner_cannot_vouch_for_is_not_replayed_by_another_node() {
+    let sims = start_sims(exchange_relay::sim::SimOptions::fast()).await;
+    let redis = Redis::start().await;
+    let config = |node: &str| {
+        let mut c = config_for_all(&sims);
+        c.cluster.redis_url = redis.url();
+        c.cluster.node_id = node.into();
+        c
+    };
+    let a = start_relay(config("a")).await;
+    let b = start_relay(config("b")).await;
+    until_cluster(&[&a, &b], 2).await;
+    let mut on_a = Client::connect(&a).await;
+    subscribed(&mut on_a, "depth:BTCUSD@kraken:10").await;
+    on_a.recv_until(is_msg("depth", "depth:BTCUSD@kraken:10"))
+        .await;
+    let mut on_b = Client::connect(&b).await;
+    subscribed(&mut on_b, "depth:BTCUSD@kraken:10").await;
+    on_b.recv_until(is_msg("depth", "depth:BTCUSD@kraken:10"))
+        .await;
+    // The owner's book stops verifying (and keeps failing): it is rebuilt, never sent.
+    sims.kraken.corrupt_checksums("BTC/USD", true);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // A new subscriber on the follower is not handed the book B last had from A.
+    let mut late = Client::connect(&b).await;
+    subscribed(&mut late, "depth:BTCUSD@kraken:10").await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Some(v)) = tokio::time::timeout(
+        end.saturating_duration_since(tokio::time::Instant::now()),
+        late.next(),
+    )
+    .await
+    {
+        assert_ne!(v["type"], "depth", "a book nobody vouches for: {v}");
+    }
+    // Fixed: a verified book reaches it.
+    sims.kraken.corrupt_checksums("BTC/USD", false);
+    late.recv_until(is_msg("depth", "depth:BTCUSD@kraken:10"))
+        .await;
+}

@@ -113,6 +113,19 @@ struct Batch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     m: Option<String>,
     i: Vec<(u64, Item)>,
+    /// What the owner's exchange said of the stream beside its messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    x: Option<Notice>,
+}
+
+/// What an owner tells the followers that takes no seq.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Notice {
+    /// The stream's current value cannot be vouched for (a book being rebuilt).
+    Invalidated,
+    /// The exchange refused the stream for good.
+    Refused { code: ErrorCode, message: String },
 }
 
 enum Cmd {
@@ -1079,6 +1092,12 @@ impl Cluster {
         let Some(hub) = self.hub() else {
             return;
         };
+        if let (TopicKey::Feed(key), Some(notice)) = (topic, &batch.x) {
+            match notice {
+                Notice::Invalidated => hub.invalidated(key),
+                Notice::Refused { code, message } => hub.refused(key, *code, message),
+            }
+        }
         if let TopicKey::Feed(key) = topic {
             let newest = newest_trade(&batch.i);
             if let (Some(t), Some(s)) = (newest, self.state().streams.get_mut(key)) {
@@ -1098,7 +1117,7 @@ impl Cluster {
     /// stream's owner, publishes it.
     fn own(&self, key: &FeedKey, items: Vec<Item>) {
         let topic = TopicKey::Feed(key.clone());
-        let (epoch, numbered, publish) = {
+        let (pos, numbered, publish) = {
             let mut st = self.state();
             let Some(s) = st.streams.get_mut(key) else {
                 return;
@@ -1123,28 +1142,49 @@ impl Cluster {
             if let Some(t) = newest_trade(&numbered) {
                 s.last_trade = Some(t);
             }
-            (pos.epoch.clone(), numbered, publish)
+            (pos.clone(), numbered, publish)
         };
         if let Some(token) = publish {
-            self.publish_batch(key, token, &epoch, &numbered);
+            self.queue_batch(key, token, &pos, &numbered, None);
         }
         if let Some(hub) = self.hub() {
-            hub.numbered(&topic, &epoch, numbered);
+            hub.numbered(&topic, &pos.epoch, numbered);
         }
     }
 
-    /// Publishes an owner's batch, in order with the others (one task per node would reorder
-    /// nothing: the calls are pipelined on one connection in the order they are made).
-    fn publish_batch(&self, key: &FeedKey, token: u64, epoch: &str, items: &[(u64, Item)]) {
-        let Some(last) = items.last().map(|(n, _)| *n) else {
-            return;
+    /// Tells the followers of a stream this node owns what its exchange said (no seq).
+    fn tell(&self, key: &FeedKey, notice: Notice) {
+        let owned = {
+            let st = self.state();
+            st.streams.get(key).and_then(|s| match (&s.role, &s.pos) {
+                (Role::Owner { token }, Some(pos)) => Some((*token, pos.clone())),
+                _ => None,
+            })
         };
+        if let Some((token, pos)) = owned {
+            self.queue_batch(key, token, &pos, &[], Some(notice));
+        }
+    }
+
+    /// Queues a batch (and a notice) for Redis, where [`Cluster::publisher`] sends it in the
+    /// order queued; `pos` is the stream's position after it.
+    fn queue_batch(
+        &self,
+        key: &FeedKey,
+        token: u64,
+        pos: &Pos,
+        items: &[(u64, Item)],
+        notice: Option<Notice>,
+    ) {
+        let epoch = &*pos.epoch;
+        let last = pos.seq;
         let batch = Batch {
             n: self.node.to_string(),
             e: epoch.to_string(),
             t: token,
             m: None,
             i: items.to_vec(),
+            x: notice,
         };
         let Ok(payload) = serde_json::to_string(&batch) else {
             return;
@@ -1162,7 +1202,8 @@ impl Cluster {
             last,
             payload,
             wire: keys::wire(&topic),
-            keep: keys::keeps(&topic),
+            // A notice alone is not kept: a later subscriber has no use for it.
+            keep: keys::keeps(&topic) && !items.is_empty(),
             trade,
         };
         self.outgoing.send(out).ok();
@@ -1519,12 +1560,20 @@ impl FeedSink for Cluster {
         if let Some(hub) = self.hub() {
             hub.invalidated(key);
         }
+        self.tell(key, Notice::Invalidated);
     }
 
     fn refused(&self, key: &FeedKey, code: ErrorCode, message: &str) {
         if let Some(hub) = self.hub() {
             hub.refused(key, code, message);
         }
+        self.tell(
+            key,
+            Notice::Refused {
+                code,
+                message: message.to_string(),
+            },
+        );
     }
 
     fn instruments_loaded(&self, exchange: ExchangeId) {
