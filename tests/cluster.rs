@@ -689,3 +689,45 @@ async fn a_book_the_owner_cannot_vouch_for_is_not_replayed_by_another_node() {
     late.recv_until(is_msg("depth", "depth:BTCUSD@kraken:10"))
         .await;
 }
+
+#[tokio::test]
+async fn a_stream_the_exchange_refuses_is_refused_on_every_node_at_once() {
+    let sims = start_sims(exchange_relay::sim::SimOptions::fast()).await;
+    let redis = Redis::start().await;
+    let config = |node: &str| {
+        let mut c = config_for_all(&sims);
+        c.cluster.redis_url = redis.url();
+        c.cluster.node_id = node.into();
+        c
+    };
+    let a = start_relay(config("a")).await;
+    let b = start_relay(config("b")).await;
+    until_cluster(&[&a, &b], 2).await;
+    let mut on_a = Client::connect(&a).await;
+    subscribed(&mut on_a, "depth:ETHUSD@kraken:10").await;
+    on_a.recv_until(is_msg("depth", "depth:ETHUSD@kraken:10"))
+        .await;
+    let mut on_b = Client::connect(&b).await;
+    subscribed(&mut on_b, "depth:ETHUSD@kraken:10").await;
+    on_b.recv_until(is_msg("depth", "depth:ETHUSD@kraken:10"))
+        .await;
+    // The exchange stops serving the pair; the owner finds out when it subscribes again.
+    sims.kraken.refuse_symbol("ETH/USD");
+    sims.kraken.kill_connections();
+    for c in [&mut on_a, &mut on_b] {
+        let e = c.recv_until(is_type("error")).await;
+        assert_eq!(e["channel"], "depth:ETHUSD@kraken:10", "{e}");
+        assert_eq!(error_code(&e), "UNKNOWN_SYMBOL", "{e}");
+        c.recv_until(is_msg("unsubscribed", "depth:ETHUSD@kraken:10"))
+            .await;
+    }
+    // The follower was told by the owner: it did not take the stream over (after the owner
+    // let it go) only to be refused a second time.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let h = health(&b).await;
+    assert_eq!(h["cluster"]["leaseChanges"], 0, "{h}");
+    assert!(
+        h["cluster"]["streams"].get("kraken:ETHUSD:book").is_none(),
+        "{h}"
+    );
+}
