@@ -581,6 +581,8 @@ impl Cluster {
             return false;
         };
         tracing::info!(node = %self.node, stream = %id, epoch = %pos.epoch, seq = pos.seq, "took the lease; reading the exchange");
+        // The owner's own batches would only come back to it: Redis need not send them.
+        self.subs.send(Sub::Unsubscribe(keys::feed_wire(&id))).ok();
         let (was, seed) = {
             let mut st = self.state();
             st.lease_changes += 1;
@@ -758,6 +760,7 @@ impl Cluster {
                                 s.pos = None;
                             }
                         }
+                        self.subs.send(Sub::Subscribe(keys::feed_wire(&id))).ok();
                         self.catch_up(&TopicKey::Feed(key.clone())).await;
                     }
                 }
