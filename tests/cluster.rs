@@ -648,8 +648,11 @@ async fn a_stream_lives_while_any_node_wants_it_and_is_released_when_none_does()
     .await;
 }
 
-#[tokio::test]
-async fn a_book_the_owner_cannot_vouch_for_is_not_replayed_by_another_node() {
+/// The simulated exchanges, a Redis, nodes `a` and `b`, and on each a client that has had the
+/// first message of the depth `channel` (a Kraken book: `a` reads it).
+async fn kraken_book_on_two_nodes(
+    channel: &'static str,
+) -> (Sims, Redis, Relay, Relay, Client, Client) {
     let sims = start_sims(exchange_relay::sim::SimOptions::fast()).await;
     let redis = Redis::start().await;
     let config = |node: &str| {
@@ -662,13 +665,18 @@ async fn a_book_the_owner_cannot_vouch_for_is_not_replayed_by_another_node() {
     let b = start_relay(config("b")).await;
     until_cluster(&[&a, &b], 2).await;
     let mut on_a = Client::connect(&a).await;
-    subscribed(&mut on_a, "depth:BTCUSD@kraken:10").await;
-    on_a.recv_until(is_msg("depth", "depth:BTCUSD@kraken:10"))
-        .await;
+    subscribed(&mut on_a, channel).await;
+    on_a.recv_until(is_msg("depth", channel)).await;
     let mut on_b = Client::connect(&b).await;
-    subscribed(&mut on_b, "depth:BTCUSD@kraken:10").await;
-    on_b.recv_until(is_msg("depth", "depth:BTCUSD@kraken:10"))
-        .await;
+    subscribed(&mut on_b, channel).await;
+    on_b.recv_until(is_msg("depth", channel)).await;
+    (sims, redis, a, b, on_a, on_b)
+}
+
+#[tokio::test]
+async fn a_book_the_owner_cannot_vouch_for_is_not_replayed_by_another_node() {
+    let (sims, _redis, _a, b, _on_a, _on_b) =
+        kraken_book_on_two_nodes("depth:BTCUSD@kraken:10").await;
     // The owner's book stops verifying (and keeps failing): it is rebuilt, never sent.
     sims.kraken.corrupt_checksums("BTC/USD", true);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -692,25 +700,8 @@ async fn a_book_the_owner_cannot_vouch_for_is_not_replayed_by_another_node() {
 
 #[tokio::test]
 async fn a_stream_the_exchange_refuses_is_refused_on_every_node_at_once() {
-    let sims = start_sims(exchange_relay::sim::SimOptions::fast()).await;
-    let redis = Redis::start().await;
-    let config = |node: &str| {
-        let mut c = config_for_all(&sims);
-        c.cluster.redis_url = redis.url();
-        c.cluster.node_id = node.into();
-        c
-    };
-    let a = start_relay(config("a")).await;
-    let b = start_relay(config("b")).await;
-    until_cluster(&[&a, &b], 2).await;
-    let mut on_a = Client::connect(&a).await;
-    subscribed(&mut on_a, "depth:ETHUSD@kraken:10").await;
-    on_a.recv_until(is_msg("depth", "depth:ETHUSD@kraken:10"))
-        .await;
-    let mut on_b = Client::connect(&b).await;
-    subscribed(&mut on_b, "depth:ETHUSD@kraken:10").await;
-    on_b.recv_until(is_msg("depth", "depth:ETHUSD@kraken:10"))
-        .await;
+    let (sims, _redis, _a, b, mut on_a, mut on_b) =
+        kraken_book_on_two_nodes("depth:ETHUSD@kraken:10").await;
     // The exchange stops serving the pair; the owner finds out when it subscribes again.
     sims.kraken.refuse_symbol("ETH/USD");
     sims.kraken.kill_connections();
