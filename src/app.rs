@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Authenticator;
+use crate::auth::Auth;
 use crate::config::Config;
+use crate::domain::UserId;
 use crate::exchange::Upstreams;
 use crate::hub::Hub;
 use crate::stats::Stats;
@@ -30,8 +31,11 @@ pub struct AppInner {
     pub stats: Arc<Stats>,
     /// `GET /metrics`: reads the same counters as `stats` at scrape time.
     pub metrics: crate::metrics::Metrics,
-    pub auth: Authenticator,
+    /// The keys tokens and publish requests are checked with; replaced on SIGHUP.
+    pub auth: Auth,
     pub conns: ConnTracker,
+    /// Connections per user, for `server.max_connections_per_user`.
+    pub users: UserConns,
     /// Live client sessions; shutdown waits for them to finish.
     pub clients: TaskTracker,
     pub shutdown: CancellationToken,
@@ -146,5 +150,99 @@ impl Refusal {
             Refusal::PerIp => "per-address connection limit",
             Refusal::Rate => "per-address connect rate",
         }
+    }
+}
+
+/// Counts connections per user (JWT `sub`) on this node and, in a cluster, across the nodes
+/// (the cluster keeps each node's counts in Redis; while Redis is unreachable each node
+/// applies the cap to its own connections).
+pub struct UserConns {
+    inner: Arc<Mutex<HashMap<UserId, usize>>>,
+    max: Option<usize>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+/// Holds one connection's place in its user's count; released on drop.
+pub struct UserSlot {
+    inner: Arc<Mutex<HashMap<UserId, usize>>>,
+    user: UserId,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+impl UserSlot {
+    pub fn user(&self) -> &UserId {
+        &self.user
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.user);
+            }
+        }
+        drop(map);
+        if let Some(c) = &self.cluster {
+            c.user_left(&self.user);
+        }
+    }
+}
+
+/// A user already holds `limit` connections (`held` of them counted where the check ran).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserLimit {
+    pub limit: usize,
+    pub held: usize,
+}
+
+impl UserConns {
+    pub fn new(max: Option<usize>, cluster: Option<Arc<crate::cluster::Cluster>>) -> UserConns {
+        UserConns {
+            inner: Arc::new(Mutex::new(HashMap::new())),
+            max,
+            cluster,
+        }
+    }
+
+    /// A place for one more connection of `user`; `None` when there is no cap (nothing is
+    /// counted then).
+    pub async fn acquire(&self, user: &UserId) -> Result<Option<UserSlot>, UserLimit> {
+        let Some(limit) = self.max else {
+            return Ok(None);
+        };
+        // Taken locally first (so two connections racing on this node cannot both pass), then
+        // checked against the cluster's count.
+        {
+            let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(user.clone()).or_default();
+            if *n >= limit {
+                return Err(UserLimit { limit, held: *n });
+            }
+            *n += 1;
+        }
+        let mut slot = UserSlot {
+            inner: self.inner.clone(),
+            user: user.clone(),
+            cluster: None,
+        };
+        if let Some(cluster) = &self.cluster {
+            match cluster.user_joined(user, limit).await {
+                Ok(Ok(())) => slot.cluster = Some(cluster.clone()),
+                // Dropping the slot gives this node's place back.
+                Ok(Err(held)) => return Err(UserLimit { limit, held }),
+                // Redis unreachable: this node's own count decides (checked above).
+                Err(()) => {}
+            }
+        }
+        Ok(Some(slot))
+    }
+
+    /// Connections held by `user` on this node.
+    pub fn held(&self, user: &UserId) -> usize {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(user).copied().unwrap_or(0)
     }
 }

@@ -36,6 +36,13 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Per-IP WebSocket cap; beyond it upgrades get 429 + Retry-After.
     pub max_connections_per_ip: usize,
+    /// Connections one user (JWT `sub`) may hold, on this node or across the cluster; beyond
+    /// it the connection gets an error and is closed with 1008. `None`: no per-user cap.
+    pub max_connections_per_user: Option<usize>,
+    /// PEM certificate chain and private key: with both, the listener serves `https://` and
+    /// `wss://` itself (reloaded on SIGHUP).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// Sustained client request rate (token refill per second).
     pub client_requests_per_second: u32,
     /// Requests a client may send at once before the rate applies.
@@ -74,6 +81,9 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_message_bytes: 65_536,
             max_connections_per_ip: 1_000,
+            max_connections_per_user: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             client_requests_per_second: 10,
             client_request_burst: 20,
             header_read_timeout_ms: 10_000,
@@ -123,27 +133,67 @@ impl ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// HS256 secret; ignored when `jwt_public_key_file` is set.
+    /// HS256 secret; ignored when `jwt_secrets`, `jwt_public_key_file` or `jwks_url` is set.
     pub jwt_secret: String,
-    /// PEM public key (RSA or EC P-256) for RS256/ES256 tokens.
+    /// Several HS256 secrets, tried in order (rotation: the new one first, the old one until
+    /// its tokens have expired); replaces `jwt_secret` when not empty.
+    pub jwt_secrets: Vec<String>,
+    /// PEM public key (RSA, EC P-256 or Ed25519) for RS256/ES256/EdDSA tokens.
     pub jwt_public_key_file: Option<PathBuf>,
+    /// A JWKS document (`https://`, or `http://` on a private network): tokens name their key
+    /// by `kid`. Instead of the secrets and the key file.
+    pub jwks_url: Option<String>,
+    /// How often the JWKS document is fetched again (besides when a token names an unknown
+    /// `kid`, at most one such fetch per `jwks_min_fetch_interval_ms`).
+    pub jwks_refresh_secs: u64,
+    /// The least time between two fetches asked for by unknown `kid`s (a flood of made-up
+    /// `kid`s costs the identity service one fetch per interval, no more).
+    pub jwks_min_fetch_interval_ms: u64,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     /// Clock skew tolerated on `exp`/`nbf`; jsonwebtoken's own default (60 s) is far too lax.
     pub jwt_leeway_secs: u64,
     /// Bearer key for `POST /api/v1/publish`.
     pub publish_api_key: String,
+    /// Several publish keys, any of which is accepted (rotation); replaces `publish_api_key`
+    /// when not empty.
+    pub publish_api_keys: Vec<String>,
+}
+
+impl AuthConfig {
+    /// The HS256 secrets in the order they are tried.
+    pub fn secrets(&self) -> Vec<&str> {
+        if self.jwt_secrets.is_empty() {
+            vec![self.jwt_secret.as_str()]
+        } else {
+            self.jwt_secrets.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The publish keys accepted.
+    pub fn publish_keys(&self) -> Vec<&str> {
+        if self.publish_api_keys.is_empty() {
+            vec![self.publish_api_key.as_str()]
+        } else {
+            self.publish_api_keys.iter().map(String::as_str).collect()
+        }
+    }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             jwt_secret: "change-me".into(),
+            jwt_secrets: Vec::new(),
             jwt_public_key_file: None,
+            jwks_url: None,
+            jwks_refresh_secs: 300,
+            jwks_min_fetch_interval_ms: 10_000,
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway_secs: 2,
             publish_api_key: "change-me-too".into(),
+            publish_api_keys: Vec::new(),
         }
     }
 }
@@ -439,6 +489,18 @@ impl Config {
                 p.push(format!("server.{key}: must be greater than 0"));
             }
         }
+        if s.max_connections_per_user == Some(0) {
+            p.push(
+                "server.max_connections_per_user: must be greater than 0 (leave it out for no cap)"
+                    .into(),
+            );
+        }
+        if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
+            p.push(
+                "server.tls_cert_file: set together with server.tls_key_file (both or neither)"
+                    .into(),
+            );
+        }
         if s.max_message_bytes < 128 {
             p.push("server.max_message_bytes: must be at least 128".into());
         }
@@ -464,11 +526,35 @@ impl Config {
             }
         }
         let a = &self.auth;
-        if a.jwt_public_key_file.is_none() && a.jwt_secret.is_empty() {
-            p.push("auth.jwt_secret: must not be empty (or set auth.jwt_public_key_file)".into());
+        if a.jwt_public_key_file.is_some() && a.jwks_url.is_some() {
+            p.push(
+                "auth.jwks_url: set either auth.jwks_url or auth.jwt_public_key_file, not both"
+                    .into(),
+            );
         }
-        if a.publish_api_key.is_empty() {
-            p.push("auth.publish_api_key: must not be empty".into());
+        if let Some(jwks) = &a.jwks_url {
+            match url::Url::parse(jwks) {
+                Ok(u) if matches!(u.scheme(), "https" | "http") => {}
+                Ok(u) => p.push(format!(
+                    "auth.jwks_url: scheme '{}' is not one of https, http",
+                    u.scheme()
+                )),
+                Err(e) => p.push(format!("auth.jwks_url: '{jwks}' is not a URL ({e})")),
+            }
+        }
+        if a.jwks_refresh_secs == 0 {
+            p.push("auth.jwks_refresh_secs: must be greater than 0".into());
+        }
+        if a.jwt_public_key_file.is_none()
+            && a.jwks_url.is_none()
+            && a.secrets().iter().any(|s| s.is_empty())
+        {
+            p.push("auth.jwt_secret: must not be empty (or set auth.jwt_secrets, auth.jwt_public_key_file or auth.jwks_url)".into());
+        }
+        if a.publish_keys().iter().any(|k| k.is_empty()) {
+            p.push(
+                "auth.publish_api_key: must not be empty (nor any of auth.publish_api_keys)".into(),
+            );
         }
         for id in ExchangeId::ALL {
             let cfg = self.exchanges.get(id);

@@ -227,9 +227,10 @@ async fn ws_upgrade(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let token = query.get("token").map(String::as_str).or(bearer);
-    let at_connect = token
-        .filter(|t| !t.is_empty())
-        .map(|t| state.auth.verify(t));
+    let at_connect = match token.filter(|t| !t.is_empty()) {
+        Some(t) => Some(state.auth.verify(t).await),
+        None => None,
+    };
     upgrade.on_upgrade(move |socket, prefix| session::run(socket, prefix, state, at_connect, guard))
 }
 
@@ -299,6 +300,11 @@ pub struct HealthBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Object)]
     cluster: Option<crate::cluster::ClusterSnapshot>,
+    /// With `auth.jwks_url`: the JWKS's `url`, `state` (`loaded`, or `unavailable` until a
+    /// first fetch succeeds), `keys`, `fetches`, `failedFetches`, `lastError`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    jwks: Option<crate::auth::jwks::JwksSnapshot>,
 }
 
 /// Liveness, with each exchange's upstream state.
@@ -322,6 +328,7 @@ async fn health(State(state): State<AppState>) -> Json<HealthBody> {
         connected_clients: state.hub.connected_clients(),
         upstreams,
         cluster: state.cluster.as_ref().map(|c| c.snapshot()),
+        jwks: state.auth.current().jwks().map(|j| j.snapshot()),
     })
 }
 
@@ -395,6 +402,11 @@ pub struct StatsData {
     rate_limited_requests: u64,
     rejected_connections: u64,
     total_connections: u64,
+    /// Refused tokens, private subscriptions, per-user connections and publish requests, by
+    /// reason (`invalid_token`, `token_expired`, `keys_unavailable`, `auth_required`,
+    /// `forbidden`, `user_limit`, `publish_key`).
+    #[schema(value_type = Object)]
+    auth_refusals: BTreeMap<String, u64>,
     recovery: RecoveryStatsData,
     /// In a cluster, as in `/health`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -488,6 +500,12 @@ async fn stats(State(state): State<AppState>) -> Json<StatsBody> {
         rate_limited_requests: counters.rate_limited,
         rejected_connections: counters.rejected_connections,
         total_connections: counters.total_connections,
+        auth_refusals: state
+            .stats
+            .auth_refusals()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
         recovery: {
             let count = |rows: Vec<(&'static str, u64)>, label: &str| {
                 rows.into_iter()
@@ -517,11 +535,6 @@ async fn stats(State(state): State<AppState>) -> Json<StatsBody> {
         success: true,
         data,
     })
-}
-
-/// Compares secrets in time independent of where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `POST /api/v1/publish` body.
@@ -568,9 +581,9 @@ async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let authorised = key
-        .is_some_and(|k| same_secret(k.as_bytes(), state.config.auth.publish_api_key.as_bytes()));
+    let authorised = key.is_some_and(|k| state.auth.publish_key_ok(k));
     if !authorised {
+        state.stats.auth_refused("publish_key", None, None);
         return error_body(
             StatusCode::UNAUTHORIZED,
             HttpCode::Unauthorized.as_str(),

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{AppInner, AppState, ConnTracker};
+use crate::app::{AppInner, AppState, ConnTracker, UserConns};
 use crate::config::Config;
 use crate::exchange::Upstreams;
 use crate::hub::{Close, FeedSink, Hub};
@@ -88,6 +88,36 @@ mod tests {
     }
 }
 
+/// Applies what a reload may change: `[auth]` and the listener's certificate files.
+fn reload(
+    state: &AppState,
+    tls: Option<&server::TlsServer>,
+    next: &Config,
+    token: &CancellationToken,
+) {
+    let current = state.auth.current();
+    match auth::Authenticator::from_config(&next.auth, Some(&current)) {
+        Ok(authenticator) => {
+            if let Some(jwks) = authenticator.jwks() {
+                jwks.start(token.clone());
+            }
+            let what = authenticator.describe();
+            state.auth.replace(authenticator);
+            tracing::info!(keys = %what, "reloaded [auth]");
+        }
+        Err(error) => tracing::error!(%error, "reload: [auth] not changed"),
+    }
+    match (tls, &next.server.tls_cert_file, &next.server.tls_key_file) {
+        (Some(tls), Some(cert), Some(key)) => match tls.reload(cert, key) {
+            Ok(()) => tracing::info!(cert = %cert.display(), "reloaded the TLS certificate"),
+            Err(error) => tracing::error!(%error, "reload: the TLS certificate not changed"),
+        },
+        (None, None, None) => {}
+        _ => tracing::warn!("reload: turning TLS on or off (server.tls_cert_file) needs a restart"),
+    }
+    tracing::info!("reload done; changes outside [auth] and the TLS files need a restart");
+}
+
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -102,11 +132,35 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+    run_reloadable(config, listener, shutdown, reloads).await
+}
+
+/// [`run`], taking configurations to reload from `reloads` (SIGHUP in `main.rs`): the `[auth]`
+/// section (keys, key files, the JWKS) and the listener's certificate are replaced; connections
+/// stay open. Anything else needs a restart, and a configuration that does not load changes
+/// nothing; both are logged.
+pub async fn run_reloadable(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+) -> Result<(), RunError> {
     // rustls needs a process-wide crypto provider; ring is the only one compiled in. A second
     // install (tests start several relays) is refused harmlessly.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let auth = auth::Authenticator::from_config(&config.auth).map_err(RunError::Config)?;
+    let authenticator =
+        auth::Authenticator::from_config(&config.auth, None).map_err(RunError::Config)?;
+    let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            server::TlsServer::load(cert, key).map_err(RunError::Config)?,
+        )),
+        _ => None,
+    };
     let token = CancellationToken::new();
+    if let Some(jwks) = authenticator.jwks() {
+        jwks.start(token.clone());
+    }
     let stats = Arc::new(stats::Stats::default());
     // The exchange side feeds the hub through the hub's boundary (hub::feed): the hub holds
     // the source, the source a weak handle on the hub.
@@ -154,7 +208,8 @@ pub async fn run(
             cluster.clone(),
         ),
         stats,
-        auth,
+        auth: auth::Auth::new(authenticator),
+        users: UserConns::new(config.server.max_connections_per_user, cluster.clone()),
         clients: TaskTracker::new(),
         shutdown: token.clone(),
         config: config.clone(),
@@ -167,13 +222,18 @@ pub async fn run(
             header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
             send_buffer_bytes: config.server.client_send_buffer_bytes,
         },
+        tls.clone(),
         token.clone(),
         http_tasks.clone(),
     );
     let mut server = std::pin::pin!(server);
-    tokio::select! {
-        _ = &mut server => {}
-        _ = shutdown => {}
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut server => break,
+            _ = &mut shutdown => break,
+            Some(next) = reloads.recv() => reload(&state, tls.as_deref(), &next, &token),
+        }
     }
     tracing::info!("shutting down: closing clients with 1001 and upstreams");
     hub.close_all(Close {

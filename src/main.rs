@@ -60,8 +60,15 @@ fn check_config(args: &Args) -> std::process::ExitCode {
         Err(e) => e.problems,
         Ok(config) => {
             let mut p = Vec::new();
-            if let Err(e) = exchange_relay::auth::Authenticator::from_config(&config.auth) {
+            if let Err(e) = exchange_relay::auth::Authenticator::from_config(&config.auth, None) {
                 p.push(e);
+            }
+            if let (Some(cert), Some(key)) =
+                (&config.server.tls_cert_file, &config.server.tls_key_file)
+            {
+                if let Err(e) = exchange_relay::server::server_config(cert, key) {
+                    p.push(e);
+                }
             }
             let ca = config.exchanges.ca_file.as_deref();
             if let Err(e) = exchange_relay::exchange::tls::Trust::load(
@@ -151,9 +158,41 @@ async fn relay_main(args: Args) -> anyhow::Result<()> {
 
     let local = listener.local_addr().map_or(addr, |a| a.to_string());
     tracing::info!(addr = %local, demo = args.demo, "exchange-relay listening");
-    exchange_relay::run(config, listener, shutdown_signal()).await?;
+    let reloads = reload_on_sighup(path, required);
+    exchange_relay::run_reloadable(config, listener, shutdown_signal(), reloads).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// On SIGHUP, the configuration read again (file and environment), for the relay to apply what
+/// can change while it runs (`[auth]`, the TLS certificate). One that does not load is logged
+/// and changes nothing.
+fn reload_on_sighup(path: PathBuf, required: bool) -> tokio::sync::mpsc::Receiver<Config> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("SIGHUP cannot be caught here: reloads need a restart");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+            match Config::load(&path, required, std::env::vars()) {
+                Ok(config) => {
+                    if tx.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload refused: the configuration does not load; nothing changed")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (path, required, tx);
+    rx
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (docker stop, Kubernetes).

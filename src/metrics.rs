@@ -294,6 +294,18 @@ impl Collector for Sources {
             "Error replies to clients, by error code",
             &errors,
         )?;
+        let refusals: Vec<(Labels, u64)> = self
+            .stats
+            .auth_refusals()
+            .into_iter()
+            .map(|(reason, n)| (vec![("reason", reason.to_string())], n))
+            .collect();
+        counter(
+            &mut e,
+            "relay_auth_refusals",
+            "Tokens, private subscriptions, per-user connections and publish requests refused, by reason",
+            &refusals,
+        )?;
 
         let by_exchange =
             |f: &dyn Fn(&crate::exchange::UpstreamSnapshot) -> u64| -> Vec<(Labels, u64)> {

@@ -46,10 +46,12 @@ pub enum ErrorCode {
     SlowConsumer,
     InvalidOption,
     HistoryUnavailable,
+    /// Beyond `server.max_connections_per_user`: sent before closing with 1008.
+    TooManyConnections,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::InvalidJson,
         ErrorCode::UnknownType,
         ErrorCode::InvalidChannel,
@@ -67,6 +69,7 @@ impl ErrorCode {
         ErrorCode::SlowConsumer,
         ErrorCode::InvalidOption,
         ErrorCode::HistoryUnavailable,
+        ErrorCode::TooManyConnections,
     ];
 
     /// The code as sent (the match is exhaustive: a new code cannot miss its spelling).
@@ -89,6 +92,7 @@ impl ErrorCode {
             ErrorCode::SlowConsumer => "SLOW_CONSUMER",
             ErrorCode::InvalidOption => "INVALID_OPTION",
             ErrorCode::HistoryUnavailable => "HISTORY_UNAVAILABLE",
+            ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
         }
     }
 }

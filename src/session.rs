@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -34,7 +33,7 @@ const ABUSE_BURST: u32 = 20;
 /// Runs a client from upgrade to close. `prefix` is what the client sent right after its
 /// upgrade request; `at_connect` the result of verifying a token sent with that request, if any.
 pub async fn run(
-    socket: Arc<TcpStream>,
+    socket: Arc<crate::ws::Socket>,
     prefix: Bytes,
     state: AppState,
     at_connect: Option<Result<Identity, AuthError>>,
@@ -54,9 +53,18 @@ pub async fn run(
     let cfg = &state.config.server;
 
     let mut session = Session::new(state.clone(), client.clone());
-    match at_connect {
+    let admitted = match at_connect {
+        Some(Ok(identity)) => session.claim(identity, &None).await,
+        Some(Err(AuthError::KeysUnavailable(why))) => {
+            // Not the client's fault: it stays, for public channels, and may send `auth` later.
+            session.refused(&AuthError::KeysUnavailable(why.clone()), None);
+            session.send(msg::error(None, ErrorCode::InvalidToken, &why, &None));
+            session.keys_unavailable = Some(why);
+            true
+        }
         Some(Err(e)) => {
             // PROTOCOL.md: a bad token at connect gets an error, then close 1008.
+            session.refused(&e, None);
             let code = auth_code(&e);
             state.stats.client_error(code);
             session.send(msg::error(None, code, &e.to_string(), &None));
@@ -66,16 +74,17 @@ pub async fn run(
                 last_words: None,
                 abort: false,
             });
+            false
         }
-        other => {
-            session.set_identity(other.and_then(Result::ok));
-            let user = session.identity.as_ref().map(|i| i.user.as_str());
-            session.send(msg::connected(
-                &client.name,
-                user,
-                cfg.max_subscriptions_per_client,
-            ));
-        }
+        None => true,
+    };
+    if admitted {
+        let user = session.identity.as_ref().map(|i| i.user.as_str());
+        session.send(msg::connected(
+            &client.name,
+            user,
+            cfg.max_subscriptions_per_client,
+        ));
     }
     state
         .stats
@@ -94,7 +103,7 @@ pub async fn run(
 fn auth_code(e: &AuthError) -> ErrorCode {
     match e {
         AuthError::Expired => ErrorCode::TokenExpired,
-        AuthError::Invalid(_) => ErrorCode::InvalidToken,
+        AuthError::Invalid(_) | AuthError::KeysUnavailable(_) => ErrorCode::InvalidToken,
     }
 }
 
@@ -112,6 +121,11 @@ struct Session {
     state: AppState,
     client: Arc<Client>,
     identity: Option<Identity>,
+    /// The connection's place in its user's count (`server.max_connections_per_user`).
+    slot: Option<crate::app::UserSlot>,
+    /// Why the last token could not be checked, while the JWKS is unavailable: said again to
+    /// a private subscription.
+    keys_unavailable: Option<String>,
     /// When `identity`'s token expires; kept beside it so the loop reads no clock for it.
     expires: Option<Instant>,
     limiter: DefaultDirectRateLimiter,
@@ -137,6 +151,8 @@ impl Session {
             state,
             client,
             identity: None,
+            slot: None,
+            keys_unavailable: None,
             expires: None,
         }
     }
@@ -173,8 +189,60 @@ impl Session {
         self.send(msg::error(channel, code, message, id));
     }
 
+    /// Counts a refusal of `e` (with the user, where known).
+    fn refused(&self, e: &AuthError, user: Option<&str>) {
+        self.state
+            .stats
+            .auth_refused(e.reason(), Some(&self.client.name), user);
+    }
+
+    /// Takes `identity` as who the client is, if its user may hold one more connection
+    /// (`server.max_connections_per_user`); otherwise answers `TOO_MANY_CONNECTIONS` and closes
+    /// the connection with 1008. Returns whether the client stays.
+    async fn claim(&mut self, identity: Identity, id: &RequestId) -> bool {
+        let same_user = self
+            .slot
+            .as_ref()
+            .is_some_and(|s| s.user() == &identity.user);
+        if !same_user {
+            match self.state.users.acquire(&identity.user).await {
+                Ok(slot) => self.slot = slot,
+                Err(limit) => {
+                    self.state.stats.auth_refused(
+                        "user_limit",
+                        Some(&self.client.name),
+                        Some(identity.user.as_str()),
+                    );
+                    self.state.stats.client_error(ErrorCode::TooManyConnections);
+                    let last_words = msg::error(
+                        None,
+                        ErrorCode::TooManyConnections,
+                        &format!(
+                            "user {} already holds {} connections, the most one user may hold; close one first",
+                            identity.user, limit.limit
+                        ),
+                        id,
+                    );
+                    self.client.outbox.close(Close {
+                        code: close::POLICY,
+                        reason: "too many connections for this user".into(),
+                        last_words: Some(last_words),
+                        abort: false,
+                    });
+                    return false;
+                }
+            }
+        }
+        self.keys_unavailable = None;
+        self.set_identity(Some(identity));
+        true
+    }
+
     /// Sets (or clears) who the client is, and when that stops being true.
     fn set_identity(&mut self, identity: Option<Identity>) {
+        if identity.is_none() {
+            self.slot = None;
+        }
         // One past the last accepted millisecond (`Identity::expired`).
         self.expires = identity
             .as_ref()
@@ -347,7 +415,7 @@ impl Session {
                     .collect();
                 self.send(msg::subscriptions(&names, &id));
             }
-            Request::Auth(token) => self.authenticate(&token, &id),
+            Request::Auth(token) => self.authenticate(&token, &id).await,
         }
     }
 
@@ -385,7 +453,10 @@ impl Session {
         if let Some(user) = channel.private_user() {
             // Fixed order: token present, token still valid, token bound to this user.
             let refusal = match &self.identity {
-                None => Some((ErrorCode::AuthRequired, "Authentication required for this channel".to_string())),
+                None => Some((ErrorCode::AuthRequired, match &self.keys_unavailable {
+                    Some(why) => format!("Authentication required for this channel; your token could not be checked: {why}"),
+                    None => "Authentication required for this channel".to_string(),
+                })),
                 Some(i) if i.expired(now_millis()) => Some((
                     ErrorCode::TokenExpired,
                     "your token has expired; send {\"type\":\"auth\",\"token\":...} with a fresh one".to_string(),
@@ -397,6 +468,18 @@ impl Session {
                 Some(_) => None,
             };
             if let Some((code, message)) = refusal {
+                let reason = match code {
+                    ErrorCode::AuthRequired if self.keys_unavailable.is_some() => {
+                        "keys_unavailable"
+                    }
+                    ErrorCode::AuthRequired => "auth_required",
+                    ErrorCode::TokenExpired => "token_expired",
+                    _ => "forbidden",
+                };
+                let who = self.identity.as_ref().map(|i| i.user.to_string());
+                self.state
+                    .stats
+                    .auth_refused(reason, Some(&self.client.name), who.as_deref());
                 return self.error(Some(name), code, &message, id);
             }
         }
@@ -457,8 +540,8 @@ impl Session {
         }
     }
 
-    fn authenticate(&mut self, token: &str, id: &RequestId) {
-        match self.state.auth.verify(token) {
+    async fn authenticate(&mut self, token: &str, id: &RequestId) {
+        match self.state.auth.verify(token).await {
             Ok(identity) => {
                 // A token for another user ends the old user's private subscriptions.
                 if let Some(old) = &self.identity {
@@ -466,14 +549,19 @@ impl Session {
                         self.drop_private(|_| true, None);
                     }
                 }
-                self.send(msg::authenticated(
-                    identity.user.as_str(),
-                    identity.expires_at,
-                    id,
-                ));
-                self.set_identity(Some(identity));
+                let (user, expires_at) = (identity.user.clone(), identity.expires_at);
+                if self.claim(identity, id).await {
+                    self.send(msg::authenticated(user.as_str(), expires_at, id));
+                }
             }
-            Err(e) => self.error(None, auth_code(&e), &e.to_string(), id),
+            Err(e) => {
+                let user = self.identity.as_ref().map(|i| i.user.to_string());
+                self.refused(&e, user.as_deref());
+                if let AuthError::KeysUnavailable(why) = &e {
+                    self.keys_unavailable = Some(why.clone());
+                }
+                self.error(None, auth_code(&e), &e.to_string(), id)
+            }
         }
     }
 

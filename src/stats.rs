@@ -53,7 +53,20 @@ pub struct Stats {
     recoveries: Labelled<2>,
     /// Histories asked for, by outcome.
     histories: Labelled<2>,
+    /// Authentication and authorisation refusals, by reason ([`AUTH_REFUSALS`]).
+    auth_refusals: Labelled<{ AUTH_REFUSALS.len() }>,
 }
+
+/// Why a token, a private subscription, a user's connection or a publish request was refused.
+pub const AUTH_REFUSALS: [&str; 7] = [
+    "invalid_token",
+    "token_expired",
+    "keys_unavailable",
+    "auth_required",
+    "forbidden",
+    "user_limit",
+    "publish_key",
+];
 
 /// The message types counted on their own in `relay_messages_out_total{kind}`; anything else
 /// (acks, errors, pongs) is `control`.
@@ -153,6 +166,7 @@ impl Default for Stats {
             gaps: Labelled::new(GapReason::ALL.map(GapReason::as_str)),
             recoveries: Labelled::new(["recovered", "not_recovered"]),
             histories: Labelled::new(["served", "unavailable"]),
+            auth_refusals: Labelled::new(AUTH_REFUSALS),
         }
     }
 }
@@ -375,6 +389,25 @@ impl Stats {
     pub fn connection_refused(&self, why: &'static str) {
         add(&self.rejected_connections, 1);
         tracing::debug!(%why, "connection refused before the upgrade");
+    }
+
+    /// A refusal of [`AUTH_REFUSALS`], logged with who asked (never the token): the operator's
+    /// own faults (keys unavailable, a wrong publish key) at warn, a client's at info.
+    pub fn auth_refused(&self, reason: &'static str, client: Option<&str>, user: Option<&str>) {
+        self.auth_refusals.add(reason, 1);
+        let client = client.unwrap_or("-");
+        let user = user.unwrap_or("-");
+        match reason {
+            "keys_unavailable" | "publish_key" => {
+                tracing::warn!(%reason, %client, %user, "authentication refused")
+            }
+            _ => tracing::info!(%reason, %client, %user, "authentication refused"),
+        }
+    }
+
+    /// Refusals by reason.
+    pub fn auth_refusals(&self) -> Vec<(&'static str, u64)> {
+        self.auth_refusals.counts()
     }
 
     /// A client connected.

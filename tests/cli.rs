@@ -189,5 +189,35 @@ fn check_config_says_ok_or_lists_every_problem_and_the_key_files() {
         not_a_key.display()
     ));
     assert!(!ok);
-    assert!(out.contains("is not an RSA or EC public key"), "{out}");
+    assert!(
+        out.contains("is not an RSA, EC or Ed25519 public key"),
+        "{out}"
+    );
+
+    // The listener's certificate and key, and the rotation keys.
+    let (ok, out) = run(&format!(
+        "[server]\ntls_cert_file = \"{0}\"\ntls_key_file = \"/nonexistent/key.pem\"\n",
+        not_a_key.display()
+    ));
+    assert!(!ok);
+    assert!(
+        out.contains("server.tls_cert_file:") && out.contains("holds no certificate"),
+        "{out}"
+    );
+    let (ok, out) = run("[server]\ntls_cert_file = \"cert.pem\"\n");
+    assert!(!ok);
+    assert!(
+        out.contains("set together with server.tls_key_file"),
+        "{out}"
+    );
+    let (ok, out) = run("[auth]\njwt_secrets = [\"new\", \"\"]\npublish_api_keys = [\"\"]\njwks_url = \"ftp://x\"\n");
+    assert!(!ok);
+    assert!(out.contains("auth.jwks_url: scheme 'ftp'"), "{out}");
+    assert!(
+        out.contains("auth.publish_api_key: must not be empty"),
+        "{out}"
+    );
+    let (ok, out) = run("[auth]\njwt_secrets = [\"new\", \"\"]\n");
+    assert!(!ok);
+    assert!(out.contains("auth.jwt_secret: must not be empty"), "{out}");
 }

@@ -206,8 +206,14 @@ struct Process(Child, u16);
 
 impl Process {
     fn start(sim: &SimBinance, redis: &Redis, node: &str) -> Process {
+        Process::start_with(sim, redis, node, &[])
+    }
+
+    /// With more `RELAY_...` settings.
+    fn start_with(sim: &SimBinance, redis: &Redis, node: &str, env: &[(&str, &str)]) -> Process {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_exchange-relay"))
+            .envs(env.iter().copied())
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("RELAY_EXCHANGES__BINANCE__WS_URL", sim.ws_url())
             .env("RELAY_EXCHANGES__BINANCE__REST_URL", sim.rest_url())
@@ -721,4 +727,55 @@ async fn a_stream_the_exchange_refuses_is_refused_on_every_node_at_once() {
         h["cluster"]["streams"].get("kraken:ETHUSD:book").is_none(),
         "{h}"
     );
+}
+
+#[tokio::test]
+async fn max_connections_per_user_counts_every_node_and_forgets_a_dead_one() {
+    let redis = Redis::start().await;
+    let sim = start_sim().await;
+    let mut cfg = node_config(&sim, &redis, "a");
+    cfg.server.max_connections_per_user = Some(2);
+    let a = start_relay(cfg).await;
+    let b = Process::start_with(
+        &sim,
+        &redis,
+        "b",
+        &[
+            ("RELAY_SERVER__MAX_CONNECTIONS_PER_USER", "2"),
+            ("RELAY_AUTH__JWT_SECRET", SECRET),
+        ],
+    );
+    until_cluster(&[&a], 2).await;
+    let alice = |ws: String| format!("{ws}?token={}", token("alice", 300));
+    let admitted = |url: String| async move {
+        let mut c = Client::open(&url, None, None).await.unwrap();
+        let first = c.recv().await;
+        (first["type"] == "connected").then_some(c)
+    };
+
+    let on_b = until("B serves", || admitted(alice(b.ws_url()))).await;
+    let on_a = Client::connect_url(&alice(a.ws_url()), None).await;
+    // A third, on either node, is one too many for the cluster.
+    for ws in [a.ws_url(), b.ws_url()] {
+        let mut third = Client::open(&alice(ws), None, None).await.unwrap();
+        let (code, _, before) = third.recv_close().await;
+        assert_eq!(code, 1008);
+        assert_eq!(error_code(before.last().unwrap()), "TOO_MANY_CONNECTIONS");
+    }
+    // Closing the one on A gives its place back, to a connection on B.
+    drop(on_a);
+    let second_on_b = until("alice's place on A is given back", || {
+        admitted(alice(b.ws_url()))
+    })
+    .await;
+    // B dies with alice's two connections (kill -9: nothing is given back). Once its
+    // heartbeat lapses they stop counting, and A lets her in twice again.
+    drop(b);
+    drop((on_b, second_on_b));
+    let first = until("B's connections stop counting", || {
+        admitted(alice(a.ws_url()))
+    })
+    .await;
+    let second = Client::connect_url(&alice(a.ws_url()), None).await;
+    drop((first, second));
 }

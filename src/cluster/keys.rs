@@ -13,6 +13,7 @@
 //!
 //! Per published channel (`<ch>` = `signals:alpha`): `relay:pos:<ch>`, `relay:win:<ch>`, pub/sub
 //! `relay:pub:<ch>`. Nodes: `relay:nodes`, scored by expiry. Control: pub/sub `relay:ctl`.
+//! Per node: `relay:users:<node>`, its connections per user (`server.max_connections_per_user`).
 
 use std::sync::LazyLock;
 
@@ -62,6 +63,11 @@ pub fn pos(id: &str) -> String {
 
 pub fn window(id: &str) -> String {
     format!("relay:win:{id}")
+}
+
+/// A node's connections per user: hash `<user>` → count.
+pub fn users(node: &str) -> String {
+    format!("relay:users:{node}")
 }
 
 pub fn want(id: &str) -> String {
@@ -228,6 +234,37 @@ pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
         r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"#,
+    )
+});
+
+/// One more connection of a user, if the live nodes together hold fewer than the cap.
+/// KEYS: nodes, this node's users. ARGV: user, cap, now ms, this node, ttl ms. Returns -1
+/// (counted) or how many the cluster holds.
+pub static USER_JOIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local total = 0
+local counted = false
+for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')) do
+  if n == ARGV[4] then counted = true end
+  total = total + tonumber(redis.call('HGET', 'relay:users:' .. n, ARGV[1]) or '0')
+end
+if not counted then total = total + tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') end
+if total >= tonumber(ARGV[2]) then return total end
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return -1
+"#,
+    )
+});
+
+/// One connection of a user fewer. KEYS: this node's users. ARGV: user.
+pub static USER_LEAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
 "#,
     )
 });

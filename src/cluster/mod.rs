@@ -19,6 +19,7 @@
 //! cluster's own state is changed by one task ([`Cluster::run`]), in order.
 
 pub mod keys;
+mod users;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -155,6 +156,11 @@ struct State {
     lease_changes: u64,
     /// Posted messages waiting for their echo, by message id.
     echoes: HashMap<String, oneshot::Sender<usize>>,
+    /// This node's connections per user (`server.max_connections_per_user`), as Redis should
+    /// hold them in `relay:users:<node>`.
+    users: HashMap<String, u64>,
+    /// Heartbeats since the user counts were last written whole.
+    beats_since_user_sync: u32,
 }
 
 /// What `/health` and the stats endpoint show of the cluster.
@@ -724,6 +730,7 @@ impl Cluster {
         if !was_up {
             tracing::info!(node = %self.node, "redis reachable: joining the cluster");
         }
+        self.keep_users(!was_up).await;
         let streams: Vec<(FeedKey, Role)> = self
             .state()
             .streams

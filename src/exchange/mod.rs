@@ -1062,7 +1062,7 @@ pub enum FetchError {
 }
 
 /// An error and its chain of causes, on one line.
-fn with_causes(e: &dyn std::error::Error) -> String {
+pub fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -117,7 +116,7 @@ impl Client {
         id: u64,
         queue_capacity: usize,
         max_subscriptions: usize,
-        socket: Option<Arc<TcpStream>>,
+        socket: Option<Arc<crate::ws::Socket>>,
     ) -> Client {
         Client {
             id,
@@ -280,7 +279,7 @@ impl Hub {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn register_client(&self, socket: Option<Arc<TcpStream>>) -> Arc<Client> {
+    pub fn register_client(&self, socket: Option<Arc<crate::ws::Socket>>) -> Arc<Client> {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         let client = Arc::new(Client::new(
             id,

@@ -30,9 +30,11 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::WebSocketStream;
 
 pub mod outbox;
+pub mod socket;
 
 use crate::protocol::close;
 pub use outbox::{Close, Outbox, Pushed, Tally};
+pub use socket::Socket;
 
 /// A complete server-to-client frame (FIN set, unmasked), shared by every client it goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +210,7 @@ impl Upgrade {
     /// whatever the client sent after its request (usually nothing).
     pub fn on_upgrade<F, Fut>(self, serve: F) -> Response
     where
-        F: FnOnce(Arc<TcpStream>, Bytes) -> Fut + Send + 'static,
+        F: FnOnce(Arc<Socket>, Bytes) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let accept =
@@ -222,9 +224,32 @@ impl Upgrade {
                     return;
                 }
             };
-            match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => serve(Arc::new(parts.io.into_inner()), parts.read_buf).await,
-                Err(_) => tracing::error!("upgraded connection is not a TCP stream; dropped"),
+            let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    let socket = Socket::Tcp(parts.io.into_inner());
+                    return serve(Arc::new(socket), parts.read_buf).await;
+                }
+                Err(other) => other,
+            };
+            match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+                Ok(parts) => {
+                    let tls = parts.io.into_inner();
+                    let (ours, pumps) = match tokio::net::UnixStream::pair() {
+                        Ok(pair) => pair,
+                        Err(error) => {
+                            tracing::warn!(%error, "no socket pair for a TLS client; dropped");
+                            return;
+                        }
+                    };
+                    // The session's end backs up like the TCP socket it stands for.
+                    let sock = socket2::SockRef::from(tls.get_ref().0);
+                    if let Ok(n) = sock.send_buffer_size() {
+                        let _ = socket2::SockRef::from(&ours).set_send_buffer_size(n);
+                    }
+                    tokio::spawn(socket::tls_pump(tls, pumps));
+                    serve(Arc::new(Socket::Unix(ours)), parts.read_buf).await
+                }
+                Err(_) => tracing::error!("upgraded connection is neither TCP nor TLS; dropped"),
             }
         });
         let mut resp = Response::new(Body::empty());
@@ -242,7 +267,7 @@ impl Upgrade {
 /// The socket tungstenite reads client frames from. What it writes (pongs, close replies) is
 /// queued on the client's outbox, behind whatever is already there.
 pub struct Inbound {
-    socket: Arc<TcpStream>,
+    socket: Arc<Socket>,
     /// Bytes hyper read past the upgrade request.
     prefix: Bytes,
     /// Where tungstenite's own frames go: the client's outbox.
@@ -256,7 +281,7 @@ pub type Incoming = WebSocketStream<Inbound>;
 /// per message and frame, and a 1 KiB read buffer (client requests are small; tungstenite grows
 /// it for a larger frame, and every KiB here is a KiB per connection).
 pub async fn incoming(
-    socket: Arc<TcpStream>,
+    socket: Arc<Socket>,
     prefix: Bytes,
     client: Arc<dyn AsRef<Outbox> + Send + Sync>,
     max_message_bytes: usize,
@@ -362,7 +387,7 @@ pub fn echo(frame: Option<CloseFrame>) -> Close {
 }
 
 /// Writes `frames` in order, waiting for room as needed.
-pub async fn write_all(socket: &TcpStream, frames: &[Bytes]) -> io::Result<()> {
+pub async fn write_all(socket: &Socket, frames: &[Bytes]) -> io::Result<()> {
     for frame in frames {
         let mut rest = &frame[..];
         while !rest.is_empty() {

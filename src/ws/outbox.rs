@@ -28,9 +28,9 @@ use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
+use super::Socket;
 use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
-use tokio::net::TcpStream;
 
 use super::Wire;
 use crate::events::Delivery;
@@ -168,7 +168,7 @@ pub struct Outbox {
     state: Mutex<State>,
     /// The client's socket; `None` for in-process subscribers (benchmarks, tests), whose frames
     /// only queue.
-    socket: Option<Arc<TcpStream>>,
+    socket: Option<Arc<Socket>>,
     /// Wakes the client's task when the queue turns non-empty or closing starts. One consumer,
     /// so a lock-free waker slot rather than a `Notify` waiter list.
     waker: AtomicWaker,
@@ -181,11 +181,7 @@ pub struct Outbox {
 impl Outbox {
     /// `capacity` reliable frames; control replies may add room for `max_subscriptions` acks
     /// and current values on top.
-    pub fn new(
-        capacity: usize,
-        max_subscriptions: usize,
-        socket: Option<Arc<TcpStream>>,
-    ) -> Outbox {
+    pub fn new(capacity: usize, max_subscriptions: usize, socket: Option<Arc<Socket>>) -> Outbox {
         Outbox {
             state: Mutex::new(State {
                 partial: None,
@@ -576,9 +572,10 @@ mod tests {
     }
 
     use std::time::Duration;
+    use tokio::net::TcpStream;
 
     /// A connected loopback pair whose buffers are small, so a reader that stops fills them.
-    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+    async fn pair() -> (Arc<Socket>, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -588,7 +585,7 @@ mod tests {
         socket2::SockRef::from(&server)
             .set_send_buffer_size(4096)
             .unwrap();
-        (Arc::new(server), client.unwrap())
+        (Arc::new(Socket::from(server)), client.unwrap())
     }
 
     /// The client's task, as far as writing goes.
