@@ -53,6 +53,33 @@ while IFS= read -r cmd; do
 done <"$WORK/curls"
 check "curl -i /ws (not a WebSocket request)" "curl -si localhost:$PORT/ws" "426"
 
+# The README's TLS example (§ Security): its openssl line as printed, then the relay on those
+# files with the printed environment, and its curl line (free port, this build's binary).
+command -v openssl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
+python3 - >"$WORK/tls.sh" <<'PY'
+text = open("README.md").read()
+section = text[text.index("## Security"):]
+section = section[:section.index("\n## ", 3)]
+block = section[section.index("```sh\n") + 6:]
+block = block[:block.index("```")]
+print("\n".join(block.strip().splitlines()))
+PY
+[ "$(wc -l <"$WORK/tls.sh")" -eq 3 ] || { echo "README TLS example not found" >&2; exit 1; }
+TLS_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+(cd "$WORK" && bash -c "$(sed -n 1p "$WORK/tls.sh")") >/dev/null 2>&1
+ENVS="$(sed -n 2p "$WORK/tls.sh" | sed -E 's/ cargo run.*//')"
+BIN_ABS="$(realpath "$BIN")"
+(cd "$WORK" && env $ENVS "$BIN_ABS" --demo --listen "127.0.0.1:$TLS_PORT" >"$WORK/tls-relay.log" 2>&1) &
+TLS_RELAY=$!
+trap 'kill $RELAY $TLS_RELAY 2>/dev/null || true; wait $RELAY 2>/dev/null || true; rm -rf "$WORK"' EXIT
+TLS_CURL="$(sed -n 3p "$WORK/tls.sh" | sed "s/localhost:3000/localhost:$TLS_PORT/")"
+for _ in $(seq 1 100); do
+  (cd "$WORK" && $TLS_CURL >/dev/null 2>&1) && break
+  sleep 0.1
+done
+check "$TLS_CURL (README § Security)" "cd $WORK && $TLS_CURL" '"status":"ok"'
+kill $TLS_RELAY 2>/dev/null || true
+
 # The Python example, in a virtualenv with the one package it needs.
 VENV="${EXAMPLES_VENV:-/tmp/exchange-relay-examples-venv}"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import websockets, openapi_spec_validator' 2>/dev/null; then
