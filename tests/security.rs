@@ -588,41 +588,162 @@ impl TestCa {
 
 use tokio_rustls::rustls;
 
+/// A relay on `cfg` whose listener serves TLS, and the sender of its reloads.
+struct TlsRelay {
+    addr: SocketAddr,
+    reload: tokio::sync::mpsc::Sender<Config>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl TlsRelay {
+    async fn start(cfg: Config, ca: &TestCa) -> TlsRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            exchange_relay::run_reloadable(
+                cfg,
+                listener,
+                async {
+                    let _ = stopped.await;
+                },
+                reloads,
+            )
+            .await
+            .unwrap()
+        });
+        let relay = TlsRelay {
+            addr,
+            reload,
+            stop: Some(stop),
+            handle,
+        };
+        let ready = relay.url("/ready");
+        until("https /ready", || {
+            let (http, url) = (ca.https(), ready.clone());
+            async move {
+                let r = http.get(url).send().await.ok()?;
+                (r.status() == 200).then_some(())
+            }
+        })
+        .await;
+        relay
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+
+    async fn get(&self, ca: &TestCa, path: &str) -> Value {
+        ca.https()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn tls_config(sim: &exchange_relay::sim::SimBinance, ca: &TestCa, name: &str) -> Config {
+    let dir = std::env::temp_dir().join(format!("relay-tls-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = ca.leaf(&dir, "first");
+    let mut cfg = config_for(sim);
+    cfg.server.tls_cert_file = Some(cert);
+    cfg.server.tls_key_file = Some(key);
+    cfg
+}
+
+#[tokio::test]
+async fn a_tls_client_that_stops_reading_is_closed_with_1013_and_others_keep_up() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = TestCa::new();
+    let mut opts = exchange_relay::sim::SimOptions::fast();
+    opts.rate_scale = 20.0;
+    let sim = start_sim_with(opts).await;
+    let mut cfg = tls_config(&sim, &ca, "slow");
+    cfg.server.client_queue_capacity = 64;
+    cfg.server.client_send_buffer_bytes = 16 * 1024;
+    let relay = TlsRelay::start(cfg, &ca).await;
+    let channels = [
+        "trades:BTCUSDT",
+        "trades:ETHUSDT",
+        "trades:SOLUSDT",
+        "trades:XRPUSDT",
+    ];
+
+    let mut fast = ca.wss(relay.addr).await.unwrap();
+    fast.subscribe(&channels).await;
+    let reader = tokio::spawn(async move {
+        let mut last = std::collections::HashMap::new();
+        let mut trades = 0u64;
+        while let Some(m) = fast.next().await {
+            if m["type"] != "trade" {
+                continue;
+            }
+            let id = m["data"]["tradeId"].as_u64().unwrap();
+            let prev = last.insert(m["channel"].as_str().unwrap().to_string(), id);
+            assert!(prev.is_none_or(|p| id == p + 1), "gap on {}", m["channel"]);
+            trades += 1;
+            if trades == 3_000 {
+                break;
+            }
+        }
+        trades
+    });
+    // A TLS client with a tiny receive window that subscribes and stops reading.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(relay.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
+        format!("wss://localhost:{}/ws", relay.addr.port()),
+        tcp,
+        None,
+        Some(tokio_tungstenite::Connector::Rustls(ca.client())),
+    )
+    .await
+    .unwrap();
+    let mut slow = Client { ws, hello: None };
+    slow.subscribe(&channels).await;
+    until("the slow TLS client is closed", || async {
+        let s = relay.get(&ca, "/api/v1/ws/stats").await;
+        (s["data"]["slowConsumerDisconnects"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    let (code, _, before) = slow.recv_close().await;
+    assert_eq!(code, 1013);
+    assert_eq!(error_code(before.last().unwrap()), "SLOW_CONSUMER");
+    assert_eq!(
+        reader.await.unwrap(),
+        3_000,
+        "the fast client got everything, in order"
+    );
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn the_listener_serves_wss_and_https_and_reloads_its_certificate() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = std::env::temp_dir().join(format!("relay-tls-listener-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let (ca1, ca2) = (TestCa::new(), TestCa::new());
-    let (cert, key) = ca1.leaf(&dir, "first");
     let sim = start_sim().await;
-    let mut cfg = config_for(&sim);
-    cfg.server.tls_cert_file = Some(cert);
-    cfg.server.tls_key_file = Some(key);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (reload, reloads) = tokio::sync::mpsc::channel(1);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay_cfg = cfg.clone();
-    let relay = tokio::spawn(async move {
-        exchange_relay::run_reloadable(
-            relay_cfg,
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-            reloads,
-        )
-        .await
-        .unwrap()
-    });
-    let health_url = format!("https://localhost:{}/health", addr.port());
-    let health: Value = until("https /health", || {
-        let (http, url) = (ca1.https(), health_url.clone());
-        async move { http.get(url).send().await.ok()?.json::<Value>().await.ok() }
-    })
-    .await;
-    assert_eq!(health["status"], "ok");
+    let mut cfg = tls_config(&sim, &ca1, "listener");
+    let relay = TlsRelay::start(cfg.clone(), &ca1).await;
+    let addr = relay.addr;
+    assert_eq!(relay.get(&ca1, "/health").await["status"], "ok");
 
     // wss:// end to end: market data over the relay's own TLS.
     let mut c = ca1.wss(addr).await.unwrap();
@@ -636,10 +757,18 @@ async fn the_listener_serves_wss_and_https_and_reloads_its_certificate() {
         .is_err());
 
     // A new certificate, from another CA, is put in place: new connections get it.
+    let dir = cfg
+        .server
+        .tls_cert_file
+        .as_ref()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let (cert2, key2) = ca2.leaf(&dir, "second");
     cfg.server.tls_cert_file = Some(cert2);
     cfg.server.tls_key_file = Some(key2);
-    reload.send(cfg).await.unwrap();
+    relay.reload.send(cfg).await.unwrap();
     let mut c2 = until("the new certificate is served", || async {
         ca2.wss(addr).await.ok()
     })
@@ -648,8 +777,7 @@ async fn the_listener_serves_wss_and_https_and_reloads_its_certificate() {
     assert!(ca1.wss(addr).await.is_err(), "the old certificate is gone");
     // The connection made with the old certificate still flows.
     c.recv_until(is_msg("price", "price:BTCUSDT")).await;
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
+    relay.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
