@@ -205,7 +205,9 @@ impl Session {
             .as_ref()
             .is_some_and(|s| s.user() == &identity.user);
         if !same_user {
-            match self.state.users.acquire(&identity.user).await {
+            // Boxed: the cluster's Redis call is a large future, and every session's task would
+            // otherwise be allocated at its size for the life of the connection.
+            match Box::pin(self.state.users.acquire(&identity.user)).await {
                 Ok(slot) => self.slot = slot,
                 Err(limit) => {
                     self.state.stats.auth_refused(
@@ -541,7 +543,8 @@ impl Session {
     }
 
     async fn authenticate(&mut self, token: &str, id: &RequestId) {
-        match self.state.auth.verify(token).await {
+        // Boxed for the same reason (a JWKS fetch may run inside it).
+        match Box::pin(self.state.auth.verify(token)).await {
             Ok(identity) => {
                 // A token for another user ends the old user's private subscriptions.
                 if let Some(old) = &self.identity {

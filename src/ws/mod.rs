@@ -224,33 +224,13 @@ impl Upgrade {
                     return;
                 }
             };
-            let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => {
-                    let socket = Socket::Tcp(parts.io.into_inner());
-                    return serve(Arc::new(socket), parts.read_buf).await;
-                }
-                Err(other) => other,
+            // One `serve(..).await` for both kinds of socket: the session's future is large, and
+            // two await points for it could make this task hold room for two.
+            let (socket, read_buf) = match plain_or_tls(upgraded) {
+                Some(pair) => pair,
+                None => return,
             };
-            match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
-                Ok(parts) => {
-                    let tls = parts.io.into_inner();
-                    let (ours, pumps) = match tokio::net::UnixStream::pair() {
-                        Ok(pair) => pair,
-                        Err(error) => {
-                            tracing::warn!(%error, "no socket pair for a TLS client; dropped");
-                            return;
-                        }
-                    };
-                    // The session's end backs up like the TCP socket it stands for.
-                    let sock = socket2::SockRef::from(tls.get_ref().0);
-                    if let Ok(n) = sock.send_buffer_size() {
-                        let _ = socket2::SockRef::from(&ours).set_send_buffer_size(n);
-                    }
-                    tokio::spawn(socket::tls_pump(tls, pumps));
-                    serve(Arc::new(Socket::Unix(ours)), parts.read_buf).await
-                }
-                Err(_) => tracing::error!("upgraded connection is neither TCP nor TLS; dropped"),
-            }
+            serve(Arc::new(socket), read_buf).await
         });
         let mut resp = Response::new(Body::empty());
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -262,6 +242,36 @@ impl Upgrade {
         }
         resp
     }
+}
+
+/// The client's socket from an upgraded connection: the TCP stream itself, or, for a TLS
+/// connection, one end of a socket pair whose other end a pump task encrypts onto it. Also the
+/// bytes hyper read past the upgrade request.
+fn plain_or_tls(upgraded: hyper::upgrade::Upgraded) -> Option<(Socket, Bytes)> {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Some((Socket::Tcp(parts.io.into_inner()), parts.read_buf)),
+        Err(other) => other,
+    };
+    let Ok(parts) = upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>()
+    else {
+        tracing::error!("upgraded connection is neither TCP nor TLS; dropped");
+        return None;
+    };
+    let tls = parts.io.into_inner();
+    let (ours, pumps) = match tokio::net::UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::warn!(%error, "no socket pair for a TLS client; dropped");
+            return None;
+        }
+    };
+    // The session's end backs up like the TCP socket it stands for.
+    let sock = socket2::SockRef::from(tls.get_ref().0);
+    if let Ok(n) = sock.send_buffer_size() {
+        let _ = socket2::SockRef::from(&ours).set_send_buffer_size(n);
+    }
+    tokio::spawn(socket::tls_pump(tls, pumps));
+    Some((Socket::Unix(ours), parts.read_buf))
 }
 
 /// The socket tungstenite reads client frames from. What it writes (pongs, close replies) is
