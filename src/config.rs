@@ -43,6 +43,9 @@ pub struct ServerConfig {
     /// `wss://` itself (reloaded on SIGHUP).
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// permessage-deflate (RFC 7692) for clients that offer it; each frame is compressed once
+    /// and shared by every such client.
+    pub compression: bool,
     /// Sustained client request rate (token refill per second).
     pub client_requests_per_second: u32,
     /// Requests a client may send at once before the rate applies.
@@ -84,6 +87,7 @@ impl Default for ServerConfig {
             max_connections_per_user: None,
             tls_cert_file: None,
             tls_key_file: None,
+            compression: true,
             client_requests_per_second: 10,
             client_request_burst: 20,
             header_read_timeout_ms: 10_000,

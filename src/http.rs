@@ -231,7 +231,14 @@ async fn ws_upgrade(
         Some(t) => Some(state.auth.verify(t).await),
         None => None,
     };
-    upgrade.on_upgrade(move |socket, prefix| session::run(socket, prefix, state, at_connect, guard))
+    let upgrade = if cfg.compression {
+        upgrade
+    } else {
+        upgrade.without_compression()
+    };
+    upgrade.on_upgrade(move |socket, prefix, deflate| {
+        session::run(socket, prefix, deflate, state, at_connect, guard)
+    })
 }
 
 /// `/autobahn` (only with `server.autobahn_echo`): echoes every message through the same
@@ -240,23 +247,30 @@ async fn ws_upgrade(
 async fn autobahn_echo(State(state): State<AppState>, upgrade: Upgrade) -> Response {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
-    upgrade.on_upgrade(move |socket, prefix| async move {
+    let upgrade = if state.config.server.compression {
+        upgrade
+    } else {
+        upgrade.without_compression()
+    };
+    upgrade.on_upgrade(move |socket, prefix, deflate| async move {
         let cfg = &state.config.server;
         let client = Arc::new(crate::hub::Client::new(
             0,
             cfg.client_queue_capacity,
             cfg.max_subscriptions_per_client,
             Some(socket.clone()),
+            deflate.map(|d| d.server_window_bits),
         ));
-        let mut incoming = ws::incoming(socket, prefix, client.clone(), cfg.max_message_bytes).await;
+        let mut incoming =
+            ws::incoming(socket, prefix, client.clone(), cfg.max_message_bytes, deflate).await;
         let mut reading = true;
         let close = loop {
             tokio::select! {
                 close = client.outbox.deliver() => break close,
                 msg = incoming.next(), if reading => {
                     let reply = match msg {
-                        Some(Ok(Message::Text(t))) => Wire::text(t.as_str()),
-                        Some(Ok(Message::Binary(b))) => Wire::binary(&b),
+                        Some(Ok(Message::Text(t))) => Wire::text(t.as_str()).always_compressed(),
+                        Some(Ok(Message::Binary(b))) => Wire::binary(&b).always_compressed(),
                         Some(Ok(Message::Close(frame))) => {
                             client.outbox.close(ws::echo(frame));
                             reading = false;

@@ -35,6 +35,7 @@ const ABUSE_BURST: u32 = 20;
 pub async fn run(
     socket: Arc<crate::ws::Socket>,
     prefix: Bytes,
+    deflate: Option<crate::ws::deflate::Negotiated>,
     state: AppState,
     at_connect: Option<Result<Identity, AuthError>>,
     guard: ConnGuard,
@@ -42,12 +43,14 @@ pub async fn run(
     let _guard = guard;
     let _task = state.clients.token();
     let hub = &state.hub;
-    let client = hub.register_client(Some(socket.clone()));
+    let client =
+        hub.register_client_with(Some(socket.clone()), deflate.map(|d| d.server_window_bits));
     let mut incoming = ws::incoming(
         socket,
         prefix,
         client.clone(),
         state.config.server.max_message_bytes,
+        deflate,
     )
     .await;
     let cfg = &state.config.server;

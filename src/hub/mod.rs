@@ -117,11 +117,12 @@ impl Client {
         queue_capacity: usize,
         max_subscriptions: usize,
         socket: Option<Arc<crate::ws::Socket>>,
+        deflate: Option<u8>,
     ) -> Client {
         Client {
             id,
             name: Arc::from(format!("c-{id:x}")),
-            outbox: Outbox::new(queue_capacity, max_subscriptions, socket),
+            outbox: Outbox::new(queue_capacity, max_subscriptions, socket, deflate),
             subs: Mutex::new(Vec::new()),
         }
     }
@@ -280,12 +281,22 @@ impl Hub {
     }
 
     pub fn register_client(&self, socket: Option<Arc<crate::ws::Socket>>) -> Arc<Client> {
+        self.register_client_with(socket, None)
+    }
+
+    /// A client whose data frames go out compressed with a `deflate` window (permessage-deflate).
+    pub fn register_client_with(
+        &self,
+        socket: Option<Arc<crate::ws::Socket>>,
+        deflate: Option<u8>,
+    ) -> Arc<Client> {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         let client = Arc::new(Client::new(
             id,
             self.queue_capacity,
             self.max_subscriptions,
             socket,
+            deflate,
         ));
         self.clients().insert(id, client.clone());
         client

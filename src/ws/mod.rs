@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::WebSocketStream;
 
+pub mod deflate;
 pub mod outbox;
 pub mod socket;
 
@@ -36,9 +37,36 @@ use crate::protocol::close;
 pub use outbox::{Close, Outbox, Pushed, Tally};
 pub use socket::Socket;
 
-/// A complete server-to-client frame (FIN set, unmasked), shared by every client it goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Wire(Bytes);
+/// A complete server-to-client frame (FIN set, unmasked), shared by every client it goes to;
+/// for clients that negotiated permessage-deflate, its compressed form, made the first time one
+/// of them needs it and shared by all of them ([`Wire::for_client`]).
+#[derive(Clone)]
+pub struct Wire(Arc<WireInner>);
+
+struct WireInner {
+    frame: Bytes,
+    /// The opcode of a data frame that may be compressed; 0 for control frames and frames
+    /// encoded elsewhere.
+    data_opcode: u8,
+    /// Compressed for a compressing client even where that is not smaller (the Autobahn echo).
+    always: bool,
+    /// The frame compressed with the full window, or `None` where that is not smaller.
+    deflated: std::sync::OnceLock<Option<Bytes>>,
+}
+
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Wire").field(&self.0.frame).finish()
+    }
+}
+
+impl PartialEq for Wire {
+    fn eq(&self, other: &Wire) -> bool {
+        self.0.frame == other.0.frame
+    }
+}
+
+impl Eq for Wire {}
 
 const OP_TEXT: u8 = 0x1;
 const OP_BINARY: u8 = 0x2;
@@ -57,7 +85,16 @@ impl Wire {
     }
 
     pub fn ping() -> Wire {
-        Wire(Bytes::from_static(&[0x80 | OP_PING, 0]))
+        Wire::plain(Bytes::from_static(&[0x80 | OP_PING, 0]))
+    }
+
+    fn plain(frame: Bytes) -> Wire {
+        Wire(Arc::new(WireInner {
+            frame,
+            data_opcode: 0,
+            always: false,
+            deflated: std::sync::OnceLock::new(),
+        }))
     }
 
     /// A close frame with `code` and as much of `reason` as fits (whole characters).
@@ -79,13 +116,68 @@ impl Wire {
     /// Frame bytes as they arrived from another writer (tungstenite's pong and close replies),
     /// already encoded.
     pub fn encoded(bytes: Bytes) -> Wire {
-        Wire(bytes)
+        Wire::plain(bytes)
     }
 
     fn frame(opcode: u8, payload: &[u8]) -> Wire {
+        let frame = encode(0x80 | opcode, payload);
+        if opcode == OP_TEXT || opcode == OP_BINARY {
+            Wire(Arc::new(WireInner {
+                frame,
+                data_opcode: opcode,
+                always: false,
+                deflated: std::sync::OnceLock::new(),
+            }))
+        } else {
+            Wire::plain(frame)
+        }
+    }
+
+    /// The frame as a client with `deflate` (its negotiated window, if it negotiated
+    /// permessage-deflate) receives it: compressed where that is smaller, else as it is.
+    pub fn for_client(&self, deflate: Option<u8>) -> std::borrow::Cow<'_, Bytes> {
+        use std::borrow::Cow;
+        let inner = &*self.0;
+        let Some(bits) = deflate.filter(|_| inner.data_opcode != 0) else {
+            return Cow::Borrowed(&inner.frame);
+        };
+        if bits == deflate::MAX_WINDOW_BITS {
+            let shared = inner.deflated.get_or_init(|| self.deflate(bits));
+            return Cow::Borrowed(shared.as_ref().unwrap_or(&inner.frame));
+        }
+        // A client that asked for a smaller window: compressed for it alone.
+        match self.deflate(bits) {
+            Some(frame) => Cow::Owned(frame),
+            None => Cow::Borrowed(&inner.frame),
+        }
+    }
+
+    /// The same frame, compressed for every compressing client however small or
+    /// incompressible: for the Autobahn echo, whose 12.*/13.* harness takes an echo it receives
+    /// uncompressed for a failure. RFC 7692 allows both; `/ws` sends such messages plain.
+    pub fn always_compressed(self) -> Wire {
+        let inner = &self.0;
+        Wire(Arc::new(WireInner {
+            frame: inner.frame.clone(),
+            data_opcode: inner.data_opcode,
+            always: true,
+            deflated: std::sync::OnceLock::new(),
+        }))
+    }
+
+    fn deflate(&self, bits: u8) -> Option<Bytes> {
+        let packed = deflate::compress(self.payload(), bits, self.0.always)?;
+        // RSV1 marks a compressed message (RFC 7692 §6).
+        Some(encode(0x80 | 0x40 | self.0.data_opcode, &packed))
+    }
+}
+
+/// A frame with header byte `first` around `payload` (unmasked: server to client).
+fn encode(first: u8, payload: &[u8]) -> Bytes {
+    {
         let n = payload.len();
         let mut buf = BytesMut::with_capacity(n + 10);
-        buf.put_u8(0x80 | opcode);
+        buf.put_u8(first);
         if n < 126 {
             buf.put_u8(n as u8);
         } else if let Ok(n) = u16::try_from(n) {
@@ -96,24 +188,27 @@ impl Wire {
             buf.put_u64(n as u64);
         }
         buf.extend_from_slice(payload);
-        Wire(buf.freeze())
+        buf.freeze()
     }
+}
 
+impl Wire {
+    /// The frame as sent to a client without compression.
     pub fn bytes(&self) -> &Bytes {
-        &self.0
+        &self.0.frame
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.frame.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.frame.is_empty()
     }
 
-    /// The payload, for tests and diagnostics (frames written by this module only).
+    /// The payload (frames written by this module only).
     pub fn payload(&self) -> &[u8] {
-        let b = &self.0;
+        let b = &self.0.frame;
         let skip = match b.get(1).map(|l| l & 0x7f) {
             Some(126) => 4,
             Some(127) => 10,
@@ -128,6 +223,8 @@ impl Wire {
 pub struct Upgrade {
     key: HeaderValue,
     on_upgrade: hyper::upgrade::OnUpgrade,
+    /// The client's permessage-deflate offer the relay can honour, if any.
+    deflate: Option<deflate::Negotiated>,
 }
 
 /// Why a request to a WebSocket endpoint was not an upgrade. Plain HTTP clients (curl) get a
@@ -201,21 +298,40 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .extensions
             .remove::<hyper::upgrade::OnUpgrade>()
             .ok_or(NotUpgrade::Unsupported)?;
-        Ok(Upgrade { key, on_upgrade })
+        let offers = parts
+            .headers
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let deflate = deflate::negotiate(offers);
+        Ok(Upgrade {
+            key,
+            on_upgrade,
+            deflate,
+        })
     }
 }
 
 impl Upgrade {
-    /// Answers 101 and, once the connection is handed over, runs `serve` with the socket and
-    /// whatever the client sent after its request (usually nothing).
+    /// Declines any permessage-deflate offer (`server.compression = false`).
+    pub fn without_compression(mut self) -> Upgrade {
+        self.deflate = None;
+        self
+    }
+
+    /// Answers 101 (accepting the client's permessage-deflate offer where it made one the
+    /// relay can honour) and, once the connection is handed over, runs `serve` with the
+    /// socket, whatever the client sent after its request (usually nothing) and what was
+    /// agreed on compression.
     pub fn on_upgrade<F, Fut>(self, serve: F) -> Response
     where
-        F: FnOnce(Arc<Socket>, Bytes) -> Fut + Send + 'static,
+        F: FnOnce(Arc<Socket>, Bytes, Option<deflate::Negotiated>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let accept =
             tokio_tungstenite::tungstenite::handshake::derive_accept_key(self.key.as_bytes());
         let on_upgrade = self.on_upgrade;
+        let deflate = self.deflate;
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
@@ -230,7 +346,7 @@ impl Upgrade {
                 Some(pair) => pair,
                 None => return,
             };
-            serve(Arc::new(socket), read_buf).await
+            serve(Arc::new(socket), read_buf, deflate).await
         });
         let mut resp = Response::new(Body::empty());
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -239,6 +355,9 @@ impl Upgrade {
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         if let Ok(v) = HeaderValue::from_str(&accept) {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        if let Some(Ok(v)) = deflate.map(|d| HeaderValue::from_str(&d.response())) {
+            h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
         }
         resp
     }
@@ -282,6 +401,18 @@ pub struct Inbound {
     prefix: Bytes,
     /// Where tungstenite's own frames go: the client's outbox.
     client: Arc<dyn AsRef<Outbox> + Send + Sync>,
+    /// With permessage-deflate: what inflates the client's compressed messages before
+    /// tungstenite reads them, the bytes read and not yet turned over, and those turned over
+    /// and not yet handed to tungstenite.
+    inflate: Option<Box<Inflating>>,
+}
+
+struct Inflating {
+    frames: deflate::ClientFrames,
+    raw: BytesMut,
+    ready: Vec<u8>,
+    /// How much of `ready` tungstenite has taken.
+    taken: usize,
 }
 
 /// A client's incoming side: tungstenite over [`Inbound`].
@@ -295,6 +426,7 @@ pub async fn incoming(
     prefix: Bytes,
     client: Arc<dyn AsRef<Outbox> + Send + Sync>,
     max_message_bytes: usize,
+    deflate: Option<deflate::Negotiated>,
 ) -> Incoming {
     let config = WebSocketConfig::default()
         .read_buffer_size(1024)
@@ -308,12 +440,46 @@ pub async fn incoming(
     } else {
         Bytes::copy_from_slice(&prefix)
     };
+    let inflate = deflate.map(|n| {
+        Box::new(Inflating {
+            frames: deflate::ClientFrames::new(&n, max_message_bytes),
+            raw: BytesMut::new(),
+            ready: Vec::new(),
+            taken: 0,
+        })
+    });
     let inbound = Inbound {
         socket,
         prefix,
         client,
+        inflate,
     };
     WebSocketStream::from_raw_socket(inbound, Role::Server, Some(config)).await
+}
+
+impl Inbound {
+    /// Reads from the socket (after the prefix) into `buf`.
+    fn poll_socket(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(self.socket.poll_read_ready(cx))?;
+            match self.socket.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
 }
 
 impl AsyncRead for Inbound {
@@ -323,25 +489,43 @@ impl AsyncRead for Inbound {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            if this.prefix.is_empty() {
-                this.prefix = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        loop {
-            ready!(this.socket.poll_read_ready(cx))?;
-            match this.socket.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
+        let Some(mut inf) = this.inflate.take() else {
+            return this.poll_socket(cx, buf);
+        };
+        let result = loop {
+            if inf.taken < inf.ready.len() {
+                let n = (inf.ready.len() - inf.taken).min(buf.remaining());
+                buf.put_slice(&inf.ready[inf.taken..inf.taken + n]);
+                inf.taken += n;
+                if inf.taken == inf.ready.len() {
+                    inf.ready.clear();
+                    inf.taken = 0;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+                break Poll::Ready(Ok(()));
             }
-        }
+            let Inflating {
+                frames, raw, ready, ..
+            } = &mut *inf;
+            if let deflate::Step::Progress = frames.step(raw, ready) {
+                continue;
+            }
+            let mut chunk = [0u8; 1024];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match this.poll_socket(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    // End of the stream: what is left goes as it is (tungstenite sees the cut).
+                    let rest = inf.raw.split();
+                    inf.ready.extend_from_slice(&rest);
+                    if inf.ready.is_empty() {
+                        break Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Ok(())) => inf.raw.extend_from_slice(rb.filled()),
+                other => break other,
+            }
+        };
+        this.inflate = Some(inf);
+        result
     }
 }
 
@@ -427,6 +611,27 @@ mod tests {
         assert_eq!(&long.bytes()[..2], &[0x82, 127]);
         assert_eq!(&long.bytes()[2..10], &70_000u64.to_be_bytes());
         assert_eq!(long.payload().len(), 70_000);
+    }
+
+    #[test]
+    fn a_frame_is_compressed_once_and_every_compressing_client_shares_the_bytes() {
+        let w = Wire::text(&"{\"type\":\"depth\",\"bids\":[[\"1.0\",\"2.0\"]]}".repeat(20));
+        let (a, b) = (w.for_client(Some(15)), w.for_client(Some(15)));
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "the same bytes, not a second compression"
+        );
+        assert_eq!(a[0], 0x80 | 0x40 | OP_TEXT, "FIN, RSV1, text");
+        assert!(a.len() < w.len() / 4);
+        assert_eq!(w.for_client(None).as_ptr(), w.bytes().as_ptr());
+        // Control frames and small messages stay as they are.
+        assert_eq!(
+            Wire::ping().for_client(Some(15)).as_ptr(),
+            Wire::ping().bytes().as_ptr()
+        );
+        let small = Wire::text("{}");
+        assert_eq!(small.for_client(Some(15)).as_ptr(), small.bytes().as_ptr());
     }
 
     #[test]

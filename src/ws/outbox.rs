@@ -136,8 +136,9 @@ impl State {
         Some(entry.wire)
     }
 
-    /// Accounts for `n` bytes the socket took, from the front.
-    fn consume(&mut self, mut n: usize) {
+    /// Accounts for `n` bytes the socket took, from the front (frames as a client with
+    /// `deflate` gets them).
+    fn consume(&mut self, mut n: usize, deflate: Option<u8>) {
         if let Some(partial) = &mut self.partial {
             if n < partial.len() {
                 partial.advance(n);
@@ -150,11 +151,12 @@ impl State {
             let Some(wire) = self.pop_front() else {
                 return;
             };
-            if n < wire.len() {
-                self.partial = Some(wire.bytes().slice(n..));
+            let out = wire.for_client(deflate);
+            if n < out.len() {
+                self.partial = Some(out.slice(n..));
                 return;
             }
-            n -= wire.len();
+            n -= out.len();
         }
     }
 
@@ -176,12 +178,20 @@ pub struct Outbox {
     capacity: usize,
     /// Entries of any kind beyond which even a control reply counts as overflow.
     control_capacity: usize,
+    /// The window of permessage-deflate, if the client negotiated it: data frames go out in
+    /// their shared compressed form.
+    deflate: Option<u8>,
 }
 
 impl Outbox {
     /// `capacity` reliable frames; control replies may add room for `max_subscriptions` acks
     /// and current values on top.
-    pub fn new(capacity: usize, max_subscriptions: usize, socket: Option<Arc<Socket>>) -> Outbox {
+    pub fn new(
+        capacity: usize,
+        max_subscriptions: usize,
+        socket: Option<Arc<Socket>>,
+        deflate: Option<u8>,
+    ) -> Outbox {
         Outbox {
             state: Mutex::new(State {
                 partial: None,
@@ -194,6 +204,7 @@ impl Outbox {
             waker: AtomicWaker::new(),
             capacity,
             control_capacity: capacity + 4 * max_subscriptions + 64,
+            deflate,
         }
     }
 
@@ -309,15 +320,39 @@ impl Outbox {
         let sock = socket2::SockRef::from(&**socket);
         let mut done = 0;
         for chunk in frames.chunks(WRITE_BATCH) {
-            let sent = if let [frame] = chunk {
-                sock.send_with_flags(frame.wire().bytes(), libc::MSG_NOSIGNAL)
-            } else {
-                let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
-                for (slot, frame) in slices.iter_mut().zip(chunk) {
-                    *slot = IoSlice::new(frame.wire().bytes());
+            if let [frame] = chunk {
+                // The common case, one frame: nothing is built but the one send.
+                let out = frame.wire().for_client(self.deflate);
+                let n = match sock.send_with_flags(&out, libc::MSG_NOSIGNAL) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Written::Frames(done)
+                    }
+                    Err(e) => {
+                        self.lost(st, &e);
+                        return Written::Lost;
+                    }
+                };
+                if n < out.len() {
+                    if n > 0 {
+                        st.partial = Some(out.slice(n..));
+                        self.waker.wake();
+                        done += 1;
+                    }
+                    return Written::Frames(done);
                 }
-                sock.send_vectored_with_flags(&slices[..chunk.len()], libc::MSG_NOSIGNAL)
-            };
+                done += 1;
+                continue;
+            }
+            // Each frame as this client gets it (compressed, shared, where it negotiated that).
+            let outs: [Option<std::borrow::Cow<'_, Bytes>>; WRITE_BATCH] =
+                std::array::from_fn(|i| chunk.get(i).map(|f| f.wire().for_client(self.deflate)));
+            let outs = &outs[..chunk.len()];
+            let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
+            for (slot, out) in slices.iter_mut().zip(outs.iter().flatten()) {
+                *slot = IoSlice::new(out);
+            }
+            let sent = sock.send_vectored_with_flags(&slices[..chunk.len()], libc::MSG_NOSIGNAL);
             let mut n = match sent {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Written::Frames(done),
@@ -326,17 +361,16 @@ impl Outbox {
                     return Written::Lost;
                 }
             };
-            for frame in chunk {
-                let wire = frame.wire();
-                if n < wire.len() {
+            for out in outs.iter().flatten() {
+                if n < out.len() {
                     if n > 0 {
-                        st.partial = Some(wire.bytes().slice(n..));
+                        st.partial = Some(out.slice(n..));
                         self.waker.wake();
                         done += 1;
                     }
                     return Written::Frames(done);
                 }
-                n -= wire.len();
+                n -= out.len();
                 done += 1;
             }
         }
@@ -429,20 +463,24 @@ impl Outbox {
                 return Poll::Pending;
             };
             let written = {
+                let outs: [Option<std::borrow::Cow<'_, Bytes>>; WRITE_BATCH] =
+                    std::array::from_fn(|i| {
+                        st.queue.get(i).map(|e| e.wire.for_client(self.deflate))
+                    });
                 let mut slices = [IoSlice::new(&[]); WRITE_BATCH + 1];
                 let mut n = 0;
                 if let Some(partial) = &st.partial {
                     slices[0] = IoSlice::new(partial);
                     n = 1;
                 }
-                for entry in st.queue.iter().take(WRITE_BATCH) {
-                    slices[n] = IoSlice::new(entry.wire.bytes());
+                for out in outs.iter().flatten() {
+                    slices[n] = IoSlice::new(out);
                     n += 1;
                 }
                 socket.try_write_vectored(&slices[..n])
             };
             match written {
-                Ok(n) => st.consume(n),
+                Ok(n) => st.consume(n, self.deflate),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(st);
                     match socket.poll_write_ready(cx) {
@@ -466,7 +504,11 @@ impl Outbox {
         let mut frames = Vec::with_capacity(3);
         frames.extend(self.lock().partial.take());
         if let Some(words) = &close.last_words {
-            frames.push(Wire::text(words.as_str()).bytes().clone());
+            frames.push(
+                Wire::text(words.as_str())
+                    .for_client(self.deflate)
+                    .into_owned(),
+            );
         }
         frames.push(Wire::close(close.code, &close.reason).bytes().clone());
         super::write_all(socket, &frames).await
@@ -504,7 +546,7 @@ mod tests {
 
     #[test]
     fn conflatable_values_keep_only_the_newest_per_channel() {
-        let o = Outbox::new(4, 1, None);
+        let o = Outbox::new(4, 1, None, None);
         let price: Arc<str> = Arc::from("price:BTCUSDT");
         let eth: Arc<str> = Arc::from("price:ETHUSDT");
         assert_eq!(one(&o, &price, "p1", Delivery::Conflate), Pushed::Queued);
@@ -519,7 +561,7 @@ mod tests {
 
     #[test]
     fn a_final_kline_seals_the_forming_slot() {
-        let o = Outbox::new(8, 1, None);
+        let o = Outbox::new(8, 1, None, None);
         let k: Arc<str> = Arc::from("klines:BTCUSDT:1m");
         one(&o, &k, "forming t0", Delivery::Conflate);
         one(&o, &k, "final t0", Delivery::Reliable);
@@ -536,7 +578,7 @@ mod tests {
 
     #[tokio::test]
     async fn too_many_reliable_messages_close_with_1013() {
-        let o = Outbox::new(3, 1, None);
+        let o = Outbox::new(3, 1, None, None);
         let t: Arc<str> = Arc::from("trades:BTCUSDT");
         for i in 0..3 {
             assert_eq!(
@@ -557,7 +599,7 @@ mod tests {
 
     #[tokio::test]
     async fn graceful_close_waits_for_what_is_queued() {
-        let o = Outbox::new(3, 1, None);
+        let o = Outbox::new(3, 1, None, None);
         o.push_control(Frame::from("bye"));
         o.close(Close {
             code: 1001,
@@ -627,7 +669,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_keeps_up_is_written_at_once() {
         let (server, mut client) = pair().await;
-        let o = Outbox::new(8, 1, Some(server));
+        let o = Outbox::new(8, 1, Some(server), None);
         let t: Arc<str> = Arc::from("trades:X");
         assert_eq!(one(&o, &t, "one", Delivery::Reliable), Pushed::Queued);
         assert_eq!(o.push_control(Frame::from("two")), Pushed::Queued);
@@ -638,7 +680,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_socket_queues_and_the_writer_catches_up_in_order() {
         let (server, mut client) = pair().await;
-        let o = Arc::new(Outbox::new(100_000, 1, Some(server)));
+        let o = Arc::new(Outbox::new(100_000, 1, Some(server), None));
         let t: Arc<str> = Arc::from("trades:X");
         let p: Arc<str> = Arc::from("price:X");
         // Frames of 3,000 bytes and a reader that is not reading: the socket fills mid-frame.
@@ -668,7 +710,7 @@ mod tests {
     #[tokio::test]
     async fn a_burst_is_written_together_and_what_does_not_fit_queues_in_order() {
         let (server, mut client) = pair().await;
-        let o = Arc::new(Outbox::new(1_000, 1, Some(server)));
+        let o = Arc::new(Outbox::new(1_000, 1, Some(server), None));
         let t: Arc<str> = Arc::from("trades:X");
         let body = |i: usize| format!("{i:05}{}", "z".repeat(1995));
         let small: Vec<_> = ["a", "b", "c"].map(|s| (f(s), Delivery::Reliable)).to_vec();
@@ -694,7 +736,7 @@ mod tests {
     #[tokio::test]
     async fn an_aborting_close_still_completes_the_frame_cut_short() {
         let (server, mut client) = pair().await;
-        let o = Outbox::new(1_000, 1, Some(server));
+        let o = Outbox::new(1_000, 1, Some(server), None);
         let t: Arc<str> = Arc::from("trades:X");
         let big = "y".repeat(50_000);
         one(&o, &t, &big, Delivery::Reliable);
