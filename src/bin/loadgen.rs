@@ -55,7 +55,16 @@ struct Args {
     /// Repetitions of each point (median, min and max are reported).
     #[arg(long, global = true, default_value_t = 1)]
     repeat: usize,
+    /// Measuring clients offer permessage-deflate (as browsers do) and inflate what they get;
+    /// the figures then include bytes on the wire per delivery either way.
+    #[arg(long, global = true)]
+    compression: bool,
 }
+
+/// Whether the measuring clients negotiate permessage-deflate (`--compression`).
+static COMPRESSION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Bytes the measuring clients read from their sockets, all of them together.
+static WIRE_BYTES: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Subcommand, Debug, Clone)]
 enum Scenario {
@@ -98,6 +107,9 @@ enum Scenario {
         clients: usize,
         #[arg(long, default_value_t = 100.0)]
         rate: f64,
+        /// Book levels of the channel (`depth:BTCUSDT:<levels>`: 5, 10 or 20).
+        #[arg(long, default_value_t = 5)]
+        levels: u32,
         /// One figure per value (0: no throttle).
         #[arg(long, value_delimiter = ',', default_value = "0,1000")]
         throttle_ms: Vec<u64>,
@@ -509,6 +521,10 @@ struct Meter {
 struct RawClient {
     stream: TcpStream,
     buf: bytes::BytesMut,
+    /// With `--compression`: inflates compressed messages (the relay compresses each on its
+    /// own, `server_no_context_takeover`).
+    inflater: Option<flate2::Decompress>,
+    inflated: Vec<u8>,
 }
 
 /// A masked client frame (mask key 0, which leaves the payload as is).
@@ -532,6 +548,8 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 enum Frame<'a> {
     Text(&'a [u8]),
+    /// A text message compressed with permessage-deflate (RSV1).
+    Deflated(&'a [u8]),
     Ping(&'a [u8]),
     Close,
     Other,
@@ -546,9 +564,15 @@ impl RawClient {
         }
         let mut stream = socket.connect(addr).await?;
         stream.set_nodelay(true)?;
+        let compression = COMPRESSION.load(Ordering::Relaxed);
+        let offer = if compression {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
+        };
         let req = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
         );
         stream.write_all(req.as_bytes()).await?;
         let mut buf = bytes::BytesMut::with_capacity(4096);
@@ -566,8 +590,48 @@ impl RawClient {
                 String::from_utf8_lossy(&buf[..end.min(80)])
             );
         }
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        if compression && !head.contains("permessage-deflate") {
+            bail!("the relay did not accept permessage-deflate");
+        }
         let _ = buf.split_to(end);
-        Ok(RawClient { stream, buf })
+        Ok(RawClient {
+            stream,
+            buf,
+            inflater: compression.then(|| flate2::Decompress::new(false)),
+            inflated: Vec::new(),
+        })
+    }
+
+    /// A compressed message's text (`payload` with the deflate tail appended, inflated).
+    fn inflate<'a>(
+        inflater: &mut Option<flate2::Decompress>,
+        out: &'a mut Vec<u8>,
+        payload: &[u8],
+    ) -> &'a [u8] {
+        out.clear();
+        let Some(d) = inflater.as_mut() else {
+            return out;
+        };
+        d.reset(false);
+        for input in [payload, &[0, 0, 0xff, 0xff][..]] {
+            let mut input = input;
+            loop {
+                out.reserve(4096);
+                let before = d.total_in();
+                if d.decompress_vec(input, out, flate2::FlushDecompress::Sync)
+                    .is_err()
+                {
+                    out.clear();
+                    return out;
+                }
+                input = &input[(d.total_in() - before) as usize..];
+                if input.is_empty() && out.len() < out.capacity() {
+                    break;
+                }
+            }
+        }
+        out
     }
 
     async fn send_text(&mut self, text: &str) -> Result<()> {
@@ -600,6 +664,7 @@ impl RawClient {
         }
         let payload = &buf[hdr..hdr + len];
         let frame = match opcode {
+            0x1 if buf[0] & 0x40 != 0 => Frame::Deflated(payload),
             0x1 => Frame::Text(payload),
             0x9 => Frame::Ping(payload),
             0x8 => Frame::Close,
@@ -614,10 +679,15 @@ impl RawClient {
         let mut seen = 0;
         while seen < n {
             while let Some((used, frame)) = Self::parse(&self.buf) {
-                if let Frame::Text(t) = frame {
-                    if t.windows(needle.len()).any(|w| w == needle) {
-                        seen += 1;
+                let t = match frame {
+                    Frame::Text(t) => Some(t),
+                    Frame::Deflated(z) => {
+                        Some(Self::inflate(&mut self.inflater, &mut self.inflated, z))
                     }
+                    _ => None,
+                };
+                if t.is_some_and(|t| t.windows(needle.len()).any(|w| w == needle)) {
+                    seen += 1;
                 }
                 let _ = self.buf.split_to(used);
             }
@@ -674,6 +744,9 @@ impl RawClient {
             while let Some((used, frame)) = Self::parse(&self.buf) {
                 match frame {
                     Frame::Text(t) => on_text(t),
+                    Frame::Deflated(z) => {
+                        on_text(Self::inflate(&mut self.inflater, &mut self.inflated, z))
+                    }
                     Frame::Ping(p) => pongs.push(client_frame(0xA, p)),
                     Frame::Close => return,
                     Frame::Other => {}
@@ -688,7 +761,9 @@ impl RawClient {
             self.buf.reserve(16 * 1024);
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) => {
+                    WIRE_BYTES.fetch_add(n as u64, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -768,6 +843,9 @@ struct Point {
     emitted: u64,
     /// CPU seconds in the window of the other processes measured (cluster: owner, Redis).
     others_cpu_s: Vec<f64>,
+    /// Bytes the clients read from their sockets per delivery (frames as sent, compressed
+    /// or not).
+    wire_bytes_per_delivery: f64,
 }
 
 impl Point {
@@ -811,7 +889,9 @@ async fn measure(
     );
     let emitted0 = feed.routed();
     let others0: Vec<f64> = others.iter().map(|p| cpu_seconds(*p)).collect();
+    let (wire0, delivered0) = (WIRE_BYTES.load(Ordering::Relaxed), meter.borrow().delivered);
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    let (wire1, delivered1) = (WIRE_BYTES.load(Ordering::Relaxed), meter.borrow().delivered);
     let others_cpu_s: Vec<f64> = others
         .iter()
         .zip(&others0)
@@ -850,15 +930,17 @@ async fn measure(
         loadgen_cpu_share: (me1 - me0) / secs,
         emitted,
         others_cpu_s,
+        wire_bytes_per_delivery: (wire1 - wire0) as f64
+            / delivered1.saturating_sub(delivered0).max(1) as f64,
     }
 }
 
 fn print_point(label: &str, p: &Point) {
     println!(
-        "{label:<28} delivered {:>9.0}/s of {:>9.0}/s | latency p50 {:>7.2} p99 {:>7.2} p999 {:>7.2} max {:>7.2} ms | relay CPU {:>5.2}s = {:>5.2} us/delivery | RSS {:>6.1} MiB (peak {:>6.1}) | loadgen CPU {:>3.0}% | {}",
+        "{label:<28} delivered {:>9.0}/s of {:>9.0}/s | latency p50 {:>7.2} p99 {:>7.2} p999 {:>7.2} max {:>7.2} ms | relay CPU {:>5.2}s = {:>5.2} us/delivery | {:>6.1} wire bytes/delivery | RSS {:>6.1} MiB (peak {:>6.1}) | loadgen CPU {:>3.0}% | {}",
         p.delivered_per_s, p.expected_per_s, p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms,
-        p.relay_cpu_s, p.relay_us_per_delivery, p.relay_rss_mib, p.relay_peak_mib,
-        p.loadgen_cpu_share * 100.0, p.verdict()
+        p.relay_cpu_s, p.relay_us_per_delivery, p.wire_bytes_per_delivery, p.relay_rss_mib,
+        p.relay_peak_mib, p.loadgen_cpu_share * 100.0, p.verdict()
     );
 }
 
@@ -875,8 +957,9 @@ fn summarize(label: &str, points: &[Point]) {
     let (p99, p99min, p99max) = stat(|p| p.p99_ms);
     let (us, usmin, usmax) = stat(|p| p.relay_us_per_delivery);
     let (d, dmin, dmax) = stat(|p| p.delivered_per_s);
+    let (w, _, _) = stat(|p| p.wire_bytes_per_delivery);
     println!(
-        "{label:<28} median of {}: p99 {p99:.2} ms [{p99min:.2}..{p99max:.2}] | {us:.2} us/delivery [{usmin:.2}..{usmax:.2}] | {d:.0}/s [{dmin:.0}..{dmax:.0}]",
+        "{label:<28} median of {}: p99 {p99:.2} ms [{p99min:.2}..{p99max:.2}] | {us:.2} us/delivery [{usmin:.2}..{usmax:.2}] | {w:.1} wire bytes/delivery | {d:.0}/s [{dmin:.0}..{dmax:.0}]",
         points.len()
     );
 }
@@ -1079,7 +1162,14 @@ async fn cluster(args: &Args, clients: usize, rates: &[f64]) -> Result<()> {
     Ok(())
 }
 
-async fn throttle(args: &Args, clients: usize, rate: f64, throttles: &[u64]) -> Result<()> {
+async fn throttle(
+    args: &Args,
+    clients: usize,
+    rate: f64,
+    levels: u32,
+    throttles: &[u64],
+) -> Result<()> {
+    let channel = format!("depth:BTCUSDT:{levels}");
     let times = SendTimes::new();
     let (feed, feed_addr) = start_feed(vec!["BTCUSDT".into()], times).await?;
     let relay = start_relay(args, feed_addr).await?;
@@ -1107,9 +1197,9 @@ async fn throttle(args: &Args, clients: usize, rate: f64, throttles: &[u64]) -> 
             clients,
             |_| {
                 if ms == 0 {
-                    vec!["depth:BTCUSDT:5".into()]
+                    vec![channel.clone().into()]
                 } else {
-                    vec![serde_json::json!({"channel": "depth:BTCUSDT:5", "throttleMs": ms})]
+                    vec![serde_json::json!({"channel": channel, "throttleMs": ms})]
                 }
             },
             |_| false,
@@ -1123,16 +1213,21 @@ async fn throttle(args: &Args, clients: usize, rate: f64, throttles: &[u64]) -> 
             .collect();
         tokio::time::sleep(Duration::from_secs(args.warmup)).await;
         let (cpu0, n0, t0) = (cpu_seconds(relay.pid()), count.get(), Instant::now());
+        let wire0 = WIRE_BYTES.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(args.duration)).await;
         let secs = t0.elapsed().as_secs_f64();
         let cpu = cpu_seconds(relay.pid()) - cpu0;
-        let delivered = (count.get() - n0) as f64 / secs;
+        let n = count.get() - n0;
+        let wire = WIRE_BYTES.load(Ordering::Relaxed) - wire0;
+        let delivered = n as f64 / secs;
         println!(
-            "throttleMs {ms:>5}: delivered {delivered:>9.0}/s ({:.2}/s per client) | relay CPU {:.3} s/s = {:.1} us per client-second, {:.2} us/delivery",
+            "{channel} throttleMs {ms:>5}: delivered {delivered:>9.0}/s ({:.2}/s per client) | relay CPU {:.3} s/s = {:.1} us per client-second, {:.2} us/delivery | {:.1} wire bytes/delivery{}",
             delivered / clients as f64,
             cpu / secs,
             cpu / secs * 1e6 / clients as f64,
             if delivered > 0.0 { cpu / secs * 1e6 / delivered } else { 0.0 },
+            wire as f64 / n.max(1) as f64,
+            if COMPRESSION.load(Ordering::Relaxed) { " (permessage-deflate)" } else { "" },
         );
         for r in readers {
             r.abort();
@@ -1312,6 +1407,7 @@ async fn idle(args: &Args, clients: usize) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    COMPRESSION.store(args.compression, Ordering::Relaxed);
     // The load generator and its feed share one core; the relay gets the other.
     let _ = Command::new("taskset")
         .args([
@@ -1350,8 +1446,9 @@ fn main() -> Result<()> {
             Scenario::Throttle {
                 clients,
                 rate,
+                levels,
                 throttle_ms,
-            } => throttle(&args, clients, rate, &throttle_ms).await,
+            } => throttle(&args, clients, rate, levels, &throttle_ms).await,
         }
     })
 }
