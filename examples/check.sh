@@ -88,6 +88,24 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import websockets, op
 fi
 check "python3 examples/client.py" "timeout 60 $VENV/bin/python examples/client.py ws://localhost:$PORT/ws 20" "trades:BTCUSDT: "
 
+# permessage-deflate with real clients: Python websockets (it offers the extension and
+# compresses what it sends) and Node ws (threshold 0, so its subscribe goes compressed too).
+cat >"$WORK/deflate.py" <<'PY'
+import asyncio, json, sys
+import websockets
+async def main(url):
+    async with websockets.connect(url) as ws:
+        ext = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        assert ext.startswith("permessage-deflate"), ext
+        await ws.recv()
+        await ws.send(json.dumps({"type": "subscribe", "channels": ["depth:BTCUSDT:20"], "id": 1}))
+        while json.loads(await ws.recv())["type"] != "depth":
+            pass
+        print("python websockets: " + ext + ": depth received")
+asyncio.run(main(sys.argv[1]))
+PY
+check "python websockets with permessage-deflate" "timeout 30 $VENV/bin/python $WORK/deflate.py ws://localhost:$PORT/ws" "depth received"
+
 # The OpenAPI document, checked by a validator that is not the one that wrote it.
 curl -sf "localhost:$PORT/api/v1/openapi.json" >"$WORK/openapi.json"
 check "openapi-spec-validator /api/v1/openapi.json" "$VENV/bin/openapi-spec-validator $WORK/openapi.json" "OK"
@@ -98,6 +116,20 @@ if ! command -v node >/dev/null 2>&1; then
 fi
 (cd examples && npm ci --no-audit --no-fund --silent)
 check "node examples/client.mjs" "cd examples && timeout 60 node client.mjs ws://localhost:$PORT/ws 30" "trades:ETHUSD@kraken: "
+cat >"examples/.deflate-check.mjs" <<'JS'
+import WebSocket from "ws";
+const ws = new WebSocket(process.argv[2], { perMessageDeflate: { threshold: 0 } });
+ws.on("open", () => {
+  if (!ws.extensions.startsWith("permessage-deflate")) { console.log("not negotiated: " + ws.extensions); process.exit(1); }
+  ws.send(JSON.stringify({ type: "subscribe", channels: ["trades:BTCUSDT"], id: 1 }));
+});
+ws.on("message", (data) => {
+  const m = JSON.parse(data.toString());
+  if (m.type === "trade") { console.log("node ws: " + ws.extensions + ": trade received"); ws.close(1000); }
+});
+JS
+check "node ws with permessage-deflate" "cd examples && timeout 30 node .deflate-check.mjs ws://localhost:$PORT/ws" "trade received"
+rm -f examples/.deflate-check.mjs
 
 echo "$passed passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -143,6 +143,10 @@ async def main():
             await page.call("Page.navigate", url=base + "/")
             opened = await page.until("connected", "document.getElementById('state')?.textContent === 'open' && document.getElementById('hello').textContent")
             check("the page connects and shows the connected data", bool(opened) and "client c-" in opened, opened)
+            # Chromium offers permessage-deflate on every WebSocket; what follows (its own
+            # compressed requests, the compressed data) runs over the extension.
+            ext = await page.js("ui.ws.extensions")
+            check("Chromium negotiated permessage-deflate", (ext or "").startswith("permessage-deflate"), ext)
             symbols = await page.until("symbols", "document.getElementById('symbol').options.length")
             check("the picker lists the exchange's instruments", (symbols or 0) >= 5, symbols)
             await subscribe(page, "ticker", "binance", "BTCUSDT")
