@@ -248,17 +248,6 @@ fn signed(alg: jsonwebtoken::Algorithm, private_pem: &str, claims: Value) -> Str
     jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).unwrap()
 }
 
-async fn hello_for(relay: &common::Relay, token: &str) -> Result<Value, String> {
-    let url = format!("{}?token={token}", relay.ws_url());
-    let mut c = Client::open(&url, None, None).await.unwrap();
-    let first = c.recv().await;
-    if first["type"] == "connected" {
-        Ok(first)
-    } else {
-        Err(error_code(&first).to_string())
-    }
-}
-
 #[tokio::test]
 async fn public_key_relays_accept_rs256_and_es256_and_refuse_algorithm_confusion() {
     let sim = start_sim().await;
@@ -282,12 +271,12 @@ async fn public_key_relays_accept_rs256_and_es256_and_refuse_algorithm_confusion
     let public_pem = std::fs::read_to_string(fixture("rsa_public.pem")).unwrap();
     let forged = token_with(&public_pem, claims.clone());
     assert_eq!(
-        hello_for(&relay, &forged).await.unwrap_err(),
+        hello_for(&relay, &forged).await.unwrap_err().0,
         "INVALID_TOKEN"
     );
     // An HS256 token with the relay's old shared secret is not accepted either.
     assert_eq!(
-        hello_for(&relay, &token("dave", 300)).await.unwrap_err(),
+        hello_for(&relay, &token("dave", 300)).await.unwrap_err().0,
         "INVALID_TOKEN"
     );
     // Another key of another type.
@@ -296,7 +285,7 @@ async fn public_key_relays_accept_rs256_and_es256_and_refuse_algorithm_confusion
         "ec_private.pem",
         claims.clone(),
     );
-    assert_eq!(hello_for(&relay, &es).await.unwrap_err(), "INVALID_TOKEN");
+    assert_eq!(hello_for(&relay, &es).await.unwrap_err().0, "INVALID_TOKEN");
 
     let mut cfg = config_for(&sim);
     cfg.auth.jwt_public_key_file = Some(fixture("ec_public.pem"));
@@ -325,7 +314,7 @@ async fn issuer_and_audience_are_checked_when_configured() {
         json!({"sub": "erin", "exp": exp, "iss": "https://evil", "aud": "trading"}),
     );
     assert_eq!(
-        hello_for(&relay, &wrong_iss).await.unwrap_err(),
+        hello_for(&relay, &wrong_iss).await.unwrap_err().0,
         "INVALID_TOKEN"
     );
     let wrong_aud = token_with(
@@ -333,12 +322,12 @@ async fn issuer_and_audience_are_checked_when_configured() {
         json!({"sub": "erin", "exp": exp, "iss": "https://auth.example.com", "aud": "other"}),
     );
     assert_eq!(
-        hello_for(&relay, &wrong_aud).await.unwrap_err(),
+        hello_for(&relay, &wrong_aud).await.unwrap_err().0,
         "INVALID_TOKEN"
     );
     let missing = token_with(SECRET, json!({"sub": "erin", "exp": exp}));
     assert_eq!(
-        hello_for(&relay, &missing).await.unwrap_err(),
+        hello_for(&relay, &missing).await.unwrap_err().0,
         "INVALID_TOKEN"
     );
 }

@@ -161,22 +161,6 @@ fn jwks_config(sim: &exchange_relay::sim::SimBinance, url: &str) -> Config {
     c
 }
 
-/// The first message of a connection made with `?token=`: `connected`, or the error's code and
-/// message.
-async fn hello_for(relay: &Relay, token: &str) -> Result<Value, (String, String)> {
-    let url = format!("{}?token={token}", relay.ws_url());
-    let mut c = Client::open(&url, None, None).await.unwrap();
-    let first = c.recv().await;
-    if first["type"] == "connected" {
-        Ok(first)
-    } else {
-        Err((
-            error_code(&first).to_string(),
-            first["data"]["message"].as_str().unwrap_or("").to_string(),
-        ))
-    }
-}
-
 async fn jwks_health(relay: &Relay) -> Value {
     health(relay).await["jwks"].clone()
 }
@@ -688,23 +672,7 @@ async fn a_tls_client_that_stops_reading_is_closed_with_1013_and_others_keep_up(
 
     let mut fast = ca.wss(relay.addr).await.unwrap();
     fast.subscribe(&channels).await;
-    let reader = tokio::spawn(async move {
-        let mut last = std::collections::HashMap::new();
-        let mut trades = 0u64;
-        while let Some(m) = fast.next().await {
-            if m["type"] != "trade" {
-                continue;
-            }
-            let id = m["data"]["tradeId"].as_u64().unwrap();
-            let prev = last.insert(m["channel"].as_str().unwrap().to_string(), id);
-            assert!(prev.is_none_or(|p| id == p + 1), "gap on {}", m["channel"]);
-            trades += 1;
-            if trades == 3_000 {
-                break;
-            }
-        }
-        trades
-    });
+    let reader = read_trades_in_order(fast, 3_000);
     // A TLS client with a tiny receive window that subscribes and stops reading.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();

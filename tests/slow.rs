@@ -47,27 +47,7 @@ async fn a_client_that_stops_reading_trades_is_closed_with_1013_and_others_keep_
     let mut fast = Client::connect(&relay).await;
     fast.subscribe(&TRADES).await;
     // The fast client reads continuously and checks every trade arrives in order.
-    let reader = tokio::spawn(async move {
-        let mut last = std::collections::HashMap::new();
-        let mut trades = 0u64;
-        while let Some(m) = fast.next().await {
-            if m["type"] != "trade" {
-                continue;
-            }
-            let id = m["data"]["tradeId"].as_u64().unwrap();
-            let prev = last.insert(m["channel"].as_str().unwrap().to_string(), id);
-            assert!(
-                prev.is_none_or(|p| id == p + 1),
-                "gap or reorder on {}: {prev:?} -> {id}",
-                m["channel"]
-            );
-            trades += 1;
-            if trades == 5_000 {
-                break;
-            }
-        }
-        trades
-    });
+    let reader = read_trades_in_order(fast, 5_000);
     let mut slow = small_window_client(&relay).await;
     slow.subscribe(&TRADES).await;
 

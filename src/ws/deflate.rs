@@ -418,13 +418,17 @@ mod tests {
         negotiate([offer])
     }
 
+    fn agreed(client_no_context_takeover: bool) -> Negotiated {
+        Negotiated {
+            server_window_bits: 15,
+            client_no_context_takeover,
+            client_window_bits: None,
+        }
+    }
+
     #[test]
     fn offers_are_accepted_or_declined_by_their_parameters() {
-        let plain = Negotiated {
-            server_window_bits: 15,
-            client_no_context_takeover: false,
-            client_window_bits: None,
-        };
+        let plain = agreed(false);
         assert_eq!(n("permessage-deflate"), Some(plain));
         // What browsers send: they are asked for a small window.
         let browser = n("permessage-deflate; client_max_window_bits").unwrap();
@@ -476,14 +480,7 @@ mod tests {
         for bits in [9, 12, 15] {
             let packed = compress(&text, bits, false).unwrap();
             assert!(packed.len() < text.len() / 2, "{bits}: {}", packed.len());
-            let mut inf = Inflater::new(
-                &Negotiated {
-                    server_window_bits: 15,
-                    client_no_context_takeover: true,
-                    client_window_bits: None,
-                },
-                1 << 20,
-            );
+            let mut inf = Inflater::new(&agreed(true), 1 << 20);
             let mut out = Vec::new();
             let (a, b) = packed.split_at(packed.len() / 3);
             inf.inflate(a, false, &mut out).unwrap();
@@ -498,28 +495,14 @@ mod tests {
         let zeros = vec![0u8; 10 << 20];
         let bomb = compress(&zeros, 15, false).unwrap();
         assert!(bomb.len() < 20_000, "{}", bomb.len());
-        let mut inf = Inflater::new(
-            &Negotiated {
-                server_window_bits: 15,
-                client_no_context_takeover: false,
-                client_window_bits: None,
-            },
-            65_536,
-        );
+        let mut inf = Inflater::new(&agreed(false), 65_536);
         let mut out = Vec::new();
         assert_eq!(
             inf.inflate(&bomb, true, &mut out),
             Err(InflateError::TooBig)
         );
         assert!(out.len() <= 65_536 + 16 * 1024);
-        let mut inf = Inflater::new(
-            &Negotiated {
-                server_window_bits: 15,
-                client_no_context_takeover: false,
-                client_window_bits: None,
-            },
-            65_536,
-        );
+        let mut inf = Inflater::new(&agreed(false), 65_536);
         assert_eq!(
             inf.inflate(&[0xff, 0xff, 0xff, 0xff, 0x12], true, &mut Vec::new()),
             Err(InflateError::Corrupt)

@@ -322,6 +322,48 @@ impl Client {
     }
 }
 
+/// Reads `client` until `n` trades have arrived, checking that each channel's trade ids are
+/// consecutive (no gap, no reorder); returns how many were read.
+pub fn read_trades_in_order(mut client: Client, n: u64) -> JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut last = std::collections::HashMap::new();
+        let mut trades = 0u64;
+        while let Some(m) = client.next().await {
+            if m["type"] != "trade" {
+                continue;
+            }
+            let id = m["data"]["tradeId"].as_u64().unwrap();
+            let prev = last.insert(m["channel"].as_str().unwrap().to_string(), id);
+            assert!(
+                prev.is_none_or(|p| id == p + 1),
+                "gap or reorder on {}: {prev:?} -> {id}",
+                m["channel"]
+            );
+            trades += 1;
+            if trades == n {
+                break;
+            }
+        }
+        trades
+    })
+}
+
+/// The first message of a connection made with `?token=`: `connected`, or the error's code and
+/// message.
+pub async fn hello_for(relay: &Relay, token: &str) -> Result<Value, (String, String)> {
+    let url = format!("{}?token={token}", relay.ws_url());
+    let mut c = Client::open(&url, None, None).await.unwrap();
+    let first = c.recv().await;
+    if first["type"] == "connected" {
+        Ok(first)
+    } else {
+        Err((
+            error_code(&first).to_string(),
+            first["data"]["message"].as_str().unwrap_or("").to_string(),
+        ))
+    }
+}
+
 pub fn is_type(kind: &'static str) -> impl Fn(&Value) -> bool {
     move |v: &Value| v["type"] == kind
 }
