@@ -32,7 +32,7 @@ pub struct AppInner {
     /// `GET /metrics`: reads the same counters as `stats` at scrape time.
     pub metrics: crate::metrics::Metrics,
     /// The keys tokens and publish requests are checked with; replaced on SIGHUP.
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub conns: ConnTracker,
     /// Connections per user, for `server.max_connections_per_user`.
     pub users: UserConns,

@@ -192,6 +192,7 @@ pub async fn run_reloadable(
         }
         None => upstreams.start(hub_sink),
     }
+    let auth = Arc::new(auth::Auth::new(authenticator));
     let state = AppState::new(AppInner {
         conns: ConnTracker::new(
             config.server.max_connections,
@@ -206,9 +207,10 @@ pub async fn run_reloadable(
             hub.clone(),
             upstreams.clone(),
             cluster.clone(),
+            auth.clone(),
         ),
         stats,
-        auth: auth::Auth::new(authenticator),
+        auth,
         users: UserConns::new(config.server.max_connections_per_user, cluster.clone()),
         clients: TaskTracker::new(),
         shutdown: token.clone(),

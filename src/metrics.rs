@@ -27,6 +27,7 @@ struct Sources {
     hub: Arc<Hub>,
     upstreams: Arc<Upstreams>,
     cluster: Option<Arc<Cluster>>,
+    auth: Arc<crate::auth::Auth>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -46,6 +47,7 @@ impl Metrics {
         hub: Arc<Hub>,
         upstreams: Arc<Upstreams>,
         cluster: Option<Arc<Cluster>>,
+        auth: Arc<crate::auth::Auth>,
     ) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Sources {
@@ -53,6 +55,7 @@ impl Metrics {
             hub,
             upstreams,
             cluster,
+            auth,
         }));
         Metrics { registry }
     }
@@ -454,6 +457,35 @@ impl Collector for Sources {
             "From losing an upstream connection to the next one open",
             &reconnect,
         )?;
+        if let Some(jwks) = self.auth.current().jwks() {
+            let snap = jwks.snapshot();
+            gauge(
+                &mut e,
+                "relay_jwks_keys",
+                "Signing keys held from auth.jwks_url",
+                None,
+                &[(none(), i64::try_from(snap.keys).unwrap_or(i64::MAX))],
+            )?;
+            gauge(
+                &mut e,
+                "relay_jwks_loaded",
+                "1 once a JWKS fetch has succeeded; 0: tokens cannot be checked yet",
+                None,
+                &[(none(), i64::from(snap.state == "loaded"))],
+            )?;
+            counter(
+                &mut e,
+                "relay_jwks_fetches",
+                "JWKS fetches, by outcome",
+                &[
+                    (
+                        vec![("outcome", "ok".to_string())],
+                        snap.fetches.saturating_sub(snap.failed_fetches),
+                    ),
+                    (vec![("outcome", "failed".to_string())], snap.failed_fetches),
+                ],
+            )?;
+        }
         if let Some(cluster) = &self.cluster {
             let snap = cluster.snapshot();
             gauge(

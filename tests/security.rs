@@ -258,6 +258,19 @@ async fn an_unknown_kid_fetches_the_rotated_document_and_a_removed_key_stops_ver
     let hello = hello_for(&relay, &new.token("bob")).await.unwrap();
     assert_eq!(hello["data"]["userId"], "bob");
     assert!(jwks.hits() > before, "the unknown kid fetched the document");
+    let metrics = reqwest::get(relay.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "relay_jwks_keys 2",
+        "relay_jwks_loaded 1",
+        "relay_jwks_fetches_total{outcome=\"failed\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing");
+    }
 
     // The old key is withdrawn: after the next refresh its tokens are refused.
     jwks.publish(&[&new]);

@@ -59,8 +59,13 @@ impl Cluster {
     pub fn user_left(&self, user: &UserId) {
         self.count_user(user.as_str(), -1);
         let Some(me) = self.me.upgrade() else { return };
+        // A slot dropped while the runtime shuts down has nowhere to run: the node's counts
+        // expire with its heartbeat then anyway.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let user = user.to_string();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let _: Option<i64> = me
                 .eval(
                     "uncount user",
