@@ -334,7 +334,7 @@ impl ClientFrames {
         self.in_message = !fin;
         // FIN and opcode as sent, RSV bits clear; masked with a zero key, so the payload stands.
         out.push(head.first & 0x8f);
-        push_len(out, 0x80, inflated.len());
+        super::put_len(out, 0x80, inflated.len());
         out.extend_from_slice(&[0, 0, 0, 0]);
         out.extend_from_slice(&inflated);
         Step::Progress
@@ -346,7 +346,7 @@ impl ClientFrames {
             // A text frame announcing one byte more than the limit.
             Failure::TooBig => {
                 out.push(0x81);
-                push_len(out, 0x80, self.limit + 1);
+                super::put_len(out, 0x80, self.limit + 1);
                 out.extend_from_slice(&[0, 0, 0, 0]);
             }
             // RSV2 set: a protocol error.
@@ -395,18 +395,6 @@ impl Header {
             size: 2 + ext + if masked { 4 } else { 0 },
             len: usize::try_from(len).unwrap_or(usize::MAX),
         })
-    }
-}
-
-fn push_len(out: &mut Vec<u8>, mask_bit: u8, n: usize) {
-    if n < 126 {
-        out.push(mask_bit | n as u8);
-    } else if let Ok(n) = u16::try_from(n) {
-        out.push(mask_bit | 126);
-        out.extend_from_slice(&n.to_be_bytes());
-    } else {
-        out.push(mask_bit | 127);
-        out.extend_from_slice(&(n as u64).to_be_bytes());
     }
 }
 

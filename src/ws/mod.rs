@@ -174,21 +174,24 @@ impl Wire {
 
 /// A frame with header byte `first` around `payload` (unmasked: server to client).
 fn encode(first: u8, payload: &[u8]) -> Bytes {
-    {
-        let n = payload.len();
-        let mut buf = BytesMut::with_capacity(n + 10);
-        buf.put_u8(first);
-        if n < 126 {
-            buf.put_u8(n as u8);
-        } else if let Ok(n) = u16::try_from(n) {
-            buf.put_u8(126);
-            buf.put_u16(n);
-        } else {
-            buf.put_u8(127);
-            buf.put_u64(n as u64);
-        }
-        buf.extend_from_slice(payload);
-        buf.freeze()
+    let mut buf = BytesMut::with_capacity(payload.len() + 10);
+    buf.put_u8(first);
+    put_len(&mut buf, 0, payload.len());
+    buf.extend_from_slice(payload);
+    buf.freeze()
+}
+
+/// A frame header's second byte (`mask_bit` or'ed in) and extended length, in the shortest
+/// form (RFC 6455 §5.2).
+pub(crate) fn put_len(buf: &mut impl BufMut, mask_bit: u8, n: usize) {
+    if n < 126 {
+        buf.put_u8(mask_bit | n as u8);
+    } else if let Ok(n) = u16::try_from(n) {
+        buf.put_u8(mask_bit | 126);
+        buf.put_u16(n);
+    } else {
+        buf.put_u8(mask_bit | 127);
+        buf.put_u64(n as u64);
     }
 }
 
