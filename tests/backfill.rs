@@ -172,12 +172,7 @@ async fn rest_refusing_during_the_outage_yields_a_gap_with_the_right_bounds() {
             .unwrap()
             >= 1
     );
-    let metrics = reqwest::get(relay.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.metrics().await;
     assert!(
         metrics.contains("relay_upstream_incomplete_backfills_total{exchange=\"kraken\"} 1"),
         "{metrics}"

@@ -56,15 +56,6 @@ async fn two_nodes() -> (Redis, SimBinance, Relay, Relay) {
     (redis, sim, a, b)
 }
 
-async fn metrics(relay: &Relay) -> String {
-    reqwest::get(relay.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn subscribed(client: &mut Client, channel: &'static str) -> Value {
     client.subscribe(&[channel]).await;
     client.recv_until(is_msg("subscribed", channel)).await
@@ -365,13 +356,14 @@ async fn with_redis_gone_each_node_reads_alone_and_the_cluster_converges_when_it
     let mut ids_a: Vec<u64> = trades(&mut on_a, 5).await.iter().map(|t| t.0).collect();
     let mut ids_b: Vec<u64> = trades(&mut on_b, 5).await.iter().map(|t| t.0).collect();
 
-    let m = metrics(&a).await;
+    let m = a.metrics().await;
     assert!(m.contains("relay_cluster_nodes 2\n"), "{m}");
     assert!(m.contains("relay_cluster_redis_connected 1\n"), "{m}");
     assert!(m.contains("relay_cluster_redis_errors_total 0\n"), "{m}");
     let mut owners = 0;
     for relay in [&a, &b] {
-        if metrics(relay)
+        if relay
+            .metrics()
             .await
             .contains("relay_cluster_streams{role=\"owner\"} 1\n")
         {
@@ -388,7 +380,7 @@ async fn with_redis_gone_each_node_reads_alone_and_the_cluster_converges_when_it
                 .then_some(())
         })
         .await;
-        let m = metrics(relay).await;
+        let m = relay.metrics().await;
         assert!(m.contains("relay_cluster_redis_connected 0\n"), "{m}");
         assert!(
             m.contains("relay_cluster_streams{role=\"local\"} 1\n"),

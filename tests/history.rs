@@ -278,12 +278,7 @@ async fn candle_times(relay: &Relay, query: &str) -> Vec<i64> {
 
 /// The sum of `relay_upstream_rest_requests` for one exchange.
 async fn rest_requests(relay: &Relay, exchange: &str) -> f64 {
-    let body = reqwest::get(relay.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = relay.metrics().await;
     body.lines()
         .filter(|l| {
             l.starts_with("relay_upstream_rest_requests_total{")

@@ -358,12 +358,7 @@ async fn window_memory_is_reported() {
     let mut a = Client::connect(&relay).await;
     a.subscribe(&["trades:BTCUSDT"]).await;
     collect(&mut a, "trades:BTCUSDT", Duration::from_secs(1)).await;
-    let body = reqwest::get(relay.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = relay.metrics().await;
     let bytes: f64 = body
         .lines()
         .find(|l| l.starts_with("relay_recovery_window_bytes "))

@@ -258,12 +258,7 @@ async fn an_unknown_kid_fetches_the_rotated_document_and_a_removed_key_stops_ver
     let hello = hello_for(&relay, &new.token("bob")).await.unwrap();
     assert_eq!(hello["data"]["userId"], "bob");
     assert!(jwks.hits() > before, "the unknown kid fetched the document");
-    let metrics = reqwest::get(relay.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.metrics().await;
     for line in [
         "relay_jwks_keys 2",
         "relay_jwks_loaded 1",
@@ -810,12 +805,7 @@ async fn a_user_beyond_max_connections_per_user_gets_an_error_and_1008() {
     .await;
     let refusals = &relay.stats().await["authRefusals"];
     assert_eq!(refusals["user_limit"], 2, "{refusals}");
-    let metrics = reqwest::get(relay.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.metrics().await;
     assert!(
         metrics.contains("relay_auth_refusals_total{reason=\"user_limit\"} 2"),
         "{}",

@@ -76,6 +76,16 @@ impl Relay {
         }
     }
 
+    /// `GET /metrics`, the text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.http("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn stats(&self) -> Value {
         let v: Value = reqwest::get(self.http("/api/v1/ws/stats"))
             .await
